@@ -1,0 +1,156 @@
+//! Views into part of a buffer, and mapping guards.
+
+use super::{Buffer, check_range, resolve_range};
+use crate::Element;
+use crate::device::MapMode;
+use crate::error::Result;
+use std::ops::{Deref, DerefMut, Range, RangeBounds};
+
+/// A read-only view of `range` of a [`Buffer`]. Offsets given to its methods count from the
+/// start of the range, and nothing outside the range is reachable.
+#[derive(Debug)]
+pub struct BufferView<'a, T: Element> {
+    buffer: &'a Buffer<T>,
+    range: Range<usize>,
+}
+
+/// A writable view of `range` of a [`Buffer`].
+#[derive(Debug)]
+pub struct BufferViewMut<'a, T: Element> {
+    buffer: &'a mut Buffer<T>,
+    range: Range<usize>,
+}
+
+impl<'a, T: Element> BufferView<'a, T> {
+    pub(super) fn new(buffer: &'a Buffer<T>, range: Range<usize>) -> Self {
+        BufferView { buffer, range }
+    }
+
+    /// Elements in the view.
+    pub fn len(&self) -> usize {
+        self.range.len()
+    }
+
+    /// Whether the view is empty.
+    pub fn is_empty(&self) -> bool {
+        self.range.is_empty()
+    }
+
+    /// Offset of the view in its buffer.
+    pub fn offset(&self) -> usize {
+        self.range.start
+    }
+
+    /// The elements of the view, in place.
+    pub fn as_slice(&self) -> Result<&'a [T]> {
+        Ok(&self.buffer.as_slice()?[self.range.clone()])
+    }
+
+    /// Copies elements from `offset` (within the view) into all of `dst`.
+    pub fn copy_to_blocking(&self, dst: &mut [T], offset: usize) -> Result<()> {
+        check_range(offset, dst.len(), self.len())?;
+        self.buffer.copy_to_blocking(dst, self.range.start + offset)
+    }
+
+    /// Asynchronous twin of [`copy_to_blocking`](Self::copy_to_blocking).
+    pub async fn copy_to(&self, dst: &mut [T], offset: usize) -> Result<()> {
+        self.copy_to_blocking(dst, offset)
+    }
+
+    /// A narrower view; `range` counts from this view's start.
+    pub fn slice(&self, range: impl RangeBounds<usize>) -> Result<BufferView<'a, T>> {
+        let r = resolve_range(range, self.len())?;
+        Ok(BufferView { buffer: self.buffer, range: self.range.start + r.start..self.range.start + r.end })
+    }
+}
+
+impl<T: Element> BufferViewMut<'_, T> {
+    pub(super) fn new(buffer: &mut Buffer<T>, range: Range<usize>) -> BufferViewMut<'_, T> {
+        BufferViewMut { buffer, range }
+    }
+
+    /// Elements in the view.
+    pub fn len(&self) -> usize {
+        self.range.len()
+    }
+
+    /// Whether the view is empty.
+    pub fn is_empty(&self) -> bool {
+        self.range.is_empty()
+    }
+
+    /// Offset of the view in its buffer.
+    pub fn offset(&self) -> usize {
+        self.range.start
+    }
+
+    /// The elements of the view, in place.
+    pub fn as_slice(&self) -> Result<&[T]> {
+        Ok(&self.buffer.as_slice()?[self.range.clone()])
+    }
+
+    /// The elements of the view, writable in place.
+    pub fn as_mut_slice(&mut self) -> Result<&mut [T]> {
+        let range = self.range.clone();
+        Ok(&mut self.buffer.as_mut_slice()?[range])
+    }
+
+    /// Copies elements from `offset` (within the view) into all of `dst`.
+    pub fn copy_to_blocking(&self, dst: &mut [T], offset: usize) -> Result<()> {
+        check_range(offset, dst.len(), self.len())?;
+        self.buffer.copy_to_blocking(dst, self.range.start + offset)
+    }
+
+    /// Copies `src` into the view at `offset` (within the view).
+    pub fn copy_from_blocking(&mut self, src: &[T], offset: usize) -> Result<()> {
+        check_range(offset, src.len(), self.len())?;
+        self.buffer.copy_from_blocking(src, self.range.start + offset)
+    }
+
+    /// Asynchronous twin of [`copy_from_blocking`](Self::copy_from_blocking).
+    pub async fn copy_from(&mut self, src: &[T], offset: usize) -> Result<()> {
+        self.copy_from_blocking(src, offset)
+    }
+}
+
+/// Host access to a whole buffer for as long as the guard lives.
+///
+/// For host-addressable memory the guard is the memory itself. Whether anything must be
+/// written back when it is dropped is inferred from use: only a mutable borrow marks the
+/// host side as changed.
+#[derive(Debug)]
+pub struct Mapping<'a, T: Element> {
+    elements: &'a mut [T],
+    mode: MapMode,
+    written: bool,
+}
+
+impl<'a, T: Element> Mapping<'a, T> {
+    pub(super) fn new(buffer: &'a mut Buffer<T>, mode: MapMode) -> Result<Self> {
+        Ok(Mapping { elements: buffer.as_mut_slice()?, mode, written: false })
+    }
+
+    /// The mode the mapping was made with.
+    pub fn mode(&self) -> MapMode {
+        self.mode
+    }
+
+    /// Whether the mapping was borrowed mutably (and so counts as written).
+    pub fn written(&self) -> bool {
+        self.written
+    }
+}
+
+impl<T: Element> Deref for Mapping<'_, T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        self.elements
+    }
+}
+
+impl<T: Element> DerefMut for Mapping<'_, T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        self.written = true;
+        self.elements
+    }
+}

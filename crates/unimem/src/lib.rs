@@ -1,0 +1,49 @@
+//! # unimem
+//!
+//! One memory manager for the CPU and accelerators: typed buffers, size-class pools that
+//! reuse memory in nanoseconds, zero-copy host access, and statistics.
+//!
+//! ```
+//! use unimem::{AllocationMode, MemoryManager};
+//!
+//! let manager = MemoryManager::new();
+//! let mut buffer = manager.allocate::<f32>(1 << 20, AllocationMode::Pooled)?;
+//! buffer.as_mut_slice()?.fill(1.5);
+//! let mut back = vec![0.0; 4];
+//! buffer.copy_to_blocking(&mut back, 100)?;
+//! assert_eq!(back, [1.5; 4]);
+//! drop(buffer); // back to the pool
+//! assert_eq!(manager.statistics().total_pooled, 4 << 20);
+//! # Ok::<(), unimem::Error>(())
+//! ```
+//!
+//! The layers: [`MemoryManager`] validates every argument and owns one pool per (device,
+//! memory kind); the pools hand out blocks of size-class capacity; backends (the CPU always,
+//! accelerators behind cargo features) only allocate, free and copy.
+
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
+mod backend;
+mod buffer;
+mod device;
+mod error;
+mod manager;
+mod options;
+mod pool;
+mod stats;
+
+pub use backend::BackendError;
+pub use buffer::{Buffer, BufferView, BufferViewMut, Mapping};
+pub use device::{AllocationMode, DeviceId, DeviceInfo, DeviceKind, Location, MapMode, MemoryKind};
+pub use error::{Error, Result};
+pub use manager::{MemoryManager, MemoryManagerBuilder, ReturnError};
+pub use options::MemoryOptions;
+pub use pool::size_class::{MAX_CLASS_BYTES, MIN_CLASS_BYTES};
+pub use stats::{ClassOccupancy, MemoryStatistics, PoolStatistics};
+
+/// The element types a buffer can hold: plain data that any bit pattern makes valid
+/// (`bytemuck::Pod`), shareable between threads. All primitive numbers qualify, and so do
+/// `#[derive(Pod, Zeroable)]` structs.
+pub trait Element: bytemuck::Pod + Send + Sync + 'static {}
+
+impl<T: bytemuck::Pod + Send + Sync + 'static> Element for T {}

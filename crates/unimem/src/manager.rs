@@ -1,0 +1,301 @@
+//! `MemoryManager`: devices, their pools, and the statistics over them.
+
+use crate::Element;
+use crate::backend::cpu::{ALIGN, CpuBackend};
+use crate::backend::{Backend, RawAllocation};
+use crate::buffer::Buffer;
+use crate::device::{AllocationMode, DeviceId, DeviceInfo, MemoryKind};
+use crate::error::{Error, Result};
+use crate::options::MemoryOptions;
+use crate::pool::{AcquireError, Block, DevicePool, PoolLimits};
+use crate::stats::MemoryStatistics;
+use std::mem::ManuallyDrop;
+use std::ptr::NonNull;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// One device and its pools, one per memory kind it supports.
+struct Device {
+    info: DeviceInfo,
+    pools: [Option<Arc<DevicePool>>; 3],
+}
+
+struct Inner {
+    id: u64,
+    options: MemoryOptions,
+    devices: Vec<Device>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Free all pooled memory now; live buffers free theirs when they are dropped.
+        for pool in self.devices.iter().flat_map(|d| d.pools.iter().flatten()) {
+            pool.close();
+        }
+    }
+}
+
+/// The memory manager: allocates typed buffers on its devices, pools their memory, and keeps
+/// statistics.
+///
+/// Cheap to clone (clones share everything) and `Send + Sync`: use one from many threads.
+/// Buffers keep their pool alive, so they may outlive the manager; their memory is then freed
+/// when they are dropped.
+///
+/// ```
+/// use unimem::{AllocationMode, MemoryManager};
+///
+/// let manager = MemoryManager::new();
+/// let first = manager.allocate::<f32>(1000, AllocationMode::Pooled)?;
+/// let address = first.as_slice()?.as_ptr();
+/// manager.return_to_pool(first).map_err(|e| e.error)?;
+/// let second = manager.allocate::<f32>(1000, AllocationMode::Pooled)?;
+/// assert_eq!(second.as_slice()?.as_ptr(), address); // the same memory, reused
+/// println!("{}", manager.statistics());
+/// # Ok::<(), unimem::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct MemoryManager {
+    inner: Arc<Inner>,
+}
+
+/// Builds a [`MemoryManager`] with chosen options.
+#[derive(Debug, Default)]
+pub struct MemoryManagerBuilder {
+    options: MemoryOptions,
+}
+
+/// A buffer handed to [`MemoryManager::return_to_pool`] that could not be taken back; the
+/// buffer is returned unharmed with the reason.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct ReturnError<T: Element> {
+    /// The buffer, untouched.
+    pub buffer: Buffer<T>,
+    /// Why it was refused.
+    #[source]
+    pub error: Error,
+}
+
+impl MemoryManagerBuilder {
+    /// Uses `options` (already validated by their setters or by deserialisation).
+    pub fn options(mut self, options: MemoryOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Builds the manager: the CPU device, then every accelerator its backends find. A
+    /// backend that finds no device (no driver, no hardware) adds none; building never fails.
+    pub fn build(self) -> MemoryManager {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let options = self.options;
+        let cpu: Arc<dyn Backend> = Arc::new(CpuBackend::new(options.huge_pages()));
+        let devices = vec![make_device(id, DeviceId::CPU, cpu, &options)];
+        MemoryManager { inner: Arc::new(Inner { id, options, devices }) }
+    }
+}
+
+fn make_device(manager_id: u64, id: DeviceId, backend: Arc<dyn Backend>, options: &MemoryOptions) -> Device {
+    let mut info = backend.info();
+    info.id = id;
+    let pools = MemoryKind::ALL.map(|kind| {
+        backend.supports(kind).then(|| {
+            let limits = PoolLimits {
+                pooling: options.pooling(),
+                per_class: options.max_pool_bytes_per_class(),
+                total: options.max_pool_bytes(),
+                memory_limit: options.memory_limit(),
+            };
+            let divisions = options.size_class_divisions();
+            Arc::new(DevicePool::new(manager_id, id, kind, Arc::clone(&backend), divisions, limits))
+        })
+    });
+    Device { info, pools }
+}
+
+/// `len` elements of `T` in bytes, or why that is impossible.
+fn byte_len<T: Element>(len: usize) -> Result<usize> {
+    if align_of::<T>() > ALIGN {
+        return Err(Error::UnsupportedAlignment { align: align_of::<T>(), max: ALIGN });
+    }
+    len.checked_mul(size_of::<T>())
+        .filter(|&b| b <= isize::MAX as usize)
+        .ok_or(Error::SizeOverflow { len, element_size: size_of::<T>() })
+}
+
+fn kind_of(mode: AllocationMode) -> MemoryKind {
+    match mode {
+        AllocationMode::Pooled | AllocationMode::Unpooled => MemoryKind::Device,
+        AllocationMode::Pinned => MemoryKind::Pinned,
+        AllocationMode::Unified => MemoryKind::Unified,
+    }
+}
+
+impl Default for MemoryManager {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryManager {
+    /// A manager of the CPU alone, with default options.
+    pub fn new() -> Self {
+        MemoryManagerBuilder::default().build()
+    }
+
+    /// A builder for a manager with chosen options.
+    pub fn builder() -> MemoryManagerBuilder {
+        MemoryManagerBuilder::default()
+    }
+
+    /// The options in force.
+    pub fn options(&self) -> &MemoryOptions {
+        &self.inner.options
+    }
+
+    /// Every device, the CPU first.
+    pub fn devices(&self) -> Vec<DeviceInfo> {
+        self.inner.devices.iter().map(|d| d.info.clone()).collect()
+    }
+
+    fn device(&self, id: DeviceId) -> Result<&Device> {
+        let devices = &self.inner.devices;
+        devices.get(id.index()).ok_or(Error::UnknownDevice { device: id, count: devices.len() })
+    }
+
+    fn pool(&self, device: DeviceId, mode: AllocationMode) -> Result<&Arc<DevicePool>> {
+        let kind = kind_of(mode);
+        self.device(device)?.pools[kind.index()].as_ref().ok_or(Error::UnsupportedMode { device, mode })
+    }
+
+    /// Allocates `len` elements on the CPU.
+    #[inline]
+    pub fn allocate<T: Element>(&self, len: usize, mode: AllocationMode) -> Result<Buffer<T>> {
+        self.allocate_on(DeviceId::CPU, len, mode)
+    }
+
+    /// Allocates `len` elements on `device`.
+    ///
+    /// Errors: [`Error::SizeOverflow`] when the byte size does not fit, [`Error::UnknownDevice`],
+    /// [`Error::UnsupportedMode`], and [`Error::OutOfMemory`] when memory ran out even after
+    /// the device's pools were trimmed and the allocation retried.
+    #[inline]
+    pub fn allocate_on<T: Element>(&self, device: DeviceId, len: usize, mode: AllocationMode) -> Result<Buffer<T>> {
+        let bytes = byte_len::<T>(len)?;
+        let pool = self.pool(device, mode)?;
+        let block = self.acquire(pool, bytes, mode != AllocationMode::Unpooled)?;
+        Ok(Buffer::new(block, len, mode))
+    }
+
+    fn acquire(&self, pool: &Arc<DevicePool>, bytes: usize, pooled: bool) -> Result<Box<Block>> {
+        let backend_error = |source| Error::Backend { device: pool.device, source };
+        match pool.acquire(bytes, pooled) {
+            Ok(block) => return Ok(block),
+            Err(AcquireError::Backend(e)) => return Err(backend_error(e)),
+            Err(AcquireError::Exhausted) => {}
+        }
+        if self.inner.options.trim_on_pressure() {
+            self.trim_device(pool.device);
+            pool.count_oom_retry();
+            match pool.acquire(bytes, pooled) {
+                Ok(block) => return Ok(block),
+                Err(AcquireError::Backend(e)) => return Err(backend_error(e)),
+                Err(AcquireError::Exhausted) => {}
+            }
+        }
+        Err(Error::OutOfMemory {
+            requested: u64::try_from(bytes).unwrap_or(u64::MAX),
+            device: pool.device,
+            kind: pool.kind,
+            stats: Box::new(self.statistics()),
+        })
+    }
+
+    /// Makes a CPU buffer from `data`. The vector's memory is adopted without copying (and
+    /// freed, not pooled, when the buffer is dropped: its layout is the vector's) unless
+    /// `mode` is [`AllocationMode::Pinned`], which needs page-locked memory and so copies.
+    pub fn create_buffer<T: Element>(&self, data: Vec<T>, mode: AllocationMode) -> Result<Buffer<T>> {
+        if mode == AllocationMode::Pinned {
+            return self.create_buffer_on(DeviceId::CPU, &data, mode);
+        }
+        let size = byte_len::<T>(data.len())?;
+        let pool = self.pool(DeviceId::CPU, mode)?;
+        let mut data = ManuallyDrop::new(data);
+        // A Vec's buffer spans `capacity` elements; for zero-sized types it spans nothing.
+        let bytes = data.capacity().saturating_mul(size_of::<T>());
+        let mem = RawAllocation {
+            handle: 0,
+            host: NonNull::new(data.as_mut_ptr().cast::<u8>()),
+            bytes,
+        };
+        let block = pool.adopt(mem, align_of::<T>(), size);
+        let mode = if mode == AllocationMode::Pooled { AllocationMode::Unpooled } else { mode };
+        Ok(Buffer::new(block, data.len(), mode))
+    }
+
+    /// Makes a buffer on `device` holding a copy of `data`.
+    pub fn create_buffer_on<T: Element>(&self, device: DeviceId, data: &[T], mode: AllocationMode) -> Result<Buffer<T>> {
+        let mut buffer = self.allocate_on(device, data.len(), mode)?;
+        buffer.copy_from_blocking(data, 0)?;
+        Ok(buffer)
+    }
+
+    /// Returns a buffer's memory to its pool (dropping the buffer does the same). A buffer
+    /// of another manager is refused and handed back unharmed.
+    pub fn return_to_pool<T: Element>(&self, buffer: Buffer<T>) -> Result<(), ReturnError<T>> {
+        if buffer.manager_id() != self.inner.id {
+            return Err(ReturnError { buffer, error: Error::WrongManager });
+        }
+        drop(buffer);
+        Ok(())
+    }
+
+    fn pools(&self) -> impl Iterator<Item = &Arc<DevicePool>> {
+        self.inner.devices.iter().flat_map(|d| d.pools.iter().flatten())
+    }
+
+    /// A snapshot of the statistics of every pool.
+    pub fn statistics(&self) -> MemoryStatistics {
+        MemoryStatistics::from_pools(self.pools().map(|p| p.statistics()).collect())
+    }
+
+    /// Frees all pooled memory. Returns the bytes freed.
+    pub fn trim(&self) -> u64 {
+        self.pools().map(|p| p.trim_to(0)).sum()
+    }
+
+    /// Frees pooled memory, largest size classes first, until at most `bytes` stay pooled.
+    /// Returns the bytes freed.
+    pub fn trim_to(&self, bytes: u64) -> u64 {
+        let mut excess = self.statistics().total_pooled.saturating_sub(bytes);
+        let mut freed = 0;
+        for pool in self.pools() {
+            if excess == 0 {
+                break;
+            }
+            let pooled = pool.statistics().pooled;
+            let done = pool.trim_to(pooled.saturating_sub(excess));
+            excess = excess.saturating_sub(done);
+            freed += done;
+        }
+        freed
+    }
+
+    fn trim_device(&self, device: DeviceId) {
+        if let Ok(d) = self.device(device) {
+            for pool in d.pools.iter().flatten() {
+                pool.trim_to(0);
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for MemoryManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryManager")
+            .field("devices", &self.inner.devices.iter().map(|d| &d.info.name).collect::<Vec<_>>())
+            .field("options", &self.inner.options)
+            .finish()
+    }
+}

@@ -1,0 +1,509 @@
+//! The size-class pool of one (device, memory kind).
+//!
+//! Memory is handed out in [`Block`]s: one backend allocation, rounded up to its size class.
+//! A block that comes back goes first to the returning thread's shard (see [`shard`]), then
+//! to a shared per-class store, and is freed only when both are full or the pool is bounded
+//! out. The bounds (`max_pool_bytes_per_class`, `max_pool_bytes`) are kept exactly with
+//! *credit*: before a shard or the shared store may keep a block it claims the block's size
+//! from atomic budgets, and it gives the credit back when trimmed. Shards keep their credit
+//! while they hand blocks out, so a steady allocate/free loop touches no shared atomic.
+
+pub(crate) mod shard;
+pub(crate) mod size_class;
+
+use crate::backend::{Backend, BackendError, Fence, RawAllocation};
+use crate::device::{DeviceId, MemoryKind};
+use crate::stats::{ClassOccupancy, PoolStatistics};
+use shard::{ShardLock, thread_slot};
+use size_class::SizeClasses;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+/// Where a block's memory came from, and so how it is freed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// From the pool's backend.
+    Backend,
+    /// A `Vec` adopted without copying: freed with the global allocator and this alignment.
+    Vec { align: usize },
+}
+
+/// One allocation, owned by a live buffer or by its pool.
+pub(crate) struct Block {
+    pub(crate) mem: RawAllocation,
+    /// Size class, or `None` for memory that is never pooled.
+    pub(crate) class: Option<u32>,
+    pub(crate) origin: Origin,
+    /// The last device operation that used the memory; reuse waits for it.
+    pub(crate) fence: Option<Fence>,
+    /// Keeps the pool alive while the block exists, live or pooled.
+    pub(crate) pool: Arc<DevicePool>,
+}
+
+impl Block {
+    /// Bytes of memory the block holds.
+    pub(crate) fn capacity(&self) -> usize {
+        self.mem.bytes
+    }
+
+    /// Hands the block back to its pool, or frees it if the pool cannot keep it.
+    /// `requested` is the byte size its buffer reported, for the statistics.
+    pub(crate) fn recycle(self: Box<Self>, requested: usize) {
+        let pool: *const DevicePool = Arc::as_ptr(&self.pool);
+        // SAFETY: `self` holds a strong reference to the pool, so the pointer is valid until
+        // `self` is either freed or stored. `store` frees nothing itself (a rejected block
+        // comes back to be dropped here, after `store` has returned), and once it has stored
+        // the block its last access to the pool is the unlock that publishes it - the same
+        // pattern as a `Mutex` in an `Arc` being unlocked by one thread while another drops
+        // the last `Arc`, which touches only atomics.
+        let rejected = unsafe { DevicePool::store(pool, self, requested) };
+        drop(rejected);
+    }
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        self.pool.free_memory(&self.mem, self.origin);
+    }
+}
+
+/// Counters changed off the hit path: misses, frees, trims, and the shared store's traffic.
+#[derive(Default)]
+struct Counters {
+    misses: AtomicU64,
+    unpooled: AtomicU64,
+    reserved: AtomicU64,
+    peak: AtomicU64,
+    trims: AtomicU64,
+    trimmed_bytes: AtomicU64,
+    oom_retries: AtomicU64,
+    overflows: AtomicU64,
+    free_errors: AtomicU64,
+    hits: AtomicU64,
+    live: AtomicI64,
+    live_bytes: AtomicI64,
+    requested: AtomicI64,
+}
+
+/// The limits a pool keeps.
+pub(crate) struct PoolLimits {
+    pub pooling: bool,
+    pub per_class: u64,
+    pub total: u64,
+    pub memory_limit: Option<u64>,
+}
+
+/// Why a pool could not hand out memory.
+pub(crate) enum AcquireError {
+    /// The backend or the pool's memory limit refused; trimming may help.
+    Exhausted,
+    /// Anything else the backend said.
+    Backend(BackendError),
+}
+
+pub(crate) struct DevicePool {
+    pub(crate) manager_id: u64,
+    pub(crate) device: DeviceId,
+    pub(crate) kind: MemoryKind,
+    backend: Arc<dyn Backend>,
+    classes: SizeClasses,
+    limits: PoolLimits,
+    shards: Box<[ShardLock]>,
+    /// Per class: blocks that did not fit in a shard.
+    shared: Box<[Mutex<Vec<Box<Block>>>]>,
+    /// Per class: bytes of budget claimed by shards' credit and by the shared store.
+    class_budget: Box<[AtomicU64]>,
+    total_budget: AtomicU64,
+    /// Set when the manager is gone: returned blocks are freed, not stored.
+    closed: AtomicBool,
+    counters: Counters,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing panics while these locks are held; should it ever, the data is still a valid
+    // list of blocks, so poisoning is ignored rather than propagated into `Drop`.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn to_u64(n: usize) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
+fn to_i64(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+impl DevicePool {
+    pub(crate) fn new(
+        manager_id: u64,
+        device: DeviceId,
+        kind: MemoryKind,
+        backend: Arc<dyn Backend>,
+        divisions: u32,
+        limits: PoolLimits,
+    ) -> Self {
+        let classes = SizeClasses::new(divisions);
+        let n = classes.count();
+        DevicePool {
+            manager_id,
+            device,
+            kind,
+            backend,
+            shards: shard::new_shards(n),
+            shared: (0..n).map(|_| Mutex::new(Vec::new())).collect(),
+            class_budget: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            total_budget: AtomicU64::new(0),
+            classes,
+            limits,
+            closed: AtomicBool::new(false),
+            counters: Counters::default(),
+        }
+    }
+
+    #[inline]
+    fn shard(&self) -> &ShardLock {
+        let shards = &self.shards;
+        &shards[thread_slot() & (shards.len() - 1)]
+    }
+
+    /// A block of at least `bytes`, pooled if `pooled` and the size has a class.
+    #[inline]
+    pub(crate) fn acquire(
+        self: &Arc<Self>,
+        bytes: usize,
+        pooled: bool,
+    ) -> Result<Box<Block>, AcquireError> {
+        let class = if pooled && self.limits.pooling { self.classes.class_of(bytes) } else { None };
+        let Some(class) = class else {
+            let block = self.fresh(bytes.max(1), None, bytes)?;
+            self.counters.unpooled.fetch_add(1, Relaxed);
+            return Ok(block);
+        };
+        let cap = self.classes.size_of(class);
+        if let Some(mut shard) = self.shard().try_lock() {
+            if let Some(block) = shard.classes.get_mut(class).and_then(|c| c.pop()) {
+                let c = &mut shard.counters;
+                c.hits += 1;
+                c.live += 1;
+                c.live_bytes += to_i64(cap);
+                c.requested += to_i64(bytes);
+                drop(shard);
+                return self.ready(block);
+            }
+        }
+        let shared = self.shared.get(class).and_then(|s| lock(s).pop());
+        if let Some(block) = shared {
+            self.release_budget(class, 1);
+            self.count_live(1, cap, bytes);
+            self.counters.hits.fetch_add(1, Relaxed);
+            return self.ready(block);
+        }
+        // Classes are at most 1 GiB, so `class` fits in u32.
+        let block = self.fresh(cap, u32::try_from(class).ok(), bytes)?;
+        self.counters.misses.fetch_add(1, Relaxed);
+        Ok(block)
+    }
+
+    /// Waits for the last device use of a reused block.
+    fn ready(&self, mut block: Box<Block>) -> Result<Box<Block>, AcquireError> {
+        if let Some(fence) = block.fence.take() {
+            if let Err(e) = self.backend.wait(fence) {
+                // The memory's state is unknown: keep the fence and let the block be freed.
+                block.fence = Some(fence);
+                return Err(AcquireError::Backend(e));
+            }
+        }
+        Ok(block)
+    }
+
+    fn fresh(
+        self: &Arc<Self>,
+        cap: usize,
+        class: Option<u32>,
+        requested: usize,
+    ) -> Result<Box<Block>, AcquireError> {
+        if !self.reserve(to_u64(cap)) {
+            return Err(AcquireError::Exhausted);
+        }
+        match self.backend.allocate(cap, self.kind) {
+            Ok(mem) => {
+                self.count_live(1, cap, requested);
+                Ok(Box::new(Block {
+                    mem,
+                    class,
+                    origin: Origin::Backend,
+                    fence: None,
+                    pool: Arc::clone(self),
+                }))
+            }
+            Err(e) => {
+                self.counters.reserved.fetch_sub(to_u64(cap), Relaxed);
+                Err(match e {
+                    BackendError::OutOfMemory { .. } => AcquireError::Exhausted,
+                    e => AcquireError::Backend(e),
+                })
+            }
+        }
+    }
+
+    /// Takes ownership of memory that did not come from the backend (an adopted `Vec`).
+    pub(crate) fn adopt(self: &Arc<Self>, mem: RawAllocation, align: usize, requested: usize) -> Box<Block> {
+        let cap = mem.bytes;
+        let reserved = self.counters.reserved.fetch_add(to_u64(cap), Relaxed) + to_u64(cap);
+        self.counters.peak.fetch_max(reserved, Relaxed);
+        self.counters.unpooled.fetch_add(1, Relaxed);
+        self.count_live(1, cap, requested);
+        Box::new(Block { mem, class: None, origin: Origin::Vec { align }, fence: None, pool: Arc::clone(self) })
+    }
+
+    /// Adds `bytes` to the reserved total unless that breaks the memory limit.
+    fn reserve(&self, bytes: u64) -> bool {
+        let limit = self.limits.memory_limit.unwrap_or(u64::MAX);
+        let reserved = &self.counters.reserved;
+        let mut current = reserved.load(Relaxed);
+        loop {
+            let Some(next) = current.checked_add(bytes).filter(|&n| n <= limit) else {
+                return false;
+            };
+            match reserved.compare_exchange_weak(current, next, Relaxed, Relaxed) {
+                Ok(_) => {
+                    self.counters.peak.fetch_max(next, Relaxed);
+                    return true;
+                }
+                Err(now) => current = now,
+            }
+        }
+    }
+
+    fn count_live(&self, buffers: i64, cap: usize, requested: usize) {
+        let c = &self.counters;
+        c.live.fetch_add(buffers, Relaxed);
+        c.live_bytes.fetch_add(buffers * to_i64(cap), Relaxed);
+        c.requested.fetch_add(buffers * to_i64(requested), Relaxed);
+    }
+
+    /// Claims budget for `blocks` blocks of `class`, against the class and the total bound.
+    fn claim_budget(&self, class: usize, blocks: u64) -> bool {
+        let Some(budget) = self.class_budget.get(class) else {
+            return false;
+        };
+        let bytes = blocks * to_u64(self.classes.size_of(class));
+        let fits = |limit: u64| move |used: u64| used.checked_add(bytes).filter(|&n| n <= limit);
+        if budget.fetch_update(Relaxed, Relaxed, fits(self.limits.per_class)).is_err() {
+            return false;
+        }
+        if self.total_budget.fetch_update(Relaxed, Relaxed, fits(self.limits.total)).is_err() {
+            budget.fetch_sub(bytes, Relaxed);
+            return false;
+        }
+        true
+    }
+
+    fn release_budget(&self, class: usize, blocks: u64) {
+        let bytes = blocks * to_u64(self.classes.size_of(class));
+        if let Some(budget) = self.class_budget.get(class) {
+            budget.fetch_sub(bytes, Relaxed);
+        }
+        self.total_budget.fetch_sub(bytes, Relaxed);
+    }
+
+    /// Stores a returned block, or gives it back to be freed.
+    ///
+    /// # Safety
+    /// `pool` points to the live pool that `block.pool` refers to. The pool is used only
+    /// until the block is published (see [`Block::recycle`]).
+    unsafe fn store(pool: *const DevicePool, block: Box<Block>, requested: usize) -> Option<Box<Block>> {
+        // SAFETY: the caller guarantees that `pool` is valid for as long as we use it.
+        let pool = unsafe { &*pool };
+        let cap = block.capacity();
+        let Some(class) = block.class.map(|c| c as usize) else {
+            pool.count_live(-1, cap, requested);
+            return Some(block);
+        };
+        let mut block = block;
+        if let Some(mut shard) = pool.shard().try_lock() {
+            // `closed` is read under the shard lock: `close` sets it before it drains each
+            // shard under the same lock, so a block stored here is either drained by `close`
+            // or not stored at all.
+            if !pool.closed.load(Relaxed) {
+                let shard = &mut *shard;
+                if let Some(slot) = shard.classes.get_mut(class) {
+                    if slot.len() == usize::from(slot.credit)
+                        && slot.can_grow()
+                        && pool.claim_budget(class, 1)
+                    {
+                        slot.credit += 1;
+                    }
+                    match slot.push_credited(block) {
+                        Ok(()) => {
+                            let c = &mut shard.counters;
+                            c.live -= 1;
+                            c.live_bytes -= to_i64(cap);
+                            c.requested -= to_i64(requested);
+                            return None; // The unlock that follows is the last use of `pool`.
+                        }
+                        Err(b) => block = b,
+                    }
+                }
+            }
+        }
+        pool.count_live(-1, cap, requested);
+        let Some(shared) = pool.shared.get(class) else {
+            return Some(block);
+        };
+        let mut shared = lock(shared);
+        if pool.closed.load(Relaxed) {
+            return Some(block);
+        }
+        if pool.claim_budget(class, 1) {
+            shared.push(block);
+            return None; // The unlock that follows is the last use of `pool`.
+        }
+        drop(shared);
+        pool.counters.overflows.fetch_add(1, Relaxed);
+        Some(block)
+    }
+
+    fn free_memory(&self, mem: &RawAllocation, origin: Origin) {
+        let result = match origin {
+            // SAFETY: a block's memory came from this pool's backend (Origin::Backend), and a
+            // block is dropped only when no buffer or device operation uses it any more.
+            Origin::Backend => unsafe { self.backend.free(mem) },
+            Origin::Vec { align } => {
+                free_vec(mem, align);
+                Ok(())
+            }
+        };
+        if result.is_err() {
+            self.counters.free_errors.fetch_add(1, Relaxed);
+        }
+        self.counters.reserved.fetch_sub(to_u64(mem.bytes), Relaxed);
+    }
+
+    /// Frees pooled blocks, largest classes first, until at most `keep` bytes stay pooled.
+    /// Returns the bytes freed.
+    pub(crate) fn trim_to(&self, keep: u64) -> u64 {
+        let mut pooled = self.pooled_bytes();
+        let mut freed = Vec::new();
+        for class in (0..self.classes.count()).rev() {
+            if pooled <= keep {
+                break;
+            }
+            let size = to_u64(self.classes.size_of(class));
+            let mut take = pooled.saturating_sub(keep).div_ceil(size);
+            for shard in self.shards.iter() {
+                let mut shard = shard.lock();
+                let Some(slot) = shard.classes.get_mut(class) else { break };
+                while take > 0 {
+                    let Some(block) = slot.pop() else { break };
+                    freed.push(block);
+                    take -= 1;
+                    pooled = pooled.saturating_sub(size);
+                }
+                // Give back the credit that no pooled block uses any more.
+                let unused = slot.credit.saturating_sub(slot.len() as u8);
+                slot.credit -= unused;
+                self.release_budget(class, u64::from(unused));
+            }
+            if let Some(shared) = self.shared.get(class) {
+                let mut shared = lock(shared);
+                while take > 0 {
+                    let Some(block) = shared.pop() else { break };
+                    self.release_budget(class, 1);
+                    freed.push(block);
+                    take -= 1;
+                    pooled = pooled.saturating_sub(size);
+                }
+            }
+        }
+        let bytes: u64 = freed.iter().map(|b| to_u64(b.capacity())).sum();
+        drop(freed);
+        self.counters.trims.fetch_add(1, Relaxed);
+        self.counters.trimmed_bytes.fetch_add(bytes, Relaxed);
+        bytes
+    }
+
+    /// Marks the pool closed (its manager is gone) and frees everything it holds.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Relaxed);
+        self.trim_to(0);
+    }
+
+    pub(crate) fn count_oom_retry(&self) {
+        self.counters.oom_retries.fetch_add(1, Relaxed);
+    }
+
+    fn pooled_bytes(&self) -> u64 {
+        self.occupancy().iter().map(|c| c.class_bytes * c.buffers).sum()
+    }
+
+    fn occupancy(&self) -> Vec<ClassOccupancy> {
+        let mut buffers = vec![0u64; self.classes.count()];
+        for shard in self.shards.iter() {
+            let shard = shard.lock();
+            for (n, slot) in buffers.iter_mut().zip(shard.classes.iter()) {
+                *n += to_u64(slot.len());
+            }
+        }
+        for (n, shared) in buffers.iter_mut().zip(self.shared.iter()) {
+            *n += to_u64(lock(shared).len());
+        }
+        buffers
+            .into_iter()
+            .enumerate()
+            .filter(|&(_, n)| n > 0)
+            .map(|(class, n)| ClassOccupancy { class_bytes: to_u64(self.classes.size_of(class)), buffers: n })
+            .collect()
+    }
+
+    pub(crate) fn statistics(&self) -> PoolStatistics {
+        let c = &self.counters;
+        let mut sum = shard::ShardCounters {
+            hits: c.hits.load(Relaxed),
+            live: c.live.load(Relaxed),
+            live_bytes: c.live_bytes.load(Relaxed),
+            requested: c.requested.load(Relaxed),
+        };
+        for shard in self.shards.iter() {
+            let s = shard.lock().counters;
+            sum.hits += s.hits;
+            sum.live += s.live;
+            sum.live_bytes += s.live_bytes;
+            sum.requested += s.requested;
+        }
+        let classes = self.occupancy();
+        let nonneg = |v: i64| u64::try_from(v).unwrap_or(0);
+        PoolStatistics {
+            device: Some(self.device),
+            kind: Some(self.kind),
+            allocated: nonneg(sum.live_bytes),
+            pooled: classes.iter().map(|o| o.class_bytes * o.buffers).sum(),
+            reserved: c.reserved.load(Relaxed),
+            requested: nonneg(sum.requested),
+            hits: sum.hits,
+            misses: c.misses.load(Relaxed),
+            unpooled: c.unpooled.load(Relaxed),
+            active_buffers: nonneg(sum.live),
+            peak: c.peak.load(Relaxed),
+            trims: c.trims.load(Relaxed),
+            trimmed_bytes: c.trimmed_bytes.load(Relaxed),
+            oom_retries: c.oom_retries.load(Relaxed),
+            overflows: c.overflows.load(Relaxed),
+            free_errors: c.free_errors.load(Relaxed),
+            classes,
+        }
+    }
+}
+
+/// Frees the memory of an adopted `Vec`.
+fn free_vec(mem: &RawAllocation, align: usize) {
+    let (Some(ptr), Ok(layout)) = (mem.host, std::alloc::Layout::from_size_align(mem.bytes, align)) else {
+        return;
+    };
+    if layout.size() > 0 {
+        // SAFETY: the block adopted a `Vec` whose buffer has exactly this size (capacity times
+        // element size) and alignment, allocated by the global allocator; the Vec was
+        // forgotten, so this is the only owner.
+        unsafe { std::alloc::dealloc(ptr.as_ptr(), layout) };
+    }
+}
