@@ -91,7 +91,7 @@ pub enum Error {
     /// Memory ran out even after the pool was trimmed and the allocation retried.
     #[error("out of memory: {requested} bytes of {kind} memory on {device} ({stats})")]
     OutOfMemory {
-        /// Bytes asked for (after rounding up to the size class).
+        /// Bytes asked for.
         requested: u64,
         /// The device.
         device: DeviceId,
