@@ -1,1 +1,130 @@
-fn main(){}
+//! `cargo bench -p unimem --bench pool`: the size-class pool against the system allocator
+//! and mimalloc, in one run.
+//!
+//! - `hit_return`: allocate + drop of a pooled 1 KiB buffer (the hit path, nothing written).
+//! - `alloc_write_drop/<size>`: allocate a buffer, write every byte once, drop it: the pool
+//!   against `malloc` and mimalloc doing the same (64-byte aligned, like the pool).
+//! - `two_threads_one_class`: two threads allocating and dropping 4 KiB buffers of the same
+//!   class at once; the figure is the time per operation per thread.
+
+#![allow(missing_docs, reason = "criterion's macros generate undocumented functions")]
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use mimalloc::MiMalloc;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::hint::black_box;
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+use unimem::{AllocationMode, MemoryManager};
+
+const SIZES: [(usize, &str); 4] =
+    [(1 << 10, "1KiB"), (1 << 20, "1MiB"), (64 << 20, "64MiB"), (256 << 20, "256MiB")];
+
+fn hit_return(c: &mut Criterion) {
+    let manager = MemoryManager::new();
+    let mut group = c.benchmark_group("hit_return");
+    group.bench_function("unimem_pool_1KiB", |b| {
+        b.iter(|| drop(black_box(manager.allocate::<u8>(black_box(1024), AllocationMode::Pooled).unwrap())))
+    });
+    group.bench_function("system_malloc_1KiB", |b| b.iter(|| alloc_free(&System, black_box(1024), false)));
+    group.bench_function("mimalloc_1KiB", |b| b.iter(|| alloc_free(&MiMalloc, black_box(1024), false)));
+    group.finish();
+}
+
+/// Allocates `bytes` from `allocator`, optionally writes every byte, frees.
+fn alloc_free<A: GlobalAlloc>(allocator: &A, bytes: usize, write: bool) {
+    let layout = Layout::from_size_align(bytes, 64).unwrap();
+    // SAFETY: the layout has a non-zero size.
+    let ptr = unsafe { allocator.alloc(layout) };
+    assert!(!ptr.is_null());
+    if write {
+        // SAFETY: `ptr` is a fresh allocation of `bytes` bytes.
+        unsafe { std::ptr::write_bytes(ptr, 1, bytes) };
+    }
+    black_box(ptr);
+    // SAFETY: `ptr` came from this allocator with this layout.
+    unsafe { allocator.dealloc(ptr, layout) };
+}
+
+fn alloc_write_drop(c: &mut Criterion) {
+    let manager = MemoryManager::new();
+    let mut group = c.benchmark_group("alloc_write_drop");
+    for (bytes, name) in SIZES {
+        group.throughput(Throughput::Bytes(bytes as u64));
+        if bytes >= 64 << 20 {
+            group.sample_size(20).measurement_time(Duration::from_secs(4));
+        }
+        group.bench_with_input(BenchmarkId::new("unimem_pool", name), &bytes, |b, &bytes| {
+            b.iter(|| {
+                let mut buffer = manager.allocate::<u8>(bytes, AllocationMode::Pooled).unwrap();
+                buffer.as_mut_slice().unwrap().fill(1);
+                black_box(buffer);
+            })
+        });
+        group.bench_with_input(BenchmarkId::new("system_malloc", name), &bytes, |b, &bytes| {
+            b.iter(|| alloc_free(&System, bytes, true))
+        });
+        group.bench_with_input(BenchmarkId::new("mimalloc", name), &bytes, |b, &bytes| {
+            b.iter(|| alloc_free(&MiMalloc, bytes, true))
+        });
+    }
+    group.finish();
+}
+
+/// Runs `op` `iters` times on each of two threads started together; returns the wall time
+/// divided so that the figure is per operation per thread.
+fn two_threads(iters: u64, op: impl Fn() + Sync) -> Duration {
+    let barrier = Barrier::new(2);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| {
+                    barrier.wait();
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        op();
+                    }
+                    start.elapsed()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).max().unwrap()
+    })
+}
+
+fn two_threads_one_class(c: &mut Criterion) {
+    let manager = MemoryManager::new();
+    let mut group = c.benchmark_group("two_threads_one_class");
+    group.bench_function("unimem_pool_4KiB", |b| {
+        b.iter_custom(|iters| {
+            two_threads(iters, || {
+                drop(black_box(manager.allocate::<u8>(4096, AllocationMode::Pooled).unwrap()))
+            })
+        })
+    });
+    let locked = std::sync::Mutex::new(Vec::<Box<[u8]>>::new());
+    group.bench_function("mutex_vec_4KiB", |b| {
+        b.iter_custom(|iters| {
+            two_threads(iters, || {
+                let block =
+                    locked.lock().unwrap().pop().unwrap_or_else(|| vec![0u8; 4096].into_boxed_slice());
+                black_box(&block);
+                locked.lock().unwrap().push(block);
+            })
+        })
+    });
+    group.bench_function("system_malloc_4KiB", |b| {
+        b.iter_custom(|iters| two_threads(iters, || alloc_free(&System, 4096, false)))
+    });
+    group.bench_function("mimalloc_4KiB", |b| {
+        b.iter_custom(|iters| two_threads(iters, || alloc_free(&MiMalloc, 4096, false)))
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    targets = hit_return, alloc_write_drop, two_threads_one_class
+}
+criterion_main!(benches);

@@ -53,11 +53,15 @@ pub(crate) fn check_range(offset: usize, len: usize, buffer_len: usize) -> Resul
 pub(crate) fn resolve_range(range: impl RangeBounds<usize>, len: usize) -> Result<Range<usize>> {
     let start = match range.start_bound() {
         Bound::Included(&s) => s,
-        Bound::Excluded(&s) => s.checked_add(1).ok_or(Error::OutOfBounds { offset: s, len: 1, buffer_len: len })?,
+        Bound::Excluded(&s) => {
+            s.checked_add(1).ok_or(Error::OutOfBounds { offset: s, len: 1, buffer_len: len })?
+        }
         Bound::Unbounded => 0,
     };
     let end = match range.end_bound() {
-        Bound::Included(&e) => e.checked_add(1).ok_or(Error::OutOfBounds { offset: e, len: 1, buffer_len: len })?,
+        Bound::Included(&e) => {
+            e.checked_add(1).ok_or(Error::OutOfBounds { offset: e, len: 1, buffer_len: len })?
+        }
         Bound::Excluded(&e) => e,
         Bound::Unbounded => len,
     };

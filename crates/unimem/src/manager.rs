@@ -115,13 +115,15 @@ fn make_device(manager_id: u64, id: DeviceId, backend: Arc<dyn Backend>, options
 }
 
 /// `len` elements of `T` in bytes, or why that is impossible.
+#[inline]
+#[allow(clippy::unnecessary_lazy_evaluations, reason = "an eager Error is built and dropped on the hot path")]
 fn byte_len<T: Element>(len: usize) -> Result<usize> {
     if align_of::<T>() > ALIGN {
         return Err(Error::UnsupportedAlignment { align: align_of::<T>(), max: ALIGN });
     }
     len.checked_mul(size_of::<T>())
         .filter(|&b| b <= isize::MAX as usize)
-        .ok_or(Error::SizeOverflow { len, element_size: size_of::<T>() })
+        .ok_or_else(|| Error::SizeOverflow { len, element_size: size_of::<T>() })
 }
 
 fn kind_of(mode: AllocationMode) -> MemoryKind {
@@ -159,14 +161,26 @@ impl MemoryManager {
         self.inner.devices.iter().map(|d| d.info.clone()).collect()
     }
 
+    #[inline]
+    #[allow(
+        clippy::unnecessary_lazy_evaluations,
+        reason = "an eager Error is built and dropped on the hot path"
+    )]
     fn device(&self, id: DeviceId) -> Result<&Device> {
         let devices = &self.inner.devices;
-        devices.get(id.index()).ok_or(Error::UnknownDevice { device: id, count: devices.len() })
+        devices.get(id.index()).ok_or_else(|| Error::UnknownDevice { device: id, count: devices.len() })
     }
 
+    #[inline]
+    #[allow(
+        clippy::unnecessary_lazy_evaluations,
+        reason = "an eager Error is built and dropped on the hot path"
+    )]
     fn pool(&self, device: DeviceId, mode: AllocationMode) -> Result<&Arc<DevicePool>> {
         let kind = kind_of(mode);
-        self.device(device)?.pools[kind.index()].as_ref().ok_or(Error::UnsupportedMode { device, mode })
+        self.device(device)?.pools[kind.index()]
+            .as_ref()
+            .ok_or_else(|| Error::UnsupportedMode { device, mode })
     }
 
     /// Allocates `len` elements on the CPU.
@@ -181,19 +195,39 @@ impl MemoryManager {
     /// [`Error::UnsupportedMode`], and [`Error::OutOfMemory`] when memory ran out even after
     /// the device's pools were trimmed and the allocation retried.
     #[inline]
-    pub fn allocate_on<T: Element>(&self, device: DeviceId, len: usize, mode: AllocationMode) -> Result<Buffer<T>> {
+    pub fn allocate_on<T: Element>(
+        &self,
+        device: DeviceId,
+        len: usize,
+        mode: AllocationMode,
+    ) -> Result<Buffer<T>> {
         let bytes = byte_len::<T>(len)?;
         let pool = self.pool(device, mode)?;
         let block = self.acquire(pool, bytes, mode != AllocationMode::Unpooled)?;
         Ok(Buffer::new(block, len, mode))
     }
 
+    #[inline]
     fn acquire(&self, pool: &Arc<DevicePool>, bytes: usize, pooled: bool) -> Result<Box<Block>> {
-        let backend_error = |source| Error::Backend { device: pool.device, source };
         match pool.acquire(bytes, pooled) {
-            Ok(block) => return Ok(block),
-            Err(AcquireError::Backend(e)) => return Err(backend_error(e)),
-            Err(AcquireError::Exhausted) => {}
+            Ok(block) => Ok(block),
+            Err(e) => self.acquire_under_pressure(pool, bytes, pooled, e),
+        }
+    }
+
+    /// The allocation failed with `first`: trim and retry once if it ran out of memory.
+    #[cold]
+    #[inline(never)]
+    fn acquire_under_pressure(
+        &self,
+        pool: &Arc<DevicePool>,
+        bytes: usize,
+        pooled: bool,
+        first: AcquireError,
+    ) -> Result<Box<Block>> {
+        let backend_error = |source| Error::Backend { device: pool.device, source };
+        if let AcquireError::Backend(e) = first {
+            return Err(backend_error(e));
         }
         if self.inner.options.trim_on_pressure() {
             self.trim_device(pool.device);
@@ -224,18 +258,19 @@ impl MemoryManager {
         let mut data = ManuallyDrop::new(data);
         // A Vec's buffer spans `capacity` elements; for zero-sized types it spans nothing.
         let bytes = data.capacity().saturating_mul(size_of::<T>());
-        let mem = RawAllocation {
-            handle: 0,
-            host: NonNull::new(data.as_mut_ptr().cast::<u8>()),
-            bytes,
-        };
+        let mem = RawAllocation { handle: 0, host: NonNull::new(data.as_mut_ptr().cast::<u8>()), bytes };
         let block = pool.adopt(mem, align_of::<T>(), size);
         let mode = if mode == AllocationMode::Pooled { AllocationMode::Unpooled } else { mode };
         Ok(Buffer::new(block, data.len(), mode))
     }
 
     /// Makes a buffer on `device` holding a copy of `data`.
-    pub fn create_buffer_on<T: Element>(&self, device: DeviceId, data: &[T], mode: AllocationMode) -> Result<Buffer<T>> {
+    pub fn create_buffer_on<T: Element>(
+        &self,
+        device: DeviceId,
+        data: &[T],
+        mode: AllocationMode,
+    ) -> Result<Buffer<T>> {
         let mut buffer = self.allocate_on(device, data.len(), mode)?;
         buffer.copy_from_blocking(data, 0)?;
         Ok(buffer)

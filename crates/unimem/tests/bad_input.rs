@@ -95,7 +95,9 @@ fn absurd_options_are_errors() {
     assert!(o.clone().with_memory_limit(Some(0)).is_err());
     let err = o.clone().with_max_concurrent_transfers(0).unwrap_err();
     assert_eq!(err.to_string(), "invalid option max_concurrent_transfers = 0: must be between 1 and 1024");
-    for bad in [r#"{"max_pool_bytes_per_class": 0}"#, r#"{"size_class_divisions": 5}"#, r#"{"no_such_option": 1}"#] {
+    for bad in
+        [r#"{"max_pool_bytes_per_class": 0}"#, r#"{"size_class_divisions": 5}"#, r#"{"no_such_option": 1}"#]
+    {
         assert!(serde_json::from_str::<MemoryOptions>(bad).is_err(), "{bad}");
     }
 }
@@ -105,7 +107,8 @@ fn options_have_the_reference_defaults_and_load_from_serde() {
     let o = MemoryOptions::default();
     assert!(o.pooling() && o.pinned_memory() && o.p2p() && o.trim_on_pressure());
     assert_eq!((o.max_pool_bytes_per_class(), o.max_concurrent_transfers()), (1 << 30, 4));
-    let loaded: MemoryOptions = serde_json::from_str(r#"{"max_concurrent_transfers": 8, "enable_p2p": false}"#).unwrap();
+    let loaded: MemoryOptions =
+        serde_json::from_str(r#"{"max_concurrent_transfers": 8, "enable_p2p": false}"#).unwrap();
     assert_eq!(loaded.max_concurrent_transfers(), 8);
     assert!(!loaded.p2p() && loaded.pooling());
     let round: MemoryOptions = serde_json::from_str(&serde_json::to_string(&loaded).unwrap()).unwrap();

@@ -27,7 +27,10 @@ fn views_honour_their_offset_for_reads_writes_and_copies() {
     assert_eq!(two, [13, 14]);
     let inner = view.slice(2..=4).unwrap();
     assert_eq!(inner.as_slice().unwrap(), &[12, 13, 14]);
-    assert!(matches!(view.copy_to_blocking(&mut two, 9), Err(Error::OutOfBounds { offset: 9, len: 2, buffer_len: 10 })));
+    assert!(matches!(
+        view.copy_to_blocking(&mut two, 9),
+        Err(Error::OutOfBounds { offset: 9, len: 2, buffer_len: 10 })
+    ));
 
     let mut view = buffer.slice_mut(50..).unwrap();
     view.copy_from_blocking(&[500, 501], 1).unwrap();

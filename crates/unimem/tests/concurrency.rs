@@ -29,7 +29,10 @@ fn eight_threads_never_share_or_lose_a_buffer() {
                     held.push((buffer, tag, start));
                     if held.len() > 3 || round % 7 == 0 {
                         let (buffer, tag, start) = held.remove(0);
-                        assert!(buffer.as_slice().unwrap().iter().all(|&x| x == tag), "a buffer was handed out twice");
+                        assert!(
+                            buffer.as_slice().unwrap().iter().all(|&x| x == tag),
+                            "a buffer was handed out twice"
+                        );
                         live.lock().unwrap().remove(&start);
                         if round % 2 == 0 {
                             drop(buffer);

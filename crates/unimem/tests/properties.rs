@@ -21,7 +21,8 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn mode(m: u8) -> AllocationMode {
-    [AllocationMode::Pooled, AllocationMode::Unpooled, AllocationMode::Unified, AllocationMode::Pooled][m as usize]
+    [AllocationMode::Pooled, AllocationMode::Unpooled, AllocationMode::Unified, AllocationMode::Pooled]
+        [m as usize]
 }
 
 fn check(manager: &MemoryManager, live: &[(Buffer<u8>, u8)]) -> Result<(), TestCaseError> {

@@ -77,7 +77,10 @@ fn the_summary_line_and_serde() {
     drop(manager.allocate::<u8>(2048, AllocationMode::Pooled).unwrap());
     let b = manager.allocate::<u8>(2048, AllocationMode::Pooled).unwrap();
     let stats = manager.statistics();
-    assert_eq!(stats.to_string(), "Memory: 2 buffers, 3,072 bytes allocated, 0 bytes pooled, 33.3% pool hit rate");
+    assert_eq!(
+        stats.to_string(),
+        "Memory: 2 buffers, 3,072 bytes allocated, 0 bytes pooled, 33.3% pool hit rate"
+    );
     let json = serde_json::to_string(&stats).unwrap();
     let back: MemoryStatistics = serde_json::from_str(&json).unwrap();
     assert_eq!(back, stats);
@@ -99,7 +102,8 @@ fn pooling_off_means_every_allocation_is_fresh() {
 fn class_bound_frees_returns_past_it() {
     let options = unimem::MemoryOptions::default().with_max_pool_bytes_per_class(3 << 20).unwrap();
     let manager = MemoryManager::builder().options(options).build();
-    let buffers: Vec<_> = (0..5).map(|_| manager.allocate::<u8>(1 << 20, AllocationMode::Pooled).unwrap()).collect();
+    let buffers: Vec<_> =
+        (0..5).map(|_| manager.allocate::<u8>(1 << 20, AllocationMode::Pooled).unwrap()).collect();
     drop(buffers);
     let stats = manager.statistics();
     assert_eq!(stats.total_pooled, 3 << 20);

@@ -1,9 +1,10 @@
 //! The CPU backend: host memory, always compiled.
 //!
-//! Small allocations come from the global allocator, 64-byte aligned and zeroed. Allocations
-//! of 2 MiB and more are mapped directly from the kernel, 2 MiB aligned, and (when the
-//! `huge_pages` option is on) advised to use transparent huge pages, which makes first touch
-//! of a fresh 256 MiB buffer several times cheaper. Pinned memory is mapped page-granular and
+//! Small allocations (under 64 KiB) come from the global allocator, 64-byte aligned and
+//! zeroed. Larger ones are mapped directly from the kernel, whose zero pages cost nothing
+//! until touched (zeroing them with memset would touch every page); from 2 MiB on they are
+//! 2 MiB aligned and (when the `huge_pages` option is on) advised to use transparent huge
+//! pages, which makes first touch of a fresh 256 MiB buffer several times cheaper. Pinned memory is mapped page-granular and
 //! locked with `mlock`, so that unlocking one allocation never unlocks another's pages.
 
 use super::{Backend, BackendError, Fence, RawAllocation};
@@ -13,7 +14,9 @@ use std::ptr::NonNull;
 
 /// Alignment of every CPU allocation: a cache line, and enough for any SIMD type.
 pub(crate) const ALIGN: usize = 64;
-/// Allocations from this size on are mapped directly, 2 MiB aligned.
+/// Allocations from this size on are mapped directly.
+const MAPPED: usize = 64 << 10;
+/// Allocations from this size on are mapped 2 MiB aligned, for huge pages.
 const LARGE: usize = 2 << 20;
 const PAGE: usize = 4096;
 
@@ -41,7 +44,7 @@ impl CpuBackend {
     }
 
     fn uses_map(bytes: usize, kind: MemoryKind) -> bool {
-        bytes >= LARGE || kind == MemoryKind::Pinned
+        bytes >= MAPPED || kind == MemoryKind::Pinned
     }
 }
 

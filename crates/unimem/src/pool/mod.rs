@@ -48,6 +48,7 @@ impl Block {
 
     /// Hands the block back to its pool, or frees it if the pool cannot keep it.
     /// `requested` is the byte size its buffer reported, for the statistics.
+    #[inline]
     pub(crate) fn recycle(self: Box<Self>, requested: usize) {
         let pool: *const DevicePool = Arc::as_ptr(&self.pool);
         // SAFETY: `self` holds a strong reference to the pool, so the pointer is valid until
@@ -109,7 +110,9 @@ pub(crate) struct DevicePool {
     classes: SizeClasses,
     limits: PoolLimits,
     shards: Box<[ShardLock]>,
-    /// Per class: blocks that did not fit in a shard.
+    /// Per class: blocks that did not fit in a shard. Boxed: a block moves between a buffer
+    /// and the pool without being copied or reallocated.
+    #[allow(clippy::vec_box, reason = "blocks move in and out of buffers as boxes")]
     shared: Box<[Mutex<Vec<Box<Block>>>]>,
     /// Per class: bytes of budget claimed by shards' credit and by the shared store.
     class_budget: Box<[AtomicU64]>,
@@ -167,30 +170,41 @@ impl DevicePool {
     }
 
     /// A block of at least `bytes`, pooled if `pooled` and the size has a class.
+    ///
+    /// The hit path (this thread's shard has a block of the class) is inlined into the
+    /// caller; everything else is out of line.
     #[inline]
-    pub(crate) fn acquire(
+    pub(crate) fn acquire(self: &Arc<Self>, bytes: usize, pooled: bool) -> Result<Box<Block>, AcquireError> {
+        let class = if pooled && self.limits.pooling { self.classes.class_of(bytes) } else { None };
+        if let Some(class) = class {
+            if let Some(mut shard) = self.shard().try_lock() {
+                if let Some(block) = shard.classes.get_mut(class).and_then(|c| c.pop()) {
+                    let c = &mut shard.counters;
+                    c.hits += 1;
+                    c.live += 1;
+                    c.live_bytes += to_i64(block.capacity());
+                    c.requested += to_i64(bytes);
+                    drop(shard);
+                    return if block.fence.is_none() { Ok(block) } else { self.ready(block) };
+                }
+            }
+        }
+        self.acquire_slow(bytes, class)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn acquire_slow(
         self: &Arc<Self>,
         bytes: usize,
-        pooled: bool,
+        class: Option<usize>,
     ) -> Result<Box<Block>, AcquireError> {
-        let class = if pooled && self.limits.pooling { self.classes.class_of(bytes) } else { None };
         let Some(class) = class else {
             let block = self.fresh(bytes.max(1), None, bytes)?;
             self.counters.unpooled.fetch_add(1, Relaxed);
             return Ok(block);
         };
         let cap = self.classes.size_of(class);
-        if let Some(mut shard) = self.shard().try_lock() {
-            if let Some(block) = shard.classes.get_mut(class).and_then(|c| c.pop()) {
-                let c = &mut shard.counters;
-                c.hits += 1;
-                c.live += 1;
-                c.live_bytes += to_i64(cap);
-                c.requested += to_i64(bytes);
-                drop(shard);
-                return self.ready(block);
-            }
-        }
         let shared = self.shared.get(class).and_then(|s| lock(s).pop());
         if let Some(block) = shared {
             self.release_budget(class, 1);
@@ -205,6 +219,7 @@ impl DevicePool {
     }
 
     /// Waits for the last device use of a reused block.
+    #[cold]
     fn ready(&self, mut block: Box<Block>) -> Result<Box<Block>, AcquireError> {
         if let Some(fence) = block.fence.take() {
             if let Err(e) = self.backend.wait(fence) {
@@ -253,7 +268,13 @@ impl DevicePool {
         self.counters.peak.fetch_max(reserved, Relaxed);
         self.counters.unpooled.fetch_add(1, Relaxed);
         self.count_live(1, cap, requested);
-        Box::new(Block { mem, class: None, origin: Origin::Vec { align }, fence: None, pool: Arc::clone(self) })
+        Box::new(Block {
+            mem,
+            class: None,
+            origin: Origin::Vec { align },
+            fence: None,
+            pool: Arc::clone(self),
+        })
     }
 
     /// Adds `bytes` to the reserved total unless that breaks the memory limit.
@@ -312,12 +333,12 @@ impl DevicePool {
     /// # Safety
     /// `pool` points to the live pool that `block.pool` refers to. The pool is used only
     /// until the block is published (see [`Block::recycle`]).
+    #[inline]
     unsafe fn store(pool: *const DevicePool, block: Box<Block>, requested: usize) -> Option<Box<Block>> {
         // SAFETY: the caller guarantees that `pool` is valid for as long as we use it.
         let pool = unsafe { &*pool };
-        let cap = block.capacity();
         let Some(class) = block.class.map(|c| c as usize) else {
-            pool.count_live(-1, cap, requested);
+            pool.count_live(-1, block.capacity(), requested);
             return Some(block);
         };
         let mut block = block;
@@ -328,11 +349,9 @@ impl DevicePool {
             if !pool.closed.load(Relaxed) {
                 let shard = &mut *shard;
                 if let Some(slot) = shard.classes.get_mut(class) {
-                    if slot.len() == usize::from(slot.credit)
-                        && slot.can_grow()
-                        && pool.claim_budget(class, 1)
-                    {
-                        slot.credit += 1;
+                    let cap = block.capacity();
+                    if slot.len() == usize::from(slot.credit) {
+                        pool.grow_credit(slot, class);
                     }
                     match slot.push_credited(block) {
                         Ok(()) => {
@@ -347,20 +366,36 @@ impl DevicePool {
                 }
             }
         }
-        pool.count_live(-1, cap, requested);
-        let Some(shared) = pool.shared.get(class) else {
+        pool.store_shared(block, class, requested)
+    }
+
+    /// Claims one more block of credit for a shard's class, if the bounds allow.
+    #[cold]
+    #[inline(never)]
+    fn grow_credit(&self, slot: &mut shard::ShardClass, class: usize) {
+        if slot.can_grow() && self.claim_budget(class, 1) {
+            slot.credit += 1;
+        }
+    }
+
+    /// The shared store's half of [`store`](Self::store), with the same contract.
+    #[cold]
+    #[inline(never)]
+    fn store_shared(&self, block: Box<Block>, class: usize, requested: usize) -> Option<Box<Block>> {
+        self.count_live(-1, block.capacity(), requested);
+        let Some(shared) = self.shared.get(class) else {
             return Some(block);
         };
         let mut shared = lock(shared);
-        if pool.closed.load(Relaxed) {
+        if self.closed.load(Relaxed) {
             return Some(block);
         }
-        if pool.claim_budget(class, 1) {
+        if self.claim_budget(class, 1) {
             shared.push(block);
-            return None; // The unlock that follows is the last use of `pool`.
+            return None; // The unlock that follows is the last use of the pool.
         }
         drop(shared);
-        pool.counters.overflows.fetch_add(1, Relaxed);
+        self.counters.overflows.fetch_add(1, Relaxed);
         Some(block)
     }
 
