@@ -47,3 +47,8 @@ pub use stats::{ClassOccupancy, MemoryStatistics, PoolStatistics};
 pub trait Element: bytemuck::Pod + Send + Sync + 'static {}
 
 impl<T: bytemuck::Pod + Send + Sync + 'static> Element for T {}
+
+/// The README's example, compiled and run as a doctest so that it stays true.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
