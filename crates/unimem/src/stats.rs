@@ -28,7 +28,8 @@ pub struct MemoryStatistics {
     pub unpooled_allocations: u64,
     /// Buffers alive now.
     pub active_buffers: u64,
-    /// Highest `total_reserved` seen.
+    /// Peak reserved bytes: the sum of each pool's own peak, so an upper bound of the
+    /// manager-wide peak when pools peaked at different times.
     pub peak_usage: u64,
     /// Times a pool was trimmed (explicitly or on memory pressure).
     pub trims: u64,
