@@ -185,7 +185,7 @@ impl DevicePool {
                     c.live_bytes += to_i64(block.capacity());
                     c.requested += to_i64(bytes);
                     drop(shard);
-                    return if block.fence.is_none() { Ok(block) } else { self.ready(block) };
+                    return if block.fence.is_none() { Ok(block) } else { self.ready(block, bytes) };
                 }
             }
         }
@@ -210,7 +210,7 @@ impl DevicePool {
             self.release_budget(class, 1);
             self.count_live(1, cap, bytes);
             self.counters.hits.fetch_add(1, Relaxed);
-            return self.ready(block);
+            return self.ready(block, bytes);
         }
         // Classes are at most 1 GiB, so `class` fits in u32.
         let block = self.fresh(cap, u32::try_from(class).ok(), bytes)?;
@@ -220,11 +220,14 @@ impl DevicePool {
 
     /// Waits for the last device use of a reused block.
     #[cold]
-    fn ready(&self, mut block: Box<Block>) -> Result<Box<Block>, AcquireError> {
+    /// `requested` is what the caller asked for: already counted as live, and uncounted
+    /// again if the block cannot be used.
+    fn ready(&self, mut block: Box<Block>, requested: usize) -> Result<Box<Block>, AcquireError> {
         if let Some(fence) = block.fence.take() {
             if let Err(e) = self.backend.wait(fence) {
                 // The memory's state is unknown: keep the fence and let the block be freed.
                 block.fence = Some(fence);
+                self.count_live(-1, block.capacity(), requested);
                 return Err(AcquireError::Backend(e));
             }
         }
