@@ -1,0 +1,652 @@
+//! [`ObjectPool<T>`]: reusable objects with a per-thread fast path.
+//!
+//! Each thread that uses a pool gets its own bucket (a LIFO stack), reached through a
+//! thread-local index: renting and returning on the same thread touch no atomic
+//! read-modify-write and no lock. Objects that do not fit in the returning thread's bucket
+//! go to a shared overflow store, where any thread's `rent` finds them; past the bounds
+//! they are dropped. The total bound is exact across threads: see `shared.rs`.
+//!
+//! Buckets belong to threads, so idle objects in a bucket stay there until that thread
+//! rents them, the thread's index is reused by a later thread, [`ObjectPool::clear`] runs,
+//! or the pool is dropped. A bucket that runs empty gives its unused share of the total
+//! bound back, so an idle thread holds at most [`CREDIT_BATCH`] unused units.
+
+mod shared;
+mod thread_slots;
+
+use std::cell::UnsafeCell;
+use std::fmt;
+use std::mem::ManuallyDrop;
+use std::ops::{Deref, DerefMut};
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use shared::Shared;
+use thread_slots::ThreadSlots;
+
+/// The primitives `shared.rs` is written against; its loom test swaps in loom's.
+mod sync {
+    pub(crate) use std::sync::Mutex;
+    pub(crate) use std::sync::atomic::{AtomicUsize, Ordering};
+}
+
+/// Units of the total bound a bucket claims at once when it needs room.
+pub const CREDIT_BATCH: usize = 32;
+
+/// Default bound on the idle objects of one thread's bucket.
+pub const DEFAULT_MAX_PER_BUCKET: usize = 256;
+
+/// Default bound on all idle objects of a pool.
+pub const DEFAULT_MAX_TOTAL: usize = 4096;
+
+type Factory<T> = Box<dyn Fn() -> T + Send + Sync>;
+type Reset<T> = Box<dyn Fn(&mut T) + Send + Sync>;
+
+/// A pool of reusable objects. See the [module documentation](self) for the design.
+///
+/// ```
+/// use unimem::ObjectPool;
+///
+/// let pool = ObjectPool::builder(|| Vec::<u8>::with_capacity(1024))
+///     .reset(|v| v.clear())
+///     .build()?;
+/// let first = {
+///     let mut buf = pool.rent();
+///     buf.extend_from_slice(b"hello");
+///     buf.as_ptr()
+/// }; // returned, and cleared, here
+/// let again = pool.rent();
+/// assert_eq!(again.as_ptr(), first); // the same object came back
+/// assert!(again.is_empty());
+/// # Ok::<(), unimem::Error>(())
+/// ```
+pub struct ObjectPool<T> {
+    locals: ThreadSlots<Local<T>>,
+    shared: Shared<T>,
+    /// Events of threads with no bucket (during thread-local teardown).
+    counters: Counters,
+    factory: Factory<T>,
+    reset: Option<Reset<T>>,
+    max_per_bucket: usize,
+    max_total: usize,
+}
+
+impl<T> ObjectPool<T> {
+    /// A pool whose new objects come from `factory`, with the default bounds and no reset
+    /// hook.
+    pub fn new(factory: impl Fn() -> T + Send + Sync + 'static) -> Self {
+        Self::with_parts(Box::new(factory), None, DEFAULT_MAX_PER_BUCKET, DEFAULT_MAX_TOTAL)
+    }
+
+    /// Starts a pool with options: reset hook and bounds.
+    pub fn builder(factory: impl Fn() -> T + Send + Sync + 'static) -> ObjectPoolBuilder<T> {
+        ObjectPoolBuilder {
+            factory: Box::new(factory),
+            reset: None,
+            max_per_bucket: DEFAULT_MAX_PER_BUCKET,
+            max_total: DEFAULT_MAX_TOTAL,
+        }
+    }
+
+    fn with_parts(
+        factory: Factory<T>,
+        reset: Option<Reset<T>>,
+        max_per_bucket: usize,
+        max_total: usize,
+    ) -> Self {
+        Self {
+            locals: ThreadSlots::new(),
+            shared: Shared::new(max_total),
+            counters: Counters::default(),
+            factory,
+            reset,
+            max_per_bucket,
+            max_total,
+        }
+    }
+
+    /// Takes an idle object (this thread's bucket first, then the shared store) or makes a
+    /// new one with the factory. The guard returns it when dropped.
+    ///
+    /// A panic in the factory propagates and leaves the pool unchanged.
+    #[inline]
+    pub fn rent(&self) -> Pooled<'_, T> {
+        if let Some(local) = self.locals.current() {
+            // SAFETY: `local` is this thread's bucket, borrowed nowhere else right now.
+            if let Some(value) = unsafe { local.pop() } {
+                local.counters.bump_owned(Event::Hit);
+                return Pooled::new(self, value);
+            }
+        }
+        self.rent_slow()
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn rent_slow(&self) -> Pooled<'_, T> {
+        let local = self.locals.current();
+        if let Some(local) = local {
+            // The bucket is empty: its unused share of the total bound goes back, so that
+            // a thread that only rents does not sit on room other threads need.
+            // SAFETY: as in `rent`.
+            self.shared.release(unsafe { local.take_credit() });
+        }
+        let value = match self.shared.pop() {
+            Some(value) => {
+                self.count(local, Event::Hit);
+                value
+            }
+            None => {
+                let value = (self.factory)();
+                self.count(local, Event::Miss);
+                value
+            }
+        };
+        Pooled::new(self, value)
+    }
+
+    /// Keeps `value` (already reset) in this thread's bucket, the shared store, or drops it.
+    #[inline]
+    fn give_back(&self, value: T) {
+        let local = self.locals.current();
+        if let Some(local) = local {
+            // SAFETY: as in `rent`.
+            match unsafe { local.push(value) } {
+                Ok(()) => local.counters.bump_owned(Event::Return),
+                Err(value) => self.give_back_slow(Some(local), value),
+            }
+        } else {
+            self.give_back_slow(None, value);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn give_back_slow(&self, local: Option<&Local<T>>, value: T) {
+        let value = match local {
+            // SAFETY: as in `rent`.
+            Some(local) => match unsafe { local.grow_and_push(value, &self.shared, self.max_per_bucket) } {
+                Ok(()) => return local.counters.bump_owned(Event::Return),
+                Err(value) => value,
+            },
+            None => value,
+        };
+        match self.shared.push(value) {
+            Ok(()) => self.count(local, Event::Return),
+            Err(value) => {
+                self.count(local, Event::Dropped);
+                drop(value);
+            }
+        }
+    }
+
+    fn count(&self, local: Option<&Local<T>>, event: Event) {
+        match local {
+            Some(local) => local.counters.bump_owned(event),
+            None => self.counters.bump_shared(event),
+        }
+    }
+
+    /// Drops the idle objects of the shared store and of the calling thread's bucket.
+    /// Other threads' buckets are theirs; [`ObjectPool::clear`] empties them all.
+    pub fn trim(&self) {
+        let local = self.locals.current();
+        let mut idle = self.shared.take_all();
+        if let Some(local) = local {
+            // SAFETY: as in `rent`.
+            let (stack, credit) = unsafe { local.take_all() };
+            self.shared.release(credit);
+            idle.extend(stack);
+        }
+        self.add(local, Event::Trimmed, idle.len());
+        drop(idle);
+    }
+
+    /// Drops every idle object, in every bucket.
+    pub fn clear(&mut self) {
+        let mut idle = self.shared.take_all();
+        let mut credit = 0;
+        for local in self.locals.iter_mut() {
+            let owned = local.owned.get_mut();
+            credit += std::mem::take(&mut owned.credit);
+            idle.append(&mut owned.stack);
+            local.idle.store(0, Ordering::Relaxed);
+        }
+        self.shared.release(credit);
+        self.counters.add_shared(Event::Trimmed, idle.len());
+        drop(idle);
+    }
+
+    fn add(&self, local: Option<&Local<T>>, event: Event, n: usize) {
+        match local {
+            Some(local) => local.counters.add_owned(event, n),
+            None => self.counters.add_shared(event, n),
+        }
+    }
+
+    /// A snapshot of the counters. Counters are per thread and read without stopping
+    /// anyone, so a snapshot taken while other threads work may be off by their
+    /// operations in flight; at rest it balances exactly.
+    pub fn statistics(&self) -> ObjectPoolStatistics {
+        let mut sums = self.counters.read();
+        let mut idle = self.shared.len();
+        for local in self.locals.iter() {
+            let counts = local.counters.read();
+            for (sum, count) in sums.iter_mut().zip(counts) {
+                *sum += count;
+            }
+            idle += local.idle.load(Ordering::Relaxed);
+        }
+        let [hits, misses, returns, dropped, detached, reset_panics, trimmed] = sums;
+        let gone = dropped + detached + reset_panics + trimmed + idle as u64;
+        ObjectPoolStatistics {
+            rents: hits + misses,
+            hits,
+            misses,
+            returns,
+            dropped,
+            detached,
+            reset_panics,
+            trimmed,
+            idle,
+            live: misses.saturating_sub(gone),
+            max_per_bucket: self.max_per_bucket,
+            max_total: self.max_total,
+        }
+    }
+
+    /// The bound on one thread's bucket.
+    pub fn max_per_bucket(&self) -> usize {
+        self.max_per_bucket
+    }
+
+    /// The bound on all idle objects.
+    pub fn max_total(&self) -> usize {
+        self.max_total
+    }
+}
+
+impl<T> fmt::Debug for ObjectPool<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ObjectPool")
+            .field("type", &std::any::type_name::<T>())
+            .field("statistics", &self.statistics())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Options for an [`ObjectPool`], from [`ObjectPool::builder`].
+pub struct ObjectPoolBuilder<T> {
+    factory: Factory<T>,
+    reset: Option<Reset<T>>,
+    max_per_bucket: usize,
+    max_total: usize,
+}
+
+impl<T> ObjectPoolBuilder<T> {
+    /// Runs on every object returned to the pool, before it is kept. If it panics the
+    /// object is dropped, not kept, and the panic propagates (unless the thread is already
+    /// unwinding: then it is counted in `reset_panics` and goes no further, since a second
+    /// panic would abort).
+    pub fn reset(mut self, reset: impl Fn(&mut T) + Send + Sync + 'static) -> Self {
+        self.reset = Some(Box::new(reset));
+        self
+    }
+
+    /// Bound on the idle objects one thread's bucket keeps (default
+    /// [`DEFAULT_MAX_PER_BUCKET`]). Zero sends every return to the shared store.
+    pub fn max_per_bucket(mut self, bound: usize) -> Self {
+        self.max_per_bucket = bound;
+        self
+    }
+
+    /// Bound on all idle objects of the pool, every bucket and the shared store together
+    /// (default [`DEFAULT_MAX_TOTAL`]). Objects returned past it are dropped.
+    pub fn max_total(mut self, bound: usize) -> Self {
+        self.max_total = bound;
+        self
+    }
+
+    /// Builds the pool.
+    ///
+    /// # Errors
+    /// [`Error::InvalidOption`] if the total bound is zero or smaller than the bucket bound.
+    pub fn build(self) -> Result<ObjectPool<T>> {
+        if self.max_total == 0 {
+            return Err(Error::InvalidOption {
+                option: "max_total",
+                value: "0".into(),
+                reason: "a pool must be able to keep at least one idle object",
+            });
+        }
+        if self.max_per_bucket > self.max_total {
+            return Err(Error::InvalidOption {
+                option: "max_per_bucket",
+                value: self.max_per_bucket.to_string(),
+                reason: "must not exceed max_total",
+            });
+        }
+        Ok(ObjectPool::with_parts(self.factory, self.reset, self.max_per_bucket, self.max_total))
+    }
+}
+
+/// An object rented from an [`ObjectPool`]; returns to the pool when dropped.
+pub struct Pooled<'a, T> {
+    pool: &'a ObjectPool<T>,
+    value: ManuallyDrop<T>,
+}
+
+impl<'a, T> Pooled<'a, T> {
+    #[inline]
+    fn new(pool: &'a ObjectPool<T>, value: T) -> Self {
+        Self { pool, value: ManuallyDrop::new(value) }
+    }
+
+    /// Detaches the object from the pool: it will not come back. (An associated function,
+    /// so that it never shadows a method of `T`.)
+    pub fn into_inner(this: Self) -> T {
+        let mut this = ManuallyDrop::new(this);
+        this.pool.count(this.pool.locals.current(), Event::Detached);
+        // SAFETY: `this` is never dropped, so the value is taken exactly once.
+        unsafe { ManuallyDrop::take(&mut this.value) }
+    }
+
+    /// The pool the object returns to.
+    pub fn pool(this: &Self) -> &'a ObjectPool<T> {
+        this.pool
+    }
+}
+
+impl<T> Deref for Pooled<'_, T> {
+    type Target = T;
+
+    #[inline]
+    fn deref(&self) -> &T {
+        &self.value
+    }
+}
+
+impl<T> DerefMut for Pooled<'_, T> {
+    #[inline]
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.value
+    }
+}
+
+impl<T: fmt::Debug> fmt::Debug for Pooled<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.value, f)
+    }
+}
+
+impl<T> Drop for Pooled<'_, T> {
+    #[inline]
+    fn drop(&mut self) {
+        // SAFETY: `drop` runs once and `into_inner` forgets the guard instead of dropping
+        // it, so the value is taken exactly once.
+        let mut value = unsafe { ManuallyDrop::take(&mut self.value) };
+        if let Some(reset) = &self.pool.reset {
+            if let Err(panic) = catch_unwind(AssertUnwindSafe(|| reset(&mut value))) {
+                self.pool.count(self.pool.locals.current(), Event::ResetPanic);
+                drop(value);
+                if !std::thread::panicking() {
+                    resume_unwind(panic);
+                }
+                return;
+            }
+        }
+        self.pool.give_back(value);
+    }
+}
+
+/// A snapshot of an [`ObjectPool`]'s counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct ObjectPoolStatistics {
+    /// Calls to `rent`: `hits + misses`.
+    pub rents: u64,
+    /// Rents served by an idle object.
+    pub hits: u64,
+    /// Rents that called the factory.
+    pub misses: u64,
+    /// Objects kept after a return.
+    pub returns: u64,
+    /// Objects dropped on return because the bounds were reached.
+    pub dropped: u64,
+    /// Objects taken out of the pool with [`Pooled::into_inner`].
+    pub detached: u64,
+    /// Objects dropped because the reset hook panicked.
+    pub reset_panics: u64,
+    /// Idle objects dropped by [`ObjectPool::trim`] or [`ObjectPool::clear`].
+    pub trimmed: u64,
+    /// Idle objects now.
+    pub idle: usize,
+    /// Objects rented out now: made, minus dropped, detached, trimmed and idle.
+    pub live: u64,
+    /// The bucket bound.
+    pub max_per_bucket: usize,
+    /// The total bound.
+    pub max_total: usize,
+}
+
+impl ObjectPoolStatistics {
+    /// Fraction of rents served without the factory (0 when nothing was rented).
+    pub fn hit_rate(&self) -> f64 {
+        if self.rents == 0 { 0.0 } else { self.hits as f64 / self.rents as f64 }
+    }
+}
+
+impl fmt::Display for ObjectPoolStatistics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Rents: {}, Hit rate: {:.1}%, Made: {}, Idle: {}, Live: {}, Dropped past bound: {}",
+            self.rents,
+            self.hit_rate() * 100.0,
+            self.misses,
+            self.idle,
+            self.live,
+            self.dropped
+        )
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Event {
+    Hit,
+    Miss,
+    Return,
+    Dropped,
+    Detached,
+    ResetPanic,
+    Trimmed,
+}
+
+const EVENTS: usize = 7;
+
+/// Event counters. A bucket's are written only by its owning thread, with a plain load and
+/// store (no read-modify-write); the pool's own are shared and use `fetch_add`. Any thread
+/// may read either.
+#[derive(Default)]
+struct Counters([AtomicU64; EVENTS]);
+
+impl Counters {
+    /// Adds one; only the owning thread may call it.
+    #[inline]
+    fn bump_owned(&self, event: Event) {
+        self.add_owned(event, 1);
+    }
+
+    #[inline]
+    fn add_owned(&self, event: Event, n: usize) {
+        let counter = &self.0[event as usize];
+        counter.store(counter.load(Ordering::Relaxed) + n as u64, Ordering::Relaxed);
+    }
+
+    fn bump_shared(&self, event: Event) {
+        self.add_shared(event, 1);
+    }
+
+    fn add_shared(&self, event: Event, n: usize) {
+        self.0[event as usize].fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    fn read(&self) -> [u64; EVENTS] {
+        std::array::from_fn(|i| self.0[i].load(Ordering::Relaxed))
+    }
+}
+
+/// One thread's bucket.
+struct Local<T> {
+    owned: UnsafeCell<Owned<T>>,
+    /// `owned.stack.len()`, published for statistics.
+    idle: AtomicUsize,
+    counters: Counters,
+}
+
+struct Owned<T> {
+    stack: Vec<T>,
+    /// Units of the total bound this bucket holds: `stack.len() <= credit`.
+    credit: usize,
+}
+
+impl<T> Default for Local<T> {
+    fn default() -> Self {
+        Self {
+            owned: UnsafeCell::new(Owned { stack: Vec::new(), credit: 0 }),
+            idle: AtomicUsize::new(0),
+            counters: Counters::default(),
+        }
+    }
+}
+
+// SAFETY: `owned` is only reached through the unsafe methods below, whose callers must be
+// the thread that `ThreadSlots::current` gave this bucket to; a bucket passes to another
+// thread only after its owner exited (the index hand-over is ordered by a mutex). Other
+// threads read only the atomics. The stack moves `T` values between threads, so `T: Send`.
+unsafe impl<T: Send> Sync for Local<T> {}
+
+// Each method below holds `&mut Owned` only for a few `Vec` operations and calls no user
+// code (no factory, reset hook or `T::drop`), so no second `&mut` can be made while one
+// lives, even if user code re-enters the pool.
+impl<T> Local<T> {
+    /// # Safety
+    /// The caller is the thread that `ThreadSlots::current` returned this bucket to, and
+    /// drops the reference before it runs any user code.
+    #[inline]
+    #[allow(clippy::mut_from_ref)] // the point of the `UnsafeCell`; see the `Sync` impl.
+    unsafe fn owned(&self) -> &mut Owned<T> {
+        // SAFETY: the caller upholds the contract above, so this is the only reference.
+        unsafe { &mut *self.owned.get() }
+    }
+
+    /// # Safety
+    /// As for `owned`.
+    #[inline]
+    unsafe fn pop(&self) -> Option<T> {
+        // SAFETY: forwarded to the caller.
+        let owned = unsafe { self.owned() };
+        let value = owned.stack.pop()?;
+        self.idle.store(owned.stack.len(), Ordering::Relaxed);
+        Some(value)
+    }
+
+    /// Pushes within the credit already held; hands the value back when there is none.
+    ///
+    /// # Safety
+    /// As for `owned`.
+    #[inline]
+    unsafe fn push(&self, value: T) -> Result<(), T> {
+        // SAFETY: forwarded to the caller.
+        let owned = unsafe { self.owned() };
+        if owned.stack.len() >= owned.credit {
+            return Err(value);
+        }
+        owned.stack.push(value);
+        self.idle.store(owned.stack.len(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Claims more of the total bound (up to `max_per_bucket` in all), then pushes.
+    ///
+    /// # Safety
+    /// As for `owned`.
+    unsafe fn grow_and_push(&self, value: T, shared: &Shared<T>, max_per_bucket: usize) -> Result<(), T> {
+        // SAFETY: forwarded to the caller.
+        let owned = unsafe { self.owned() };
+        let want = max_per_bucket.saturating_sub(owned.credit).min(CREDIT_BATCH);
+        owned.credit += shared.claim(want);
+        // SAFETY: forwarded; the `owned` borrow above ends before this one.
+        unsafe { self.push(value) }
+    }
+
+    /// Gives up the credit the bucket holds beyond its idle objects; returns the units.
+    ///
+    /// # Safety
+    /// As for `owned`.
+    unsafe fn take_credit(&self) -> usize {
+        // SAFETY: forwarded to the caller.
+        let owned = unsafe { self.owned() };
+        let spare = owned.credit - owned.stack.len();
+        owned.credit -= spare;
+        spare
+    }
+
+    /// Empties the bucket: its idle objects and all its credit.
+    ///
+    /// # Safety
+    /// As for `owned`.
+    unsafe fn take_all(&self) -> (Vec<T>, usize) {
+        // SAFETY: forwarded to the caller.
+        let owned = unsafe { self.owned() };
+        self.idle.store(0, Ordering::Relaxed);
+        (std::mem::take(&mut owned.stack), std::mem::take(&mut owned.credit))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `budget + bucket credit + store length == max_total`, and every bucket within its
+    /// credit and bound.
+    fn assert_accounted<T>(pool: &mut ObjectPool<T>) {
+        let mut held = pool.shared.budget() + pool.shared.len();
+        for local in pool.locals.iter_mut() {
+            let owned = local.owned.get_mut();
+            assert!(owned.stack.len() <= owned.credit);
+            assert!(owned.credit <= pool.max_per_bucket);
+            held += owned.credit;
+        }
+        assert_eq!(held, pool.max_total);
+    }
+
+    #[test]
+    fn the_total_bound_is_accounted_exactly() {
+        let mut pool = ObjectPool::builder(|| 0u64).max_per_bucket(40).max_total(100).build().unwrap();
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    let rented: Vec<_> = (0..70).map(|_| pool.rent()).collect();
+                    drop(rented);
+                    // Rent past the bucket: it runs empty and gives its credit back.
+                    let rented: Vec<_> = (0..50).map(|_| pool.rent()).collect();
+                    drop(rented);
+                });
+            }
+        });
+        assert_accounted(&mut pool);
+        let stats = pool.statistics();
+        assert!(stats.idle <= 100, "{stats:?}");
+        assert_eq!(stats.live, 0, "{stats:?}");
+        pool.trim();
+        assert_accounted(&mut pool);
+        pool.clear();
+        assert_accounted(&mut pool);
+        assert_eq!(pool.shared.budget(), 100);
+        assert_eq!(pool.statistics().idle, 0);
+    }
+}

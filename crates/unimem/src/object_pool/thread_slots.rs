@@ -1,0 +1,230 @@
+//! One slot per thread inside one object: the per-thread buckets of an `ObjectPool`.
+//!
+//! Every live thread holds a small index, recycled when the thread exits (a free list
+//! behind a mutex, touched once per thread lifetime). A `ThreadSlots<S>` keeps its slots in
+//! buckets of 1, 2, 4, 8, ... entries, so that index `i` lives in bucket
+//! `log2(i + 1)` and no bucket ever moves once published: a slot reference stays valid for
+//! the life of the `ThreadSlots`.
+//!
+//! Why not the `thread_local` crate, which has the same layout? Its lookup re-registers a
+//! thread id through `LocalKey::with` when called from a thread-local destructor, which
+//! panics. An object-pool guard may well be dropped from a thread-local destructor, and a
+//! guard's `Drop` must not panic. Here [`ThreadSlots::current`] returns `None` instead, and
+//! the pool takes its shared path.
+
+use std::cell::Cell;
+use std::sync::Mutex;
+use std::sync::PoisonError;
+use std::sync::atomic::{AtomicPtr, Ordering};
+
+/// Bucket `b` holds `2^b` slots; this many buckets cover every `usize` index.
+const BUCKETS: usize = usize::BITS as usize;
+
+/// Sentinel for "this thread has no index yet".
+const UNASSIGNED: usize = usize::MAX;
+
+/// Indices of exited threads, reused lowest first so that the bucket arrays stay small.
+static FREE_INDICES: Mutex<IndexAllocator> = Mutex::new(IndexAllocator { next: 0, free: Vec::new() });
+
+struct IndexAllocator {
+    next: usize,
+    free: Vec<usize>,
+}
+
+impl IndexAllocator {
+    fn allocate(&mut self) -> usize {
+        // Lowest free index first keeps slot arrays dense after threads come and go.
+        if let Some((at, _)) = self.free.iter().enumerate().min_by_key(|&(_, &i)| i) {
+            return self.free.swap_remove(at);
+        }
+        let index = self.next;
+        self.next += 1;
+        index
+    }
+}
+
+/// The calling thread's index; frees it when the thread exits.
+struct ThreadIndex {
+    index: Cell<usize>,
+}
+
+impl Drop for ThreadIndex {
+    fn drop(&mut self) {
+        let index = self.index.get();
+        if index != UNASSIGNED {
+            // A poisoned lock still holds a consistent free list: every critical section
+            // is a single push or pop.
+            FREE_INDICES.lock().unwrap_or_else(PoisonError::into_inner).free.push(index);
+        }
+    }
+}
+
+thread_local! {
+    static THREAD_INDEX: ThreadIndex = const { ThreadIndex { index: Cell::new(UNASSIGNED) } };
+}
+
+/// The calling thread's index, or `None` while its thread-locals are being destroyed.
+#[inline]
+fn current_index() -> Option<usize> {
+    THREAD_INDEX
+        .try_with(|slot| {
+            let index = slot.index.get();
+            if index != UNASSIGNED { index } else { assign(slot) }
+        })
+        .ok()
+}
+
+#[cold]
+fn assign(slot: &ThreadIndex) -> usize {
+    let index = FREE_INDICES.lock().unwrap_or_else(PoisonError::into_inner).allocate();
+    slot.index.set(index);
+    index
+}
+
+/// Bucket and offset of thread index `index`.
+#[inline]
+fn locate(index: usize) -> (usize, usize) {
+    // `index + 1` cannot overflow: indices are bounded by the number of live threads.
+    let n = index + 1;
+    let bucket = (usize::BITS - 1 - n.leading_zeros()) as usize;
+    (bucket, n - (1 << bucket))
+}
+
+/// Per-thread slots of type `S`, created on a thread's first access.
+pub(crate) struct ThreadSlots<S> {
+    buckets: [AtomicPtr<S>; BUCKETS],
+}
+
+// SAFETY: a `ThreadSlots<S>` owns its `S` values, so sending it sends them (`S: Send`).
+unsafe impl<S: Send> Send for ThreadSlots<S> {}
+// SAFETY: `&ThreadSlots<S>` hands out `&S` to any thread (through `current` and `iter`),
+// so `S` itself must be `Sync`. Buckets are published with release/acquire, so a thread
+// that sees a bucket pointer sees its initialised slots.
+unsafe impl<S: Sync> Sync for ThreadSlots<S> {}
+
+impl<S: Default> ThreadSlots<S> {
+    pub(crate) fn new() -> Self {
+        Self { buckets: std::array::from_fn(|_| AtomicPtr::new(std::ptr::null_mut())) }
+    }
+
+    /// The calling thread's slot, or `None` while the thread's thread-locals are being
+    /// destroyed. The same thread always gets the same slot; no other live thread gets it.
+    /// A slot outlives its thread and is handed to a later thread that reuses the index
+    /// (the index is freed and reallocated under a mutex, which orders the two threads).
+    #[inline]
+    pub(crate) fn current(&self) -> Option<&S> {
+        let (bucket, offset) = locate(current_index()?);
+        // Acquire pairs with the release in `publish`: the slots behind the pointer are
+        // initialised.
+        let base = self.buckets[bucket].load(Ordering::Acquire);
+        if base.is_null() {
+            return Some(self.publish(bucket, offset));
+        }
+        // SAFETY: a non-null bucket pointer points to `2^bucket` initialised slots that live
+        // until `self` is dropped, and `offset < 2^bucket` by `locate`.
+        Some(unsafe { &*base.add(offset) })
+    }
+
+    #[cold]
+    fn publish(&self, bucket: usize, offset: usize) -> &S {
+        let fresh: Box<[S]> = (0..1usize << bucket).map(|_| S::default()).collect();
+        let fresh = Box::into_raw(fresh).cast::<S>();
+        let base = match self.buckets[bucket].compare_exchange(
+            std::ptr::null_mut(),
+            fresh,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => fresh,
+            Err(winner) => {
+                // SAFETY: `fresh` came from `Box::into_raw` of a `2^bucket` slice just above
+                // and was never published.
+                drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(fresh, 1 << bucket)) });
+                winner
+            }
+        };
+        // SAFETY: as in `current`.
+        unsafe { &*base.add(offset) }
+    }
+}
+
+impl<S> ThreadSlots<S> {
+    /// Every slot created so far, from any thread.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &S> {
+        self.buckets.iter().enumerate().flat_map(|(bucket, pointer)| {
+            let base = pointer.load(Ordering::Acquire);
+            let slots: &[S] = if base.is_null() {
+                &[]
+            } else {
+                // SAFETY: as in `current`; the slice borrows `self`.
+                unsafe { std::slice::from_raw_parts(base, 1 << bucket) }
+            };
+            slots.iter()
+        })
+    }
+
+    /// Every slot, exclusively.
+    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = &mut S> {
+        self.buckets.iter_mut().enumerate().flat_map(|(bucket, pointer)| {
+            let base = *pointer.get_mut();
+            let slots: &mut [S] = if base.is_null() {
+                &mut []
+            } else {
+                // SAFETY: as in `current`; `&mut self` excludes every other reference.
+                unsafe { std::slice::from_raw_parts_mut(base, 1 << bucket) }
+            };
+            slots.iter_mut()
+        })
+    }
+}
+
+impl<S> Drop for ThreadSlots<S> {
+    fn drop(&mut self) {
+        for (bucket, pointer) in self.buckets.iter_mut().enumerate() {
+            let base = *pointer.get_mut();
+            if !base.is_null() {
+                // SAFETY: published pointers come from `Box::into_raw` of a `2^bucket` slice
+                // in `publish`, and `&mut self` means nobody borrows them any more.
+                drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(base, 1 << bucket)) });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    #[test]
+    fn locate_covers_indices_without_gaps() {
+        let mut expected = (0, 0);
+        for index in 0..10_000 {
+            assert_eq!(locate(index), expected, "index {index}");
+            expected.1 += 1;
+            if expected.1 == 1 << expected.0 {
+                expected = (expected.0 + 1, 0);
+            }
+        }
+        assert_eq!(locate(usize::MAX - 1).0, BUCKETS - 1);
+    }
+
+    #[test]
+    fn each_thread_gets_its_own_slot() {
+        let slots = ThreadSlots::<AtomicUsize>::new();
+        std::thread::scope(|scope| {
+            for _ in 0..8 {
+                scope.spawn(|| {
+                    let mine = slots.current().unwrap();
+                    for _ in 0..1000 {
+                        // Non-atomic read-modify-write: a shared slot would lose increments.
+                        mine.store(mine.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+                    }
+                    assert!(std::ptr::eq(mine, slots.current().unwrap()));
+                });
+            }
+        });
+        let total: usize = slots.iter().map(|s| s.load(Ordering::Relaxed)).sum();
+        assert_eq!(total, 8000);
+    }
+}
