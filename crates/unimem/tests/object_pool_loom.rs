@@ -22,10 +22,7 @@ fn handoff_loses_and_duplicates_nothing() {
         let store = Arc::new(Shared::new(2));
         let giver = {
             let store = store.clone();
-            loom::thread::spawn(move || {
-                let kept = [store.push(1u32).is_ok(), store.push(2u32).is_ok()];
-                kept
-            })
+            loom::thread::spawn(move || [store.push(1u32).is_ok(), store.push(2u32).is_ok()])
         };
         let taken = store.pop();
         let kept = giver.join().unwrap();

@@ -23,6 +23,15 @@ const BUCKETS: usize = usize::BITS as usize;
 /// Sentinel for "this thread has no index yet".
 const UNASSIGNED: usize = usize::MAX;
 
+/// Where a thread's slot lives: bucket and offset, computed once per thread.
+#[derive(Clone, Copy)]
+struct Place {
+    bucket: usize,
+    offset: usize,
+}
+
+const NO_PLACE: Place = Place { bucket: UNASSIGNED, offset: 0 };
+
 /// Indices of exited threads, reused lowest first so that the bucket arrays stay small.
 static FREE_INDICES: Mutex<IndexAllocator> = Mutex::new(IndexAllocator { next: 0, free: Vec::new() });
 
@@ -43,9 +52,11 @@ impl IndexAllocator {
     }
 }
 
-/// The calling thread's index; frees it when the thread exits.
+/// The calling thread's index (and where that index's slot lives); frees the index when
+/// the thread exits.
 struct ThreadIndex {
     index: Cell<usize>,
+    place: Cell<Place>,
 }
 
 impl Drop for ThreadIndex {
@@ -60,25 +71,30 @@ impl Drop for ThreadIndex {
 }
 
 thread_local! {
-    static THREAD_INDEX: ThreadIndex = const { ThreadIndex { index: Cell::new(UNASSIGNED) } };
+    static THREAD_INDEX: ThreadIndex =
+        const { ThreadIndex { index: Cell::new(UNASSIGNED), place: Cell::new(NO_PLACE) } };
 }
 
-/// The calling thread's index, or `None` while its thread-locals are being destroyed.
+/// Where the calling thread's slot lives, or `None` while its thread-locals are being
+/// destroyed.
 #[inline]
-fn current_index() -> Option<usize> {
+fn current_place() -> Option<Place> {
     THREAD_INDEX
         .try_with(|slot| {
-            let index = slot.index.get();
-            if index != UNASSIGNED { index } else { assign(slot) }
+            let place = slot.place.get();
+            if place.bucket != UNASSIGNED { place } else { assign(slot) }
         })
         .ok()
 }
 
 #[cold]
-fn assign(slot: &ThreadIndex) -> usize {
+fn assign(slot: &ThreadIndex) -> Place {
     let index = FREE_INDICES.lock().unwrap_or_else(PoisonError::into_inner).allocate();
     slot.index.set(index);
-    index
+    let (bucket, offset) = locate(index);
+    let place = Place { bucket, offset };
+    slot.place.set(place);
+    place
 }
 
 /// Bucket and offset of thread index `index`.
@@ -113,7 +129,10 @@ impl<S: Default> ThreadSlots<S> {
     /// (the index is freed and reallocated under a mutex, which orders the two threads).
     #[inline]
     pub(crate) fn current(&self) -> Option<&S> {
-        let (bucket, offset) = locate(current_index()?);
+        let Place { bucket, offset } = current_place()?;
+        // The mask only tells the compiler what `locate` guarantees (`bucket < BUCKETS`),
+        // which removes a bounds check.
+        let bucket = bucket & (BUCKETS - 1);
         // Acquire pairs with the release in `publish`: the slots behind the pointer are
         // initialised.
         let base = self.buckets[bucket].load(Ordering::Acquire);
