@@ -1,6 +1,6 @@
 //! The library's error type.
 
-use crate::device::{AllocationMode, DeviceId, MemoryKind};
+use crate::device::{AllocationMode, DeviceId, DeviceKind, MemoryKind};
 use crate::stats::MemoryStatistics;
 
 /// The result type of unimem.
@@ -52,6 +52,16 @@ pub enum Error {
         device: DeviceId,
         /// How many devices the manager has.
         count: usize,
+    },
+    /// The device exists but is not of the kind the call needs.
+    #[error("{device} is a {found:?} device, not {expected:?}")]
+    WrongDeviceKind {
+        /// The id that was given.
+        device: DeviceId,
+        /// The kind the call needs.
+        expected: DeviceKind,
+        /// The device's kind.
+        found: DeviceKind,
     },
     /// The buffer was allocated by another manager.
     #[error("buffer belongs to another memory manager")]

@@ -34,6 +34,8 @@ mod pool;
 mod stats;
 
 pub use backend::BackendError;
+#[cfg(feature = "opencl")]
+pub use backend::opencl::OpenClBackend;
 pub use buffer::{Buffer, BufferView, BufferViewMut, Mapping};
 pub use device::{AllocationMode, DeviceId, DeviceInfo, DeviceKind, Location, MapMode, MemoryKind};
 pub use error::{Error, Result};

@@ -24,6 +24,7 @@ struct Inner {
     id: u64,
     options: MemoryOptions,
     devices: Vec<Device>,
+    notes: Vec<String>,
 }
 
 impl Drop for Inner {
@@ -91,8 +92,12 @@ impl MemoryManagerBuilder {
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let options = self.options;
         let cpu: Arc<dyn Backend> = Arc::new(CpuBackend::new(options.huge_pages()));
-        let devices = vec![make_device(id, DeviceId::CPU, cpu, &options)];
-        MemoryManager { inner: Arc::new(Inner { id, options, devices }) }
+        let mut devices = vec![make_device(id, DeviceId::CPU, cpu, &options)];
+        let (accelerators, notes) = crate::backend::accelerators();
+        for (n, backend) in (1..).zip(accelerators) {
+            devices.push(make_device(id, DeviceId(n), backend, &options));
+        }
+        MemoryManager { inner: Arc::new(Inner { id, options, devices, notes }) }
     }
 }
 
@@ -166,6 +171,28 @@ impl MemoryManager {
         clippy::unnecessary_lazy_evaluations,
         reason = "an eager Error is built and dropped on the hot path"
     )]
+    /// Why a compiled-in device backend found no devices (no loader, no driver), one line
+    /// per backend; empty when every backend found its devices.
+    pub fn backend_notes(&self) -> &[String] {
+        &self.inner.notes
+    }
+
+    /// The OpenCL handles of device `id` (context, device, queue), for running kernels on
+    /// unimem memory.
+    ///
+    /// # Errors
+    /// [`Error::UnknownDevice`] when `id` is not a device of this manager,
+    /// [`Error::WrongDeviceKind`] when it is not an OpenCL device.
+    #[cfg(feature = "opencl")]
+    pub fn opencl_device(&self, id: DeviceId) -> Result<&crate::OpenClBackend> {
+        let device = self.device(id)?;
+        device.pools.iter().flatten().find_map(|pool| pool.backend().opencl()).ok_or(Error::WrongDeviceKind {
+            device: id,
+            expected: crate::DeviceKind::OpenCl,
+            found: device.info.kind,
+        })
+    }
+
     fn device(&self, id: DeviceId) -> Result<&Device> {
         let devices = &self.inner.devices;
         devices.get(id.index()).ok_or_else(|| Error::UnknownDevice { device: id, count: devices.len() })

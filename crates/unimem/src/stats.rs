@@ -41,6 +41,10 @@ pub struct MemoryStatistics {
     pub pool_overflows: u64,
     /// Errors reported by a backend while freeing memory (recorded, never panicked on).
     pub free_errors: u64,
+    /// Coherence copies from device to host mirror (a stale host side was read).
+    pub syncs_to_host: u64,
+    /// Coherence copies from host mirror to device (a stale device side was used).
+    pub syncs_to_device: u64,
     /// One entry per (device, memory kind) pool.
     pub pools: Vec<PoolStatistics>,
 }
@@ -81,6 +85,10 @@ pub struct PoolStatistics {
     pub overflows: u64,
     /// Backend errors while freeing.
     pub free_errors: u64,
+    /// Coherence copies device to host.
+    pub syncs_to_host: u64,
+    /// Coherence copies host to device.
+    pub syncs_to_device: u64,
     /// Occupied size classes.
     pub classes: Vec<ClassOccupancy>,
 }
@@ -122,6 +130,8 @@ impl MemoryStatistics {
             s.oom_retries += p.oom_retries;
             s.pool_overflows += p.overflows;
             s.free_errors += p.free_errors;
+            s.syncs_to_host += p.syncs_to_host;
+            s.syncs_to_device += p.syncs_to_device;
         }
         s.pools = pools;
         s

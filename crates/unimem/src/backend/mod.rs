@@ -9,9 +9,28 @@
 //! [`Buffer`]: crate::Buffer
 
 pub(crate) mod cpu;
+#[cfg(feature = "opencl")]
+pub(crate) mod opencl;
 
 use crate::device::{DeviceInfo, MemoryKind};
 use std::ptr::NonNull;
+use std::sync::Arc;
+
+/// The accelerator backends compiled in, with every device they found on this machine, and
+/// for each backend that found none (or had trouble) a line saying why.
+pub(crate) fn accelerators() -> (Vec<Arc<dyn Backend>>, Vec<String>) {
+    #[allow(unused_mut, reason = "filled only when a device backend is compiled in")]
+    let (mut found, mut notes): (Vec<Arc<dyn Backend>>, Vec<String>) = (Vec::new(), Vec::new());
+    #[cfg(feature = "opencl")]
+    {
+        let discovery = opencl::discover();
+        found.extend(discovery.backends.iter().map(|b| Arc::clone(b) as Arc<dyn Backend>));
+        if let Some(note) = &discovery.note {
+            notes.push(format!("OpenCL: {note}"));
+        }
+    }
+    (found, notes)
+}
 
 /// What a backend may report.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +95,60 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// still uses it.
     unsafe fn free(&self, allocation: &RawAllocation) -> Result<(), BackendError>;
 
-    /// Blocks until `fence` has completed.
+    /// Blocks until `fence` has completed, and releases it.
     fn wait(&self, fence: Fence) -> Result<(), BackendError>;
+
+    /// Releases `fence` without waiting (its block is being freed: freeing orders itself
+    /// after the device's last use).
+    fn release_fence(&self, _fence: Fence) {}
+
+    /// A fence after every operation enqueued so far, taken when a block goes back to its
+    /// pool so that the next user waits for the last one (soundness rule 2), or `None` where
+    /// nothing runs asynchronously. Only called when `needs_fences` is true.
+    fn fence_after_use(&self) -> Result<Option<Fence>, BackendError> {
+        Ok(None)
+    }
+
+    /// Whether `fence_after_use` can return a fence (checked once per pool, so that host
+    /// pools pay nothing on their hit path).
+    fn needs_fences(&self) -> bool {
+        false
+    }
+
+    /// Copies `src` into device memory at byte `offset`, returning when done.
+    ///
+    /// # Safety
+    /// `allocation` came from `self.allocate`, has no host pointer, and
+    /// `offset + src.len() <= allocation.bytes`.
+    unsafe fn write(&self, _allocation: &RawAllocation, _offset: usize, _src: &[u8]) -> Result<(), BackendError> {
+        Err(BackendError::Driver { call: "write", message: "this device has only host memory".into() })
+    }
+
+    /// Copies device memory from byte `offset` into `dst`, returning when done.
+    ///
+    /// # Safety
+    /// As for `write`, with `dst`.
+    unsafe fn read(&self, _allocation: &RawAllocation, _offset: usize, _dst: &mut [u8]) -> Result<(), BackendError> {
+        Err(BackendError::Driver { call: "read", message: "this device has only host memory".into() })
+    }
+
+    /// Copies `bytes` between two device allocations of this backend, returning when done.
+    ///
+    /// # Safety
+    /// Both came from `self.allocate`, have no host pointer, the ranges are in bounds, and
+    /// they do not overlap.
+    unsafe fn copy(
+        &self,
+        _src: &RawAllocation,
+        _dst: &RawAllocation,
+        _bytes: usize,
+    ) -> Result<(), BackendError> {
+        Err(BackendError::Driver { call: "copy", message: "this device has only host memory".into() })
+    }
+
+    /// The device handles a user needs to run kernels on this device's memory.
+    #[cfg(feature = "opencl")]
+    fn opencl(&self) -> Option<&opencl::OpenClBackend> {
+        None
+    }
 }

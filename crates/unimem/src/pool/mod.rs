@@ -49,7 +49,19 @@ impl Block {
     /// Hands the block back to its pool, or frees it if the pool cannot keep it.
     /// `requested` is the byte size its buffer reported, for the statistics.
     #[inline]
-    pub(crate) fn recycle(self: Box<Self>, requested: usize) {
+    pub(crate) fn recycle(mut self: Box<Self>, requested: usize) {
+        if self.pool.fenced && self.class.is_some() {
+            // Soundness rule 2: the next user of this memory waits for everything enqueued
+            // so far, which includes this user's last device operation. Without a fence
+            // (the marker failed) the block is freed instead of pooled.
+            match self.pool.backend.fence_after_use() {
+                Ok(fence) => self.fence = fence,
+                Err(_) => {
+                    self.pool.counters.free_errors.fetch_add(1, Relaxed);
+                    self.class = None;
+                }
+            }
+        }
         let pool: *const DevicePool = Arc::as_ptr(&self.pool);
         // SAFETY: `self` holds a strong reference to the pool, so the pointer is valid until
         // `self` is either freed or stored. `store` frees nothing itself (a rejected block
@@ -64,6 +76,9 @@ impl Block {
 
 impl Drop for Block {
     fn drop(&mut self) {
+        if let Some(fence) = self.fence.take() {
+            self.pool.backend.release_fence(fence);
+        }
         self.pool.free_memory(&self.mem, self.origin);
     }
 }
@@ -80,6 +95,8 @@ struct Counters {
     oom_retries: AtomicU64,
     overflows: AtomicU64,
     free_errors: AtomicU64,
+    syncs_to_host: AtomicU64,
+    syncs_to_device: AtomicU64,
     hits: AtomicU64,
     live: AtomicI64,
     live_bytes: AtomicI64,
@@ -119,6 +136,8 @@ pub(crate) struct DevicePool {
     total_budget: AtomicU64,
     /// Set when the manager is gone: returned blocks are freed, not stored.
     closed: AtomicBool,
+    /// Whether returned blocks are fenced (device backends with queued work).
+    fenced: bool,
     counters: Counters,
 }
 
@@ -147,6 +166,7 @@ impl DevicePool {
     ) -> Self {
         let classes = SizeClasses::new(divisions);
         let n = classes.count();
+        let fenced = backend.needs_fences();
         DevicePool {
             manager_id,
             device,
@@ -159,6 +179,7 @@ impl DevicePool {
             classes,
             limits,
             closed: AtomicBool::new(false),
+            fenced,
             counters: Counters::default(),
         }
     }
@@ -402,6 +423,17 @@ impl DevicePool {
         Some(block)
     }
 
+    /// Counts a coherence copy of a buffer of this pool.
+    pub(crate) fn count_sync(&self, to_host: bool) {
+        let counter = if to_host { &self.counters.syncs_to_host } else { &self.counters.syncs_to_device };
+        counter.fetch_add(1, Relaxed);
+    }
+
+    /// The backend, for transfers.
+    pub(crate) fn backend(&self) -> &dyn Backend {
+        &*self.backend
+    }
+
     fn free_memory(&self, mem: &RawAllocation, origin: Origin) {
         let result = match origin {
             // SAFETY: a block's memory came from this pool's backend (Origin::Backend), and a
@@ -528,6 +560,8 @@ impl DevicePool {
             oom_retries: c.oom_retries.load(Relaxed),
             overflows: c.overflows.load(Relaxed),
             free_errors: c.free_errors.load(Relaxed),
+            syncs_to_host: c.syncs_to_host.load(Relaxed),
+            syncs_to_device: c.syncs_to_device.load(Relaxed),
             classes,
         }
     }

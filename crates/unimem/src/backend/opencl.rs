@@ -1,0 +1,389 @@
+//! The OpenCL backend (cargo feature `opencl`), through `opencl3` with the loader opened at
+//! run time: a machine without `libOpenCL.so.1`, or with a loader and no driver (ICD), has
+//! no OpenCL devices and says why.
+//!
+//! Memory kinds:
+//! - `Device`: a `cl_mem` buffer in device memory; the host reaches it through copies and
+//!   the buffer's host mirror (see `Buffer`).
+//! - `Pinned`: a `cl_mem` made with `CL_MEM_ALLOC_HOST_PTR` and mapped for the host for its
+//!   whole life, so the host reads and writes it in place.
+//! - `Unified`: fine-grained shared virtual memory (`clSVMAlloc`), the same address on host
+//!   and device. Devices with only coarse-grained SVM do not offer `Unified` (yet); asking
+//!   for it there is `Error::UnsupportedMode`.
+//!
+//! Every transfer here is blocking and every device operation goes through the device's one
+//! in-order queue, so a block returned to its pool is fenced with a marker: its next user
+//! waits for the last enqueued use, including a user's kernels on the same queue.
+
+use std::ffi::c_void;
+use std::ptr::{self, NonNull};
+use std::sync::{Arc, OnceLock};
+
+use opencl3::command_queue::{self as queue, CommandQueue};
+use opencl3::context::Context;
+use opencl3::device::{CL_DEVICE_SVM_COARSE_GRAIN_BUFFER, CL_DEVICE_SVM_FINE_GRAIN_BUFFER, CL_DEVICE_TYPE_ALL, Device};
+use opencl3::error_codes::ClError;
+use opencl3::event;
+use opencl3::memory::{
+    self as memory, CL_MAP_READ, CL_MAP_WRITE, CL_MEM_ALLOC_HOST_PTR, CL_MEM_READ_WRITE, CL_MEM_SVM_FINE_GRAIN_BUFFER,
+};
+use opencl3::types::{CL_BLOCKING, cl_command_queue, cl_context, cl_device_id, cl_event, cl_int, cl_mem};
+
+use super::{Backend, BackendError, Fence, RawAllocation};
+use crate::device::{DeviceId, DeviceInfo, DeviceKind, MemoryKind};
+
+/// Alignment asked of SVM allocations (unimem's buffers promise 64).
+const SVM_ALIGN: u32 = 64;
+
+/// What discovery found: one backend per device, or the reason there are none.
+pub(crate) struct Discovery {
+    pub backends: Vec<Arc<OpenClBackend>>,
+    /// Why there are no devices, or why some platform could not be used.
+    pub note: Option<String>,
+}
+
+/// Enumerates every platform and device once per process. Enumeration is guarded: PoCL 3.1
+/// can report zero devices when several threads enumerate at once for the first time.
+pub(crate) fn discover() -> &'static Discovery {
+    static FOUND: OnceLock<Discovery> = OnceLock::new();
+    FOUND.get_or_init(enumerate)
+}
+
+fn enumerate() -> Discovery {
+    if let Err(e) = cl3::load_library() {
+        return Discovery { backends: Vec::new(), note: Some(format!("no OpenCL loader: {e}")) };
+    }
+    let platforms = match opencl3::platform::get_platforms() {
+        Ok(p) if !p.is_empty() => p,
+        Ok(_) => return none("the OpenCL loader found no platforms (no ICD installed)"),
+        Err(e) => return none(&format!("clGetPlatformIDs failed: {e} (no ICD installed?)")),
+    };
+    let mut backends = Vec::new();
+    let mut problems = Vec::new();
+    for platform in platforms {
+        let ids = match platform.get_devices(CL_DEVICE_TYPE_ALL) {
+            Ok(ids) => ids,
+            Err(e) => {
+                problems.push(format!("clGetDeviceIDs failed: {e}"));
+                continue;
+            }
+        };
+        for id in ids {
+            match OpenClBackend::new(id) {
+                Ok(backend) => backends.push(Arc::new(backend)),
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
+    }
+    let note = match (backends.is_empty(), problems.is_empty()) {
+        (true, true) => Some("the OpenCL platforms have no devices".to_string()),
+        (_, false) => Some(problems.join("; ")),
+        (false, true) => None,
+    };
+    Discovery { backends, note }
+}
+
+fn none(reason: &str) -> Discovery {
+    Discovery { backends: Vec::new(), note: Some(reason.to_string()) }
+}
+
+fn driver(call: &'static str, code: cl_int) -> BackendError {
+    BackendError::Driver { call, message: format!("{} ({code})", ClError(code)) }
+}
+
+/// Out-of-memory codes become `OutOfMemory`, so that the pool trims and retries.
+fn allocation_error(call: &'static str, code: cl_int, bytes: usize) -> BackendError {
+    use opencl3::error_codes::{CL_MEM_OBJECT_ALLOCATION_FAILURE, CL_OUT_OF_HOST_MEMORY, CL_OUT_OF_RESOURCES};
+    match code {
+        CL_MEM_OBJECT_ALLOCATION_FAILURE | CL_OUT_OF_RESOURCES | CL_OUT_OF_HOST_MEMORY => {
+            BackendError::OutOfMemory { bytes }
+        }
+        _ => driver(call, code),
+    }
+}
+
+/// Waits for an event from a blocking or marker call, then releases it.
+fn finish_event(call: &'static str, event: cl_event) -> Result<(), BackendError> {
+    if event.is_null() {
+        return Ok(());
+    }
+    let waited = event::wait_for_events(&[event]).map_err(|c| driver(call, c));
+    // SAFETY: `event` was returned by an enqueue call and is released exactly once, here.
+    let released = unsafe { event::release_event(event) }.map_err(|c| driver("clReleaseEvent", c));
+    waited.and(released)
+}
+
+/// One OpenCL device with its context and in-order queue.
+pub struct OpenClBackend {
+    device: Device,
+    context: Context,
+    queue: CommandQueue,
+    name: String,
+    total_memory: u64,
+    max_allocation: u64,
+    svm_fine: bool,
+    svm_coarse: bool,
+}
+
+impl OpenClBackend {
+    fn new(id: cl_device_id) -> Result<Self, BackendError> {
+        let device = Device::new(id);
+        let name = device.name().map_err(|e| driver("clGetDeviceInfo(NAME)", e.0))?;
+        let total_memory = device.global_mem_size().map_err(|e| driver("clGetDeviceInfo", e.0))?;
+        let max_allocation = device.max_mem_alloc_size().map_err(|e| driver("clGetDeviceInfo", e.0))?;
+        let svm = device.svm_mem_capability();
+        let context = Context::from_device(&device).map_err(|e| driver("clCreateContext", e.0))?;
+        // An in-order queue: operations on it complete in the order they were enqueued.
+        #[allow(deprecated, reason = "clCreateCommandQueue is the call that every OpenCL version has")]
+        let queue = CommandQueue::create_default(&context, 0).map_err(|e| driver("clCreateCommandQueue", e.0))?;
+        Ok(Self {
+            device,
+            context,
+            queue,
+            name,
+            total_memory,
+            max_allocation,
+            svm_fine: svm & CL_DEVICE_SVM_FINE_GRAIN_BUFFER != 0,
+            svm_coarse: svm & CL_DEVICE_SVM_COARSE_GRAIN_BUFFER != 0,
+        })
+    }
+
+    /// The device's `cl_device_id`.
+    pub fn device_id(&self) -> cl_device_id {
+        self.device.id()
+    }
+
+    /// The context every buffer of this device belongs to.
+    pub fn context(&self) -> cl_context {
+        self.context.get()
+    }
+
+    /// The in-order queue unimem uses. Enqueue kernels on unimem memory here: the pool then
+    /// orders reuse after them.
+    pub fn queue(&self) -> cl_command_queue {
+        self.queue.get()
+    }
+
+    /// Whether the device offers coarse-grained SVM only (so `Unified` is unavailable).
+    pub fn coarse_svm_only(&self) -> bool {
+        self.svm_coarse && !self.svm_fine
+    }
+
+    fn mem(allocation: &RawAllocation) -> cl_mem {
+        allocation.handle as usize as cl_mem
+    }
+
+    fn allocate_pinned(&self, bytes: usize) -> Result<RawAllocation, BackendError> {
+        // SAFETY: a valid context, no host pointer, flags without USE/COPY_HOST_PTR.
+        let mem = unsafe {
+            memory::create_buffer(self.context.get(), CL_MEM_READ_WRITE | CL_MEM_ALLOC_HOST_PTR, bytes, ptr::null_mut())
+        }
+        .map_err(|c| allocation_error("clCreateBuffer", c, bytes))?;
+        let mut host: *mut c_void = ptr::null_mut();
+        // SAFETY: `mem` is the buffer just made, mapped whole and blocking; `host` is an
+        // out-parameter.
+        let mapped = unsafe {
+            queue::enqueue_map_buffer(
+                self.queue.get(),
+                mem,
+                CL_BLOCKING,
+                CL_MAP_READ | CL_MAP_WRITE,
+                0,
+                bytes,
+                &mut host,
+                0,
+                ptr::null(),
+            )
+        };
+        let host = match mapped
+            .map_err(|c| driver("clEnqueueMapBuffer", c))
+            .and_then(|event| finish_event("clEnqueueMapBuffer", event))
+        {
+            Ok(()) => NonNull::new(host.cast::<u8>()),
+            Err(e) => {
+                // SAFETY: the buffer is ours and unused.
+                let _ = unsafe { memory::release_mem_object(mem) };
+                return Err(e);
+            }
+        };
+        let Some(host) = host else {
+            // SAFETY: as above.
+            let _ = unsafe { memory::release_mem_object(mem) };
+            return Err(BackendError::Driver { call: "clEnqueueMapBuffer", message: "mapped to null".into() });
+        };
+        // SAFETY: the mapping covers `bytes` bytes, writable by the host, used by nobody yet.
+        unsafe { host.as_ptr().write_bytes(0, bytes) };
+        Ok(RawAllocation { handle: mem as usize as u64, host: Some(host), bytes })
+    }
+
+    fn allocate_device(&self, bytes: usize) -> Result<RawAllocation, BackendError> {
+        // SAFETY: a valid context, no host pointer.
+        let mem = unsafe { memory::create_buffer(self.context.get(), CL_MEM_READ_WRITE, bytes, ptr::null_mut()) }
+            .map_err(|c| allocation_error("clCreateBuffer", c, bytes))?;
+        let zero = 0u8;
+        // SAFETY: fills the whole new buffer with a one-byte pattern read from `zero`,
+        // which the call copies before it returns.
+        let filled = unsafe {
+            queue::enqueue_fill_buffer(
+                self.queue.get(),
+                mem,
+                (&raw const zero).cast(),
+                1,
+                0,
+                bytes,
+                0,
+                ptr::null(),
+            )
+        }
+        .map_err(|c| driver("clEnqueueFillBuffer", c))
+        .and_then(|e| finish_event("clEnqueueFillBuffer", e));
+        if let Err(e) = filled {
+            // SAFETY: the buffer is ours; the fill has completed or failed.
+            let _ = unsafe { memory::release_mem_object(mem) };
+            return Err(e);
+        }
+        Ok(RawAllocation { handle: mem as usize as u64, host: None, bytes })
+    }
+
+    fn allocate_unified(&self, bytes: usize) -> Result<RawAllocation, BackendError> {
+        // SAFETY: a valid context; flags and alignment are valid for clSVMAlloc.
+        let pointer = unsafe {
+            memory::svm_alloc(self.context.get(), CL_MEM_READ_WRITE | CL_MEM_SVM_FINE_GRAIN_BUFFER, bytes, SVM_ALIGN)
+        }
+        .map_err(|_| BackendError::OutOfMemory { bytes })?;
+        let host = NonNull::new(pointer.cast::<u8>()).ok_or(BackendError::OutOfMemory { bytes })?;
+        // SAFETY: fine-grained SVM is host-writable at once, `bytes` long, unused.
+        unsafe { host.as_ptr().write_bytes(0, bytes) };
+        Ok(RawAllocation { handle: pointer as usize as u64, host: Some(host), bytes })
+    }
+}
+
+impl Backend for OpenClBackend {
+    fn info(&self) -> DeviceInfo {
+        DeviceInfo {
+            id: DeviceId::CPU, // set by the manager
+            kind: DeviceKind::OpenCl,
+            name: self.name.clone(),
+            total_memory: self.total_memory,
+            // OpenCL has no portable free-memory query.
+            free_memory: self.total_memory,
+            host_addressable: false,
+            supports_pinned: true,
+            supports_unified: self.svm_fine,
+            peer_capable: false,
+        }
+    }
+
+    fn supports(&self, kind: MemoryKind) -> bool {
+        match kind {
+            MemoryKind::Device | MemoryKind::Pinned => true,
+            MemoryKind::Unified => self.svm_fine,
+        }
+    }
+
+    fn allocate(&self, bytes: usize, kind: MemoryKind) -> Result<RawAllocation, BackendError> {
+        let bytes = bytes.max(1);
+        if bytes as u64 > self.max_allocation {
+            return Err(BackendError::OutOfMemory { bytes });
+        }
+        match kind {
+            MemoryKind::Device => self.allocate_device(bytes),
+            MemoryKind::Pinned => self.allocate_pinned(bytes),
+            MemoryKind::Unified => self.allocate_unified(bytes),
+        }
+    }
+
+    unsafe fn free(&self, allocation: &RawAllocation) -> Result<(), BackendError> {
+        let handle = allocation.handle as usize;
+        if self.svm_fine && allocation.host.is_some_and(|h| h.as_ptr() as usize == handle) {
+            // clSVMFree does not wait for queued work: finish first.
+            queue::finish(self.queue.get()).map_err(|c| driver("clFinish", c))?;
+            // SAFETY: the pointer came from clSVMAlloc in this context; the caller
+            // guarantees that nothing uses it, and the queue is drained.
+            return unsafe { memory::svm_free(self.context.get(), handle as *mut c_void) }
+                .map_err(|c| driver("clSVMFree", c));
+        }
+        let mem = Self::mem(allocation);
+        if let Some(host) = allocation.host {
+            // SAFETY: `host` is the mapping of `mem` made at allocation; nobody uses it.
+            let event = unsafe {
+                queue::enqueue_unmap_mem_object(self.queue.get(), mem, host.as_ptr().cast(), 0, ptr::null())
+            }
+            .map_err(|c| driver("clEnqueueUnmapMemObject", c))?;
+            finish_event("clEnqueueUnmapMemObject", event)?;
+        }
+        // SAFETY: `mem` came from clCreateBuffer and is released once. OpenCL deletes it
+        // only after the commands queued on it have finished.
+        unsafe { memory::release_mem_object(mem) }.map_err(|c| driver("clReleaseMemObject", c))
+    }
+
+    fn wait(&self, fence: Fence) -> Result<(), BackendError> {
+        finish_event("clWaitForEvents", fence.0 as usize as cl_event)
+    }
+
+    fn release_fence(&self, fence: Fence) {
+        // SAFETY: fences are marker events owned by the block that holds them, released once.
+        let _ = unsafe { event::release_event(fence.0 as usize as cl_event) };
+    }
+
+    fn fence_after_use(&self) -> Result<Option<Fence>, BackendError> {
+        // SAFETY: a marker on our queue, with no wait list.
+        let marker = unsafe { queue::enqueue_marker_with_wait_list(self.queue.get(), 0, ptr::null()) }
+            .map_err(|c| driver("clEnqueueMarkerWithWaitList", c))?;
+        Ok(Some(Fence(marker as usize as u64)))
+    }
+
+    fn needs_fences(&self) -> bool {
+        true
+    }
+
+    unsafe fn write(&self, allocation: &RawAllocation, offset: usize, src: &[u8]) -> Result<(), BackendError> {
+        // SAFETY: the caller guarantees the range is inside the buffer; the write is
+        // blocking, so `src` is read before the call returns.
+        let event = unsafe {
+            queue::enqueue_write_buffer(
+                self.queue.get(),
+                Self::mem(allocation),
+                CL_BLOCKING,
+                offset,
+                src.len(),
+                src.as_ptr().cast(),
+                0,
+                ptr::null(),
+            )
+        }
+        .map_err(|c| driver("clEnqueueWriteBuffer", c))?;
+        finish_event("clEnqueueWriteBuffer", event)
+    }
+
+    unsafe fn read(&self, allocation: &RawAllocation, offset: usize, dst: &mut [u8]) -> Result<(), BackendError> {
+        // SAFETY: as in `write`; the read is blocking, so `dst` is written before return.
+        let event = unsafe {
+            queue::enqueue_read_buffer(
+                self.queue.get(),
+                Self::mem(allocation),
+                CL_BLOCKING,
+                offset,
+                dst.len(),
+                dst.as_mut_ptr().cast(),
+                0,
+                ptr::null(),
+            )
+        }
+        .map_err(|c| driver("clEnqueueReadBuffer", c))?;
+        finish_event("clEnqueueReadBuffer", event)
+    }
+
+    unsafe fn copy(&self, src: &RawAllocation, dst: &RawAllocation, bytes: usize) -> Result<(), BackendError> {
+        // SAFETY: the caller guarantees both ranges are in bounds and disjoint.
+        let event = unsafe {
+            queue::enqueue_copy_buffer(self.queue.get(), Self::mem(src), Self::mem(dst), 0, 0, bytes, 0, ptr::null())
+        }
+        .map_err(|c| driver("clEnqueueCopyBuffer", c))?;
+        finish_event("clEnqueueCopyBuffer", event)
+    }
+
+    fn opencl(&self) -> Option<&OpenClBackend> {
+        Some(self)
+    }
+}
