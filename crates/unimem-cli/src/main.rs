@@ -42,6 +42,12 @@ fn devices() -> anyhow::Result<()> {
             d.peer_capable
         );
     }
-    println!("opencl, cuda, wgpu: not built into this version (no backend compiled)");
+    for note in manager.backend_notes() {
+        println!("no devices from {note}");
+    }
+    if !cfg!(feature = "opencl") {
+        println!("opencl: not built in (build with --features opencl)");
+    }
+    println!("cuda, wgpu: not built into this version");
     Ok(())
 }

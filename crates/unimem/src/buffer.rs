@@ -13,11 +13,46 @@ use std::marker::PhantomData;
 use std::mem::ManuallyDrop;
 use std::ops::{Bound, Range, RangeBounds};
 use std::ptr::NonNull;
+use std::sync::OnceLock;
+
+/// 64 bytes, 64-aligned: the unit of a host mirror, so that a mirror can be viewed as any
+/// element type unimem accepts (alignment up to 64).
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+/// The host copy of a device buffer's contents.
+struct HostMirror(Box<[Line]>);
+
+impl HostMirror {
+    fn zeroed(bytes: usize) -> Self {
+        HostMirror(vec![Line([0; 64]); bytes.div_ceil(64)].into_boxed_slice())
+    }
+
+    fn bytes(&self, len: usize) -> &[u8] {
+        &bytemuck::cast_slice::<Line, u8>(&self.0)[..len]
+    }
+
+    fn bytes_mut(&mut self, len: usize) -> &mut [u8] {
+        &mut bytemuck::cast_slice_mut::<Line, u8>(&mut self.0)[..len]
+    }
+}
 
 /// A typed buffer on one device, owning its memory.
 ///
 /// Host-addressable memory (CPU, pinned, unified) is read and written in place through
-/// [`as_slice`](Self::as_slice) and [`as_mut_slice`](Self::as_mut_slice). Dropping a pooled
+/// [`as_slice`](Self::as_slice) and [`as_mut_slice`](Self::as_mut_slice).
+///
+/// Device memory the host cannot address (an OpenCL device buffer) is kept coherent with a
+/// host mirror, made on first host access. [`location`](Self::location) says which side is
+/// current: host access through `&mut` marks the host side newer, device writes (copies
+/// into the buffer, raw handles taken for writing) mark the device side newer, and reading
+/// the stale side synchronises it first, copying only when needed. Copies into a buffer
+/// whose mirror is stale go straight to the device, so overwriting a whole buffer from the
+/// host copies nothing back first. Statistics count every synchronising copy
+/// (`syncs_to_host`, `syncs_to_device`).
+///
+/// Dropping a pooled
 /// buffer returns its memory to the pool it came from; `Drop` never panics and never blocks.
 ///
 /// A pooled buffer may own more memory than `len` elements (its size class); nothing past
@@ -38,6 +73,10 @@ pub struct Buffer<T: Element> {
     block: ManuallyDrop<Box<Block>>,
     len: usize,
     mode: AllocationMode,
+    /// Device memory only: the host copy, present once the host has looked.
+    mirror: OnceLock<HostMirror>,
+    /// Device memory only: the mirror holds writes the device has not seen.
+    host_newer: bool,
     _element: PhantomData<T>,
 }
 
@@ -74,7 +113,14 @@ pub(crate) fn resolve_range(range: impl RangeBounds<usize>, len: usize) -> Resul
 
 impl<T: Element> Buffer<T> {
     pub(crate) fn new(block: Box<Block>, len: usize, mode: AllocationMode) -> Self {
-        Buffer { block: ManuallyDrop::new(block), len, mode, _element: PhantomData }
+        Buffer {
+            block: ManuallyDrop::new(block),
+            len,
+            mode,
+            mirror: OnceLock::new(),
+            host_newer: false,
+            _element: PhantomData,
+        }
     }
 
     /// Number of elements.
@@ -118,8 +164,89 @@ impl<T: Element> Buffer<T> {
         match (self.device(), self.block.mem.host) {
             (DeviceId::CPU, _) => Location::Host,
             (_, Some(_)) => Location::Both,
-            (_, None) => Location::Device,
+            (_, None) => match (self.mirror.get().is_some(), self.host_newer) {
+                (false, _) => Location::Device,
+                (true, false) => Location::Both,
+                (true, true) => Location::Host,
+            },
         }
+    }
+
+    /// Whether the memory is device memory the host reaches only through copies.
+    fn is_device_only(&self) -> bool {
+        self.block.mem.host.is_none()
+    }
+
+    /// The host mirror, made (one copy from the device) if there is none.
+    fn mirror(&self) -> Result<&HostMirror> {
+        if let Some(mirror) = self.mirror.get() {
+            return Ok(mirror);
+        }
+        let bytes = self.size_in_bytes();
+        let mut mirror = HostMirror::zeroed(bytes);
+        let pool = &self.block.pool;
+        // SAFETY: the memory has no host pointer and came from this pool's backend; the
+        // range is the buffer's own bytes.
+        unsafe { pool.backend().read(&self.block.mem, 0, mirror.bytes_mut(bytes)) }
+            .map_err(|source| Error::Backend { device: pool.device, source })?;
+        pool.count_sync(true);
+        // A thread that raced us read the same device contents (device writes need `&mut`).
+        Ok(self.mirror.get_or_init(|| mirror))
+    }
+
+    /// Makes the device side current: writes the mirror back if the host side is newer.
+    fn flush(&mut self) -> Result<()> {
+        if !self.host_newer {
+            return Ok(());
+        }
+        let bytes = self.size_in_bytes();
+        if let Some(mirror) = self.mirror.get() {
+            let pool = &self.block.pool;
+            // SAFETY: as in `mirror`.
+            unsafe { pool.backend().write(&self.block.mem, 0, mirror.bytes(bytes)) }
+                .map_err(|source| Error::Backend { device: pool.device, source })?;
+            pool.count_sync(false);
+        }
+        self.host_newer = false;
+        Ok(())
+    }
+
+    /// Forgets the host mirror: the device is about to change the contents.
+    fn invalidate_mirror(&mut self) {
+        self.mirror = OnceLock::new();
+        self.host_newer = false;
+    }
+
+    /// The raw `cl_mem` of an OpenCL device or pinned buffer, for the caller's kernels, with
+    /// the buffer made ready for `access` on the device: host changes are written to the
+    /// device first (except for [`MapMode::Write`], which promises the kernel overwrites
+    /// every element), and unless `access` is [`MapMode::Read`] the host mirror is dropped,
+    /// so the next host access reads the device's result.
+    ///
+    /// Enqueue the kernel on [`OpenClBackend::queue`](crate::OpenClBackend::queue): unimem
+    /// orders its own transfers and the reuse of pooled memory after it.
+    ///
+    /// # Errors
+    /// [`Error::UnsupportedMode`] for buffers that are not OpenCL `cl_mem` buffers (CPU
+    /// memory, or SVM, whose host pointer is also its device pointer); transfer errors.
+    #[cfg(feature = "opencl")]
+    pub fn opencl_mem(&mut self, access: MapMode) -> Result<opencl3::types::cl_mem> {
+        let pool = &self.block.pool;
+        let is_cl_mem = pool.backend().opencl().is_some() && pool.kind != MemoryKind::Unified;
+        if !is_cl_mem {
+            return Err(Error::UnsupportedMode { device: pool.device, mode: self.mode });
+        }
+        if self.is_device_only() {
+            match access {
+                MapMode::Read => self.flush()?,
+                MapMode::ReadWrite => {
+                    self.flush()?;
+                    self.invalidate_mirror();
+                }
+                MapMode::Write => self.invalidate_mirror(),
+            }
+        }
+        Ok(self.block.mem.handle as usize as opencl3::types::cl_mem)
     }
 
     pub(crate) fn manager_id(&self) -> u64 {
@@ -131,8 +258,13 @@ impl<T: Element> Buffer<T> {
         self.block.mem.host.map(NonNull::cast).ok_or(Error::NotHostAddressable { device: self.device() })
     }
 
-    /// The elements, read in place (zero-copy) from host-addressable memory.
+    /// The elements, read in place (zero-copy) from host-addressable memory, or from the
+    /// host mirror of device memory (made, by one copy, if the host side is stale).
     pub fn as_slice(&self) -> Result<&[T]> {
+        if self.is_device_only() {
+            let bytes = self.size_in_bytes();
+            return Ok(bytemuck::cast_slice(self.mirror()?.bytes(bytes)));
+        }
         let ptr = self.host_ptr()?;
         // SAFETY: the block's memory holds at least `len * size_of::<T>()` initialised bytes
         // (fresh memory is zeroed, reused memory holds earlier `T: Pod` writes), aligned for
@@ -141,8 +273,14 @@ impl<T: Element> Buffer<T> {
         Ok(unsafe { std::slice::from_raw_parts(ptr.as_ptr(), self.len) })
     }
 
-    /// The elements, written in place (zero-copy) in host-addressable memory.
+    /// The elements, written in place (zero-copy) in host-addressable memory, or in the
+    /// host mirror of device memory (synchronised first if stale), which then counts as
+    /// newer than the device.
     pub fn as_mut_slice(&mut self) -> Result<&mut [T]> {
+        if self.is_device_only() {
+            self.mirror()?;
+            return Ok(bytemuck::cast_slice_mut(self.mirror_mut()));
+        }
         let ptr = self.host_ptr()?;
         // SAFETY: as in `as_slice`; `&mut self` makes this the only reference to the memory.
         Ok(unsafe { std::slice::from_raw_parts_mut(ptr.as_ptr(), self.len) })
@@ -160,6 +298,19 @@ impl<T: Element> Buffer<T> {
     /// Copies `src` into the buffer starting at element `offset`, waiting for completion.
     pub fn copy_from_blocking(&mut self, src: &[T], offset: usize) -> Result<()> {
         check_range(offset, src.len(), self.len)?;
+        if self.is_device_only() && !self.host_newer {
+            let pool = &self.block.pool;
+            let at = offset * size_of::<T>();
+            // SAFETY: device memory of this pool's backend; `check_range` bounds the range.
+            unsafe { pool.backend().write(&self.block.mem, at, bytemuck::cast_slice(src)) }
+                .map_err(|source| Error::Backend { device: pool.device, source })?;
+            // A current mirror stays current: write the same elements there.
+            if let Some(mirror) = self.mirror.get_mut() {
+                let bytes = self.len * size_of::<T>();
+                mirror.bytes_mut(bytes)[at..at + size_of_val(src)].copy_from_slice(bytemuck::cast_slice(src));
+            }
+            return Ok(());
+        }
         let dst = self.as_mut_slice()?;
         dst[offset..offset + src.len()].copy_from_slice(src);
         Ok(())
@@ -176,6 +327,15 @@ impl<T: Element> Buffer<T> {
     /// Copies elements starting at `offset` into all of `dst`, waiting for completion.
     pub fn copy_to_blocking(&self, dst: &mut [T], offset: usize) -> Result<()> {
         check_range(offset, dst.len(), self.len)?;
+        if self.is_device_only() && self.mirror.get().is_none() {
+            let pool = &self.block.pool;
+            // SAFETY: as in `copy_from_blocking`.
+            unsafe {
+                pool.backend().read(&self.block.mem, offset * size_of::<T>(), bytemuck::cast_slice_mut(dst))
+            }
+            .map_err(|source| Error::Backend { device: pool.device, source })?;
+            return Ok(());
+        }
         let src = self.as_slice()?;
         dst.copy_from_slice(&src[offset..offset + dst.len()]);
         Ok(())
@@ -185,6 +345,17 @@ impl<T: Element> Buffer<T> {
     pub fn copy_from_buffer(&mut self, src: &Buffer<T>) -> Result<()> {
         if src.len != self.len {
             return Err(Error::LengthMismatch { destination: self.len, source_len: src.len });
+        }
+        let same_device = src.device() == self.device() && src.manager_id() == self.manager_id();
+        if same_device && src.is_device_only() && self.is_device_only() && !src.host_newer {
+            // Device-local: one copy on the device, no host involvement.
+            let pool = &self.block.pool;
+            // SAFETY: two distinct buffers (`&` and `&mut`) of the same backend, both at
+            // least `size_in_bytes` long.
+            unsafe { pool.backend().copy(&src.block.mem, &self.block.mem, self.size_in_bytes()) }
+                .map_err(|source| Error::Backend { device: pool.device, source })?;
+            self.invalidate_mirror();
+            return Ok(());
         }
         let src = src.as_slice()?;
         self.copy_from_blocking(src, 0)
@@ -202,10 +373,39 @@ impl<T: Element> Buffer<T> {
         Ok(BufferViewMut::new(self, range))
     }
 
-    /// Maps the buffer for host access; the guard gives the elements as a slice and writes
-    /// back (where the memory is not host memory) when dropped.
+    /// Maps the buffer for host access. For device memory, [`MapMode::Write`] skips the
+    /// copy from the device (the caller overwrites everything), the other modes read it if
+    /// the host side is stale; writing through the guard marks the host side newer.
     pub fn map(&mut self, mode: MapMode) -> Result<Mapping<'_, T>> {
-        Mapping::new(self, mode)
+        if self.is_device_only() {
+            if mode == MapMode::Write && self.mirror.get().is_none() {
+                let _ = self.mirror.set(HostMirror::zeroed(self.size_in_bytes()));
+            }
+            self.mirror()?;
+        } else {
+            self.host_ptr()?;
+        }
+        Ok(Mapping::new(self, mode))
+    }
+
+    /// The mirror of device memory, marked newer than the device. Call after `mirror()`.
+    fn mirror_mut(&mut self) -> &mut [u8] {
+        self.host_newer = true;
+        let bytes = self.size_in_bytes();
+        match self.mirror.get_mut() {
+            Some(mirror) => mirror.bytes_mut(bytes),
+            None => &mut [],
+        }
+    }
+
+    /// Host elements for a mapping (made ready by `map`).
+    pub(crate) fn mapped(&self) -> &[T] {
+        self.as_slice().unwrap_or(&[])
+    }
+
+    /// Host elements for a mapping, marked written.
+    pub(crate) fn mapped_mut(&mut self) -> &mut [T] {
+        self.as_mut_slice().unwrap_or(&mut [])
     }
 }
 

@@ -166,11 +166,6 @@ impl MemoryManager {
         self.inner.devices.iter().map(|d| d.info.clone()).collect()
     }
 
-    #[inline]
-    #[allow(
-        clippy::unnecessary_lazy_evaluations,
-        reason = "an eager Error is built and dropped on the hot path"
-    )]
     /// Why a compiled-in device backend found no devices (no loader, no driver), one line
     /// per backend; empty when every backend found its devices.
     pub fn backend_notes(&self) -> &[String] {
@@ -193,6 +188,11 @@ impl MemoryManager {
         })
     }
 
+    #[inline]
+    #[allow(
+        clippy::unnecessary_lazy_evaluations,
+        reason = "an eager Error is built and dropped on the hot path"
+    )]
     fn device(&self, id: DeviceId) -> Result<&Device> {
         let devices = &self.inner.devices;
         devices.get(id.index()).ok_or_else(|| Error::UnknownDevice { device: id, count: devices.len() })

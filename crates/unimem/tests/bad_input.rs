@@ -64,12 +64,12 @@ fn a_buffer_returned_to_the_wrong_manager_comes_back_unharmed() {
 fn unknown_devices_are_errors() {
     let manager = MemoryManager::new();
     assert!(manager.allocate_on::<u8>(DeviceId::CPU, 1, AllocationMode::Pooled).is_ok());
-    let devices = manager.devices();
-    assert_eq!(devices.len(), 1);
+    // The CPU, plus whatever accelerators the enabled backends found.
+    let count = manager.devices().len();
     // A device id from a manager with more devices does not exist here.
-    let other: DeviceId = serde_json::from_str("3").unwrap();
+    let other: DeviceId = serde_json::from_str(&(count + 2).to_string()).unwrap();
     let err = manager.allocate_on::<u8>(other, 1, AllocationMode::Pooled).unwrap_err();
-    assert!(matches!(err, Error::UnknownDevice { count: 1, .. }), "{err}");
+    assert!(matches!(err, Error::UnknownDevice { count: c, .. } if c == count), "{err}");
 }
 
 #[test]

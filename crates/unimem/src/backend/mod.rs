@@ -120,7 +120,12 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// # Safety
     /// `allocation` came from `self.allocate`, has no host pointer, and
     /// `offset + src.len() <= allocation.bytes`.
-    unsafe fn write(&self, _allocation: &RawAllocation, _offset: usize, _src: &[u8]) -> Result<(), BackendError> {
+    unsafe fn write(
+        &self,
+        _allocation: &RawAllocation,
+        _offset: usize,
+        _src: &[u8],
+    ) -> Result<(), BackendError> {
         Err(BackendError::Driver { call: "write", message: "this device has only host memory".into() })
     }
 
@@ -128,7 +133,12 @@ pub(crate) trait Backend: Send + Sync + 'static {
     ///
     /// # Safety
     /// As for `write`, with `dst`.
-    unsafe fn read(&self, _allocation: &RawAllocation, _offset: usize, _dst: &mut [u8]) -> Result<(), BackendError> {
+    unsafe fn read(
+        &self,
+        _allocation: &RawAllocation,
+        _offset: usize,
+        _dst: &mut [u8],
+    ) -> Result<(), BackendError> {
         Err(BackendError::Driver { call: "read", message: "this device has only host memory".into() })
     }
 

@@ -21,11 +21,14 @@ use std::sync::{Arc, OnceLock};
 
 use opencl3::command_queue::{self as queue, CommandQueue};
 use opencl3::context::Context;
-use opencl3::device::{CL_DEVICE_SVM_COARSE_GRAIN_BUFFER, CL_DEVICE_SVM_FINE_GRAIN_BUFFER, CL_DEVICE_TYPE_ALL, Device};
+use opencl3::device::{
+    CL_DEVICE_SVM_COARSE_GRAIN_BUFFER, CL_DEVICE_SVM_FINE_GRAIN_BUFFER, CL_DEVICE_TYPE_ALL, Device,
+};
 use opencl3::error_codes::ClError;
 use opencl3::event;
 use opencl3::memory::{
-    self as memory, CL_MAP_READ, CL_MAP_WRITE, CL_MEM_ALLOC_HOST_PTR, CL_MEM_READ_WRITE, CL_MEM_SVM_FINE_GRAIN_BUFFER,
+    self as memory, CL_MAP_READ, CL_MAP_WRITE, CL_MEM_ALLOC_HOST_PTR, CL_MEM_READ_WRITE,
+    CL_MEM_SVM_FINE_GRAIN_BUFFER,
 };
 use opencl3::types::{CL_BLOCKING, cl_command_queue, cl_context, cl_device_id, cl_event, cl_int, cl_mem};
 
@@ -93,7 +96,9 @@ fn driver(call: &'static str, code: cl_int) -> BackendError {
 
 /// Out-of-memory codes become `OutOfMemory`, so that the pool trims and retries.
 fn allocation_error(call: &'static str, code: cl_int, bytes: usize) -> BackendError {
-    use opencl3::error_codes::{CL_MEM_OBJECT_ALLOCATION_FAILURE, CL_OUT_OF_HOST_MEMORY, CL_OUT_OF_RESOURCES};
+    use opencl3::error_codes::{
+        CL_MEM_OBJECT_ALLOCATION_FAILURE, CL_OUT_OF_HOST_MEMORY, CL_OUT_OF_RESOURCES,
+    };
     match code {
         CL_MEM_OBJECT_ALLOCATION_FAILURE | CL_OUT_OF_RESOURCES | CL_OUT_OF_HOST_MEMORY => {
             BackendError::OutOfMemory { bytes }
@@ -135,7 +140,8 @@ impl OpenClBackend {
         let context = Context::from_device(&device).map_err(|e| driver("clCreateContext", e.0))?;
         // An in-order queue: operations on it complete in the order they were enqueued.
         #[allow(deprecated, reason = "clCreateCommandQueue is the call that every OpenCL version has")]
-        let queue = CommandQueue::create_default(&context, 0).map_err(|e| driver("clCreateCommandQueue", e.0))?;
+        let queue =
+            CommandQueue::create_default(&context, 0).map_err(|e| driver("clCreateCommandQueue", e.0))?;
         Ok(Self {
             device,
             context,
@@ -176,7 +182,12 @@ impl OpenClBackend {
     fn allocate_pinned(&self, bytes: usize) -> Result<RawAllocation, BackendError> {
         // SAFETY: a valid context, no host pointer, flags without USE/COPY_HOST_PTR.
         let mem = unsafe {
-            memory::create_buffer(self.context.get(), CL_MEM_READ_WRITE | CL_MEM_ALLOC_HOST_PTR, bytes, ptr::null_mut())
+            memory::create_buffer(
+                self.context.get(),
+                CL_MEM_READ_WRITE | CL_MEM_ALLOC_HOST_PTR,
+                bytes,
+                ptr::null_mut(),
+            )
         }
         .map_err(|c| allocation_error("clCreateBuffer", c, bytes))?;
         let mut host: *mut c_void = ptr::null_mut();
@@ -209,7 +220,10 @@ impl OpenClBackend {
         let Some(host) = host else {
             // SAFETY: as above.
             let _ = unsafe { memory::release_mem_object(mem) };
-            return Err(BackendError::Driver { call: "clEnqueueMapBuffer", message: "mapped to null".into() });
+            return Err(BackendError::Driver {
+                call: "clEnqueueMapBuffer",
+                message: "mapped to null".into(),
+            });
         };
         // SAFETY: the mapping covers `bytes` bytes, writable by the host, used by nobody yet.
         unsafe { host.as_ptr().write_bytes(0, bytes) };
@@ -218,8 +232,9 @@ impl OpenClBackend {
 
     fn allocate_device(&self, bytes: usize) -> Result<RawAllocation, BackendError> {
         // SAFETY: a valid context, no host pointer.
-        let mem = unsafe { memory::create_buffer(self.context.get(), CL_MEM_READ_WRITE, bytes, ptr::null_mut()) }
-            .map_err(|c| allocation_error("clCreateBuffer", c, bytes))?;
+        let mem =
+            unsafe { memory::create_buffer(self.context.get(), CL_MEM_READ_WRITE, bytes, ptr::null_mut()) }
+                .map_err(|c| allocation_error("clCreateBuffer", c, bytes))?;
         let zero = 0u8;
         // SAFETY: fills the whole new buffer with a one-byte pattern read from `zero`,
         // which the call copies before it returns.
@@ -248,7 +263,12 @@ impl OpenClBackend {
     fn allocate_unified(&self, bytes: usize) -> Result<RawAllocation, BackendError> {
         // SAFETY: a valid context; flags and alignment are valid for clSVMAlloc.
         let pointer = unsafe {
-            memory::svm_alloc(self.context.get(), CL_MEM_READ_WRITE | CL_MEM_SVM_FINE_GRAIN_BUFFER, bytes, SVM_ALIGN)
+            memory::svm_alloc(
+                self.context.get(),
+                CL_MEM_READ_WRITE | CL_MEM_SVM_FINE_GRAIN_BUFFER,
+                bytes,
+                SVM_ALIGN,
+            )
         }
         .map_err(|_| BackendError::OutOfMemory { bytes })?;
         let host = NonNull::new(pointer.cast::<u8>()).ok_or(BackendError::OutOfMemory { bytes })?;
@@ -337,7 +357,12 @@ impl Backend for OpenClBackend {
         true
     }
 
-    unsafe fn write(&self, allocation: &RawAllocation, offset: usize, src: &[u8]) -> Result<(), BackendError> {
+    unsafe fn write(
+        &self,
+        allocation: &RawAllocation,
+        offset: usize,
+        src: &[u8],
+    ) -> Result<(), BackendError> {
         // SAFETY: the caller guarantees the range is inside the buffer; the write is
         // blocking, so `src` is read before the call returns.
         let event = unsafe {
@@ -356,7 +381,12 @@ impl Backend for OpenClBackend {
         finish_event("clEnqueueWriteBuffer", event)
     }
 
-    unsafe fn read(&self, allocation: &RawAllocation, offset: usize, dst: &mut [u8]) -> Result<(), BackendError> {
+    unsafe fn read(
+        &self,
+        allocation: &RawAllocation,
+        offset: usize,
+        dst: &mut [u8],
+    ) -> Result<(), BackendError> {
         // SAFETY: as in `write`; the read is blocking, so `dst` is written before return.
         let event = unsafe {
             queue::enqueue_read_buffer(
@@ -374,10 +404,24 @@ impl Backend for OpenClBackend {
         finish_event("clEnqueueReadBuffer", event)
     }
 
-    unsafe fn copy(&self, src: &RawAllocation, dst: &RawAllocation, bytes: usize) -> Result<(), BackendError> {
+    unsafe fn copy(
+        &self,
+        src: &RawAllocation,
+        dst: &RawAllocation,
+        bytes: usize,
+    ) -> Result<(), BackendError> {
         // SAFETY: the caller guarantees both ranges are in bounds and disjoint.
         let event = unsafe {
-            queue::enqueue_copy_buffer(self.queue.get(), Self::mem(src), Self::mem(dst), 0, 0, bytes, 0, ptr::null())
+            queue::enqueue_copy_buffer(
+                self.queue.get(),
+                Self::mem(src),
+                Self::mem(dst),
+                0,
+                0,
+                bytes,
+                0,
+                ptr::null(),
+            )
         }
         .map_err(|c| driver("clEnqueueCopyBuffer", c))?;
         finish_event("clEnqueueCopyBuffer", event)

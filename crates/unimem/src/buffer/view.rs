@@ -115,19 +115,19 @@ impl<T: Element> BufferViewMut<'_, T> {
 
 /// Host access to a whole buffer for as long as the guard lives.
 ///
-/// For host-addressable memory the guard is the memory itself. Whether anything must be
-/// written back when it is dropped is inferred from use: only a mutable borrow marks the
-/// host side as changed.
-#[derive(Debug)]
+/// For host-addressable memory the guard is the memory itself; for device memory it is the
+/// host mirror. Only a mutable borrow marks the host side as changed, so a mapping that is
+/// only read leaves the device side current.
 pub struct Mapping<'a, T: Element> {
-    elements: &'a mut [T],
+    buffer: &'a mut Buffer<T>,
     mode: MapMode,
     written: bool,
 }
 
 impl<'a, T: Element> Mapping<'a, T> {
-    pub(super) fn new(buffer: &'a mut Buffer<T>, mode: MapMode) -> Result<Self> {
-        Ok(Mapping { elements: buffer.as_mut_slice()?, mode, written: false })
+    /// `buffer` is ready for host access (checked and synchronised by `Buffer::map`).
+    pub(super) fn new(buffer: &'a mut Buffer<T>, mode: MapMode) -> Self {
+        Mapping { buffer, mode, written: false }
     }
 
     /// The mode the mapping was made with.
@@ -141,16 +141,23 @@ impl<'a, T: Element> Mapping<'a, T> {
     }
 }
 
+impl<T: Element> std::fmt::Debug for Mapping<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mapping").field("mode", &self.mode).field("written", &self.written).finish()
+    }
+}
+
 impl<T: Element> Deref for Mapping<'_, T> {
     type Target = [T];
     fn deref(&self) -> &[T] {
-        self.elements
+        self.buffer.mapped()
     }
 }
 
 impl<T: Element> DerefMut for Mapping<'_, T> {
+    /// Marks the host side newer: the device sees these writes before its next use.
     fn deref_mut(&mut self) -> &mut [T] {
         self.written = true;
-        self.elements
+        self.buffer.mapped_mut()
     }
 }

@@ -1,0 +1,221 @@
+//! The OpenCL backend on a real OpenCL implementation (PoCL in CI). Every test discovers
+//! the devices at run time and prints why it skips when there are none; with
+//! `UNIMEM_REQUIRE_OPENCL=1` (set by `.ci/run`) a missing device fails instead.
+
+#[path = "support/cl_kernel.rs"]
+mod cl_kernel;
+
+use std::process::Command;
+
+use cl_kernel::Kernel;
+use unimem::{AllocationMode, DeviceId, DeviceKind, Error, Location, MapMode, MemoryManager};
+
+/// The manager and its first OpenCL device, or `None` (with the reason printed).
+fn opencl() -> Option<(MemoryManager, DeviceId)> {
+    let manager = MemoryManager::new();
+    let device = manager.devices().into_iter().find(|d| d.kind == DeviceKind::OpenCl).map(|d| d.id);
+    if device.is_none() {
+        let why = manager.backend_notes().join("; ");
+        assert!(std::env::var_os("UNIMEM_REQUIRE_OPENCL").is_none(), "no OpenCL device: {why}");
+        eprintln!("skipping: no OpenCL device ({why})");
+    }
+    device.map(|d| (manager, d))
+}
+
+fn kernel(manager: &MemoryManager, device: DeviceId, name: &std::ffi::CStr) -> Kernel {
+    let cl = manager.opencl_device(device).unwrap();
+    Kernel::new(cl.context(), cl.device_id(), name).unwrap()
+}
+
+fn data(n: usize) -> Vec<f32> {
+    (0..n).map(|i| i as f32 * 0.5).collect()
+}
+
+#[test]
+fn round_trips_in_every_mode_and_at_offsets() {
+    let Some((manager, device)) = opencl() else { return };
+    for mode in
+        [AllocationMode::Pooled, AllocationMode::Unpooled, AllocationMode::Pinned, AllocationMode::Unified]
+    {
+        for offset in [0, 1, 333] {
+            let mut buffer = manager.allocate_on::<f32>(device, 1000, mode).unwrap();
+            if offset == 0 {
+                // The first buffer of each pool is fresh memory; later ones reuse it.
+                assert!(
+                    buffer.as_slice().unwrap().iter().all(|&x| x == 0.0),
+                    "{mode:?}: fresh memory is zero"
+                );
+            }
+            let src = data(1000 - offset);
+            buffer.copy_from_blocking(&src, offset).unwrap();
+            let mut back = vec![0.0; src.len()];
+            buffer.copy_to_blocking(&mut back, offset).unwrap();
+            assert_eq!(back, src, "{mode:?} at {offset}");
+            assert_eq!(&buffer.as_slice().unwrap()[offset..], &src[..], "{mode:?} at {offset}");
+            let view = buffer.slice(offset..).unwrap();
+            assert_eq!(view.as_slice().unwrap()[0], src[0]);
+        }
+    }
+}
+
+#[test]
+fn a_kernel_writes_and_the_host_sees_it() {
+    let Some((manager, device)) = opencl() else { return };
+    let cl = manager.opencl_device(device).unwrap();
+    let iota = kernel(&manager, device, c"iota");
+    let mut buffer = manager.allocate_on::<f32>(device, 4096, AllocationMode::Pooled).unwrap();
+    assert_eq!(buffer.location(), Location::Device);
+    iota.arg_mem(0, buffer.opencl_mem(MapMode::Write).unwrap()).unwrap();
+    iota.enqueue(cl.queue(), 4096).unwrap();
+    let before = manager.statistics().syncs_to_host;
+    // Host access orders itself after the kernel (same in-order queue, blocking read).
+    assert!(buffer.as_slice().unwrap().iter().enumerate().all(|(i, &x)| x == i as f32));
+    assert_eq!(buffer.location(), Location::Both);
+    assert_eq!(manager.statistics().syncs_to_host, before + 1, "one copy to the host");
+    buffer.as_slice().unwrap();
+    assert_eq!(manager.statistics().syncs_to_host, before + 1, "a current mirror is not copied again");
+}
+
+#[test]
+fn the_host_writes_and_a_kernel_reads_it() {
+    let Some((manager, device)) = opencl() else { return };
+    let cl = manager.opencl_device(device).unwrap();
+    let scale = kernel(&manager, device, c"scale");
+    let mut input = manager.allocate_on::<f32>(device, 1024, AllocationMode::Pooled).unwrap();
+    let mut output = manager.allocate_on::<f32>(device, 1024, AllocationMode::Pooled).unwrap();
+    input.map(MapMode::Write).unwrap().copy_from_slice(&data(1024));
+    assert_eq!(input.location(), Location::Host, "host writes make the host side newer");
+    let to_device = manager.statistics().syncs_to_device;
+    scale.arg_mem(0, input.opencl_mem(MapMode::Read).unwrap()).unwrap();
+    assert_eq!(input.location(), Location::Both, "flushed for the kernel, mirror still current");
+    assert_eq!(manager.statistics().syncs_to_device, to_device + 1);
+    scale.arg_mem(1, output.opencl_mem(MapMode::Write).unwrap()).unwrap();
+    scale.arg_f32(2, 3.0).unwrap();
+    scale.enqueue(cl.queue(), 1024).unwrap();
+    let mut result = vec![0.0; 1024];
+    output.copy_to_blocking(&mut result, 0).unwrap();
+    let expected: Vec<f32> = data(1024).iter().enumerate().map(|(i, x)| x * 3.0 + i as f32).collect();
+    assert_eq!(result, expected);
+    assert_eq!(output.location(), Location::Device, "copy_to reads the device without a mirror");
+}
+
+#[test]
+fn copies_that_are_not_needed_are_skipped() {
+    let Some((manager, device)) = opencl() else { return };
+    let mut buffer = manager.allocate_on::<u32>(device, 1 << 16, AllocationMode::Pooled).unwrap();
+    let start = manager.statistics();
+    // Overwriting everything from the host reads nothing back first.
+    buffer.copy_from_blocking(&vec![7; 1 << 16], 0).unwrap();
+    buffer.map(MapMode::Write).unwrap().fill(9);
+    let after_writes = manager.statistics();
+    assert_eq!(after_writes.syncs_to_host, start.syncs_to_host, "no read-back for whole overwrites");
+    // The host side is newer: a second host write and reads need no copy either way.
+    buffer.as_mut_slice().unwrap()[0] = 1;
+    assert_eq!(buffer.as_slice().unwrap()[1], 9);
+    let mut one = [0];
+    buffer.copy_to_blocking(&mut one, 5).unwrap();
+    assert_eq!(one, [9]);
+    let end = manager.statistics();
+    assert_eq!((end.syncs_to_host, end.syncs_to_device), (start.syncs_to_host, start.syncs_to_device));
+    // A device-side copy into another buffer flushes once, then is device-local.
+    let mut other = manager.allocate_on::<u32>(device, 1 << 16, AllocationMode::Pooled).unwrap();
+    buffer.opencl_mem(MapMode::Read).unwrap();
+    other.copy_from_buffer(&buffer).unwrap();
+    assert_eq!(other.location(), Location::Device);
+    assert_eq!(other.as_slice().unwrap()[0], 1);
+    assert_eq!(manager.statistics().syncs_to_device, start.syncs_to_device + 1);
+}
+
+#[test]
+fn pooled_reuse_waits_for_the_last_use() {
+    let Some((manager, device)) = opencl() else { return };
+    let cl = manager.opencl_device(device).unwrap();
+    let iota = kernel(&manager, device, c"iota");
+    let n = 1 << 22;
+    for _ in 0..3 {
+        let mut pinned = manager.allocate_on::<f32>(device, n, AllocationMode::Pinned).unwrap();
+        pinned.as_mut_slice().unwrap().fill(-1.0);
+        let address = pinned.as_slice().unwrap().as_ptr();
+        iota.arg_mem(0, pinned.opencl_mem(MapMode::Write).unwrap()).unwrap();
+        iota.enqueue(cl.queue(), n).unwrap();
+        drop(pinned); // the kernel may still run
+        let reused = manager.allocate_on::<f32>(device, n, AllocationMode::Pinned).unwrap();
+        let seen = reused.as_slice().unwrap();
+        assert_eq!(seen.as_ptr(), address, "the same pooled memory");
+        // The host reads in place, with no transfer: only the fence orders it after the kernel.
+        assert!(seen.iter().enumerate().all(|(i, &x)| x == i as f32), "reuse saw the kernel unfinished");
+    }
+}
+
+#[test]
+fn eight_threads_allocate_copy_and_return() {
+    let Some((manager, device)) = opencl() else { return };
+    std::thread::scope(|scope| {
+        for t in 0..8u32 {
+            let manager = &manager;
+            scope.spawn(move || {
+                for round in 0..50u32 {
+                    let n = 256 + (round as usize % 5) * 1000;
+                    let mode = [AllocationMode::Pooled, AllocationMode::Pinned, AllocationMode::Unified]
+                        [round as usize % 3];
+                    let mut buffer = manager.allocate_on::<u32>(device, n, mode).unwrap();
+                    let src: Vec<u32> = (0..n as u32).map(|i| i ^ (t << 24) ^ round).collect();
+                    buffer.copy_from_blocking(&src, 0).unwrap();
+                    let mut back = vec![0; n];
+                    buffer.copy_to_blocking(&mut back, 0).unwrap();
+                    assert_eq!(back, src);
+                }
+            });
+        }
+    });
+    let stats = manager.statistics();
+    assert_eq!(stats.active_buffers, 0);
+    assert!(stats.pool_hits > 0);
+}
+
+#[test]
+fn bad_input_is_refused_and_nothing_is_lost() {
+    let Some((manager, device)) = opencl() else { return };
+    let mut buffer = manager.allocate_on::<f32>(device, 100, AllocationMode::Pooled).unwrap();
+    buffer.copy_from_blocking(&data(100), 0).unwrap();
+    let err = buffer.copy_from_blocking(&data(10), 95).unwrap_err();
+    assert!(matches!(err, Error::OutOfBounds { offset: 95, len: 10, buffer_len: 100 }), "{err}");
+    let err = buffer.copy_to_blocking(&mut [0.0; 101], 0).unwrap_err();
+    assert!(matches!(err, Error::OutOfBounds { .. }), "{err}");
+    let small = manager.allocate_on::<f32>(device, 99, AllocationMode::Pooled).unwrap();
+    assert!(matches!(buffer.copy_from_buffer(&small), Err(Error::LengthMismatch { .. })));
+    let mut unified = manager.allocate_on::<f32>(device, 10, AllocationMode::Unified).unwrap();
+    assert!(matches!(unified.opencl_mem(MapMode::Read), Err(Error::UnsupportedMode { .. })));
+    let mut cpu = manager.allocate::<f32>(10, AllocationMode::Pooled).unwrap();
+    assert!(matches!(cpu.opencl_mem(MapMode::Read), Err(Error::UnsupportedMode { .. })));
+    assert!(matches!(manager.opencl_device(DeviceId::CPU), Err(Error::WrongDeviceKind { .. })));
+    assert_eq!(buffer.as_slice().unwrap(), &data(100)[..], "the buffer is intact");
+}
+
+/// Runs in a child process with `OCL_ICD_VENDORS` pointing at an empty folder.
+#[test]
+fn without_an_icd_there_are_no_devices_and_a_reason() {
+    if std::env::var_os("UNIMEM_NO_ICD_CHILD").is_some() {
+        let manager = MemoryManager::new();
+        assert_eq!(manager.devices().len(), 1, "only the CPU: {:?}", manager.devices());
+        let notes = manager.backend_notes().join("; ");
+        assert!(notes.starts_with("OpenCL: "), "{notes}");
+        eprintln!("reason given: {notes}");
+        let mut buffer = manager.allocate::<u8>(4096, AllocationMode::Pooled).unwrap();
+        buffer.as_mut_slice().unwrap().fill(1);
+        return;
+    }
+    let empty = std::env::temp_dir().join(format!("unimem-no-icd-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).unwrap();
+    let output = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "without_an_icd_there_are_no_devices_and_a_reason", "--nocapture"])
+        .env("UNIMEM_NO_ICD_CHILD", "1")
+        .env("OCL_ICD_VENDORS", &empty)
+        .env_remove("UNIMEM_REQUIRE_OPENCL")
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir(&empty);
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "child failed: {log}");
+    assert!(log.contains("reason given: OpenCL:"), "{log}");
+}
