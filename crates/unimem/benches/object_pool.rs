@@ -13,14 +13,17 @@
 
 #![allow(missing_docs, reason = "criterion's macros generate undocumented functions")]
 
+#[path = "support/two_threads.rs"]
+mod support;
+
 use std::cell::RefCell;
 use std::hint::black_box;
-use std::sync::Barrier;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use crossbeam_queue::ArrayQueue;
 use lockfree_object_pool::{LinearObjectPool, SpinLockObjectPool};
+use support::two_threads;
 use unimem::ObjectPool;
 
 const CAPACITY: usize = 1024;
@@ -41,71 +44,40 @@ trait Contender: Sync {
     fn take_return(&self);
 }
 
-struct Unimem(ObjectPool<Vec<u8>>);
+/// A pool whose guard derefs to the object and returns it (reset by the pool) on drop:
+/// `$rent` takes one from `$pool`.
+macro_rules! guard_contender {
+    ($name:ident($inner:ty), $label:literal, |$pool:ident| $rent:expr) => {
+        struct $name($inner);
 
-impl Contender for Unimem {
-    fn name(&self) -> &'static str {
-        "unimem_object_pool"
-    }
-    fn cycle(&self) {
-        let mut obj = self.0.rent();
-        obj.push(1);
-        black_box(&mut *obj);
-    }
-    fn take_return(&self) {
-        let mut held = Vec::with_capacity(TAKE);
-        for _ in 0..TAKE {
-            let mut obj = self.0.rent();
-            obj.push(1);
-            held.push(obj);
+        impl Contender for $name {
+            fn name(&self) -> &'static str {
+                $label
+            }
+            fn cycle(&self) {
+                let $pool = &self.0;
+                let mut obj = $rent;
+                obj.push(1);
+                black_box(&mut *obj);
+            }
+            fn take_return(&self) {
+                let $pool = &self.0;
+                let mut held = Vec::with_capacity(TAKE);
+                for _ in 0..TAKE {
+                    let mut obj = $rent;
+                    obj.push(1);
+                    held.push(obj);
+                }
+                black_box(&mut held);
+            }
         }
-        black_box(&mut held);
-    }
+    };
 }
 
-struct Linear(LinearObjectPool<Vec<u8>>);
-
-impl Contender for Linear {
-    fn name(&self) -> &'static str {
-        "lockfree_object_pool_linear"
-    }
-    fn cycle(&self) {
-        let mut obj = self.0.pull();
-        obj.push(1);
-        black_box(&mut *obj);
-    }
-    fn take_return(&self) {
-        let mut held = Vec::with_capacity(TAKE);
-        for _ in 0..TAKE {
-            let mut obj = self.0.pull();
-            obj.push(1);
-            held.push(obj);
-        }
-        black_box(&mut held);
-    }
-}
-
-struct SpinLock(SpinLockObjectPool<Vec<u8>>);
-
-impl Contender for SpinLock {
-    fn name(&self) -> &'static str {
-        "lockfree_object_pool_spinlock"
-    }
-    fn cycle(&self) {
-        let mut obj = self.0.pull();
-        obj.push(1);
-        black_box(&mut *obj);
-    }
-    fn take_return(&self) {
-        let mut held = Vec::with_capacity(TAKE);
-        for _ in 0..TAKE {
-            let mut obj = self.0.pull();
-            obj.push(1);
-            held.push(obj);
-        }
-        black_box(&mut held);
-    }
-}
+guard_contender!(Unimem(ObjectPool<Vec<u8>>), "unimem_object_pool", |pool| pool.rent());
+guard_contender!(Linear(LinearObjectPool<Vec<u8>>), "lockfree_object_pool_linear", |pool| pool.pull());
+guard_contender!(SpinLock(SpinLockObjectPool<Vec<u8>>), "lockfree_object_pool_spinlock", |pool| pool.pull());
+guard_contender!(Opool(opool::Pool<VecAllocator, Vec<u8>>), "opool", |pool| pool.get());
 
 /// `object-pool` has no reset hook: the object is cleared by hand before it goes back.
 struct ObjectPoolCrate(object_pool::Pool<Vec<u8>>);
@@ -142,28 +114,6 @@ impl opool::PoolAllocator<Vec<u8>> for VecAllocator {
     }
     fn reset(&self, obj: &mut Vec<u8>) {
         obj.clear();
-    }
-}
-
-struct Opool(opool::Pool<VecAllocator, Vec<u8>>);
-
-impl Contender for Opool {
-    fn name(&self) -> &'static str {
-        "opool"
-    }
-    fn cycle(&self) {
-        let mut obj = self.0.get();
-        obj.push(1);
-        black_box(&mut *obj);
-    }
-    fn take_return(&self) {
-        let mut held = Vec::with_capacity(TAKE);
-        for _ in 0..TAKE {
-            let mut obj = self.0.get();
-            obj.push(1);
-            held.push(obj);
-        }
-        black_box(&mut held);
     }
 }
 
@@ -298,27 +248,6 @@ fn contenders() -> Vec<Box<dyn Contender>> {
         Box::new(ShardedSlab(sharded_slab::Pool::new())),
         Box::new(Queue(ArrayQueue::new(BOUND))),
     ]
-}
-
-/// Runs `op` `iters` times on each of two threads started together; returns the longer
-/// thread's time, so the figure is per operation per thread.
-fn two_threads(iters: u64, op: impl Fn() + Sync) -> Duration {
-    let barrier = Barrier::new(2);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..2)
-            .map(|_| {
-                s.spawn(|| {
-                    barrier.wait();
-                    let start = Instant::now();
-                    for _ in 0..iters {
-                        op();
-                    }
-                    start.elapsed()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().expect("bench thread")).max().unwrap_or_default()
-    })
 }
 
 fn single(c: &mut Criterion) {

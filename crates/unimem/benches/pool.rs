@@ -9,12 +9,15 @@
 
 #![allow(missing_docs, reason = "criterion's macros generate undocumented functions")]
 
+#[path = "support/two_threads.rs"]
+mod support;
+
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use mimalloc::MiMalloc;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
-use std::sync::Barrier;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use support::two_threads;
 use unimem::{AllocationMode, MemoryManager};
 
 const SIZES: [(usize, &str); 4] =
@@ -69,27 +72,6 @@ fn alloc_write_drop(c: &mut Criterion) {
         });
     }
     group.finish();
-}
-
-/// Runs `op` `iters` times on each of two threads started together; returns the wall time
-/// divided so that the figure is per operation per thread.
-fn two_threads(iters: u64, op: impl Fn() + Sync) -> Duration {
-    let barrier = Barrier::new(2);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..2)
-            .map(|_| {
-                s.spawn(|| {
-                    barrier.wait();
-                    let start = Instant::now();
-                    for _ in 0..iters {
-                        op();
-                    }
-                    start.elapsed()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).max().unwrap()
-    })
 }
 
 fn two_threads_one_class(c: &mut Criterion) {
