@@ -7,6 +7,7 @@ pub use view::{BufferView, BufferViewMut, Mapping};
 use crate::Element;
 use crate::device::{AllocationMode, DeviceId, Location, MapMode, MemoryKind};
 use crate::error::{Error, Result};
+use crate::host_lines::HostLines;
 use crate::pool::Block;
 use std::fmt;
 use std::marker::PhantomData;
@@ -15,28 +16,8 @@ use std::ops::{Bound, Range, RangeBounds};
 use std::ptr::NonNull;
 use std::sync::OnceLock;
 
-/// 64 bytes, 64-aligned: the unit of a host mirror, so that a mirror can be viewed as any
-/// element type unimem accepts (alignment up to 64).
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-#[repr(C, align(64))]
-struct Line([u8; 64]);
-
 /// The host copy of a device buffer's contents.
-struct HostMirror(Box<[Line]>);
-
-impl HostMirror {
-    fn zeroed(bytes: usize) -> Self {
-        HostMirror(vec![Line([0; 64]); bytes.div_ceil(64)].into_boxed_slice())
-    }
-
-    fn bytes(&self, len: usize) -> &[u8] {
-        &bytemuck::cast_slice::<Line, u8>(&self.0)[..len]
-    }
-
-    fn bytes_mut(&mut self, len: usize) -> &mut [u8] {
-        &mut bytemuck::cast_slice_mut::<Line, u8>(&mut self.0)[..len]
-    }
-}
+type HostMirror = HostLines;
 
 /// A typed buffer on one device, owning its memory.
 ///
@@ -286,13 +267,31 @@ impl<T: Element> Buffer<T> {
         Ok(unsafe { std::slice::from_raw_parts_mut(ptr.as_ptr(), self.len) })
     }
 
-    /// Copies `src` into the buffer starting at element `offset`.
+    /// Copies `src` into the buffer starting at element `offset`; the copy is complete when
+    /// the future resolves.
+    ///
+    /// For device memory the first poll copies `src` into staging memory that the transfer
+    /// owns and enqueues the device write: `src` is never read after that, and the write
+    /// completes (in queue order, before any later use of the buffer) even if the future is
+    /// then dropped or leaked. A future dropped before its first poll copies nothing.
+    /// Completion comes from a driver callback; nothing polls the device.
     ///
     /// Fails with [`Error::OutOfBounds`] if `offset + src.len()` passes the end; the buffer
-    /// is unchanged then. The copy is complete when the future resolves; dropping the future
-    /// before it is polled copies nothing.
+    /// is unchanged then.
     pub async fn copy_from(&mut self, src: &[T], offset: usize) -> Result<()> {
-        self.copy_from_blocking(src, offset)
+        check_range(offset, src.len(), self.len)?;
+        if !(self.is_device_only() && !self.host_newer) {
+            return self.copy_from_blocking(src, offset);
+        }
+        let pool = &self.block.pool;
+        let device = pool.device;
+        // SAFETY: device memory of this pool's backend; `check_range` bounds the range.
+        let pending = unsafe {
+            pool.backend().write_async(&self.block.mem, offset * size_of::<T>(), bytemuck::cast_slice(src))
+        }
+        .map_err(|source| Error::Backend { device, source })?;
+        self.write_mirror(src, offset);
+        pending.await.map(drop).map_err(|source| Error::Backend { device, source })
     }
 
     /// Copies `src` into the buffer starting at element `offset`, waiting for completion.
@@ -304,11 +303,7 @@ impl<T: Element> Buffer<T> {
             // SAFETY: device memory of this pool's backend; `check_range` bounds the range.
             unsafe { pool.backend().write(&self.block.mem, at, bytemuck::cast_slice(src)) }
                 .map_err(|source| Error::Backend { device: pool.device, source })?;
-            // A current mirror stays current: write the same elements there.
-            if let Some(mirror) = self.mirror.get_mut() {
-                let bytes = self.len * size_of::<T>();
-                mirror.bytes_mut(bytes)[at..at + size_of_val(src)].copy_from_slice(bytemuck::cast_slice(src));
-            }
+            self.write_mirror(src, offset);
             return Ok(());
         }
         let dst = self.as_mut_slice()?;
@@ -316,12 +311,40 @@ impl<T: Element> Buffer<T> {
         Ok(())
     }
 
-    /// Copies elements starting at `offset` into all of `dst`.
+    /// Copies elements starting at `offset` into all of `dst`; the copy is complete when the
+    /// future resolves.
+    ///
+    /// For device memory whose host mirror is stale, the device writes into staging memory
+    /// that the transfer owns, and `dst` is filled from it when the future resolves: a
+    /// future dropped or leaked mid-flight never writes `dst`, and the device never touches
+    /// it. Completion comes from a driver callback; nothing polls the device.
     ///
     /// Fails with [`Error::OutOfBounds`] if `offset + dst.len()` passes the end; `dst` is
     /// unchanged then.
     pub async fn copy_to(&self, dst: &mut [T], offset: usize) -> Result<()> {
-        self.copy_to_blocking(dst, offset)
+        check_range(offset, dst.len(), self.len)?;
+        if !(self.is_device_only() && self.mirror.get().is_none()) {
+            return self.copy_to_blocking(dst, offset);
+        }
+        let pool = &self.block.pool;
+        let device = pool.device;
+        let bytes = size_of_val(dst);
+        // SAFETY: device memory of this pool's backend; `check_range` bounds the range.
+        let pending = unsafe { pool.backend().read_async(&self.block.mem, offset * size_of::<T>(), bytes) }
+            .map_err(|source| Error::Backend { device, source })?;
+        let staged = pending.await.map_err(|source| Error::Backend { device, source })?;
+        bytemuck::cast_slice_mut::<T, u8>(dst).copy_from_slice(staged.bytes(bytes));
+        Ok(())
+    }
+
+    /// A current mirror stays current when the device is written: the same elements are
+    /// written there.
+    fn write_mirror(&mut self, src: &[T], offset: usize) {
+        let bytes = self.size_in_bytes();
+        if let Some(mirror) = self.mirror.get_mut() {
+            let at = offset * size_of::<T>();
+            mirror.bytes_mut(bytes)[at..at + size_of_val(src)].copy_from_slice(bytemuck::cast_slice(src));
+        }
     }
 
     /// Copies elements starting at `offset` into all of `dst`, waiting for completion.

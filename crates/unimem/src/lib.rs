@@ -27,6 +27,7 @@ mod backend;
 mod buffer;
 mod device;
 mod error;
+mod host_lines;
 mod manager;
 pub mod object_pool;
 mod options;

@@ -2,11 +2,20 @@
 //! the devices at run time and prints why it skips when there are none; with
 //! `UNIMEM_REQUIRE_OPENCL=1` (set by `.ci/run`) a missing device fails instead.
 
+#[path = "support/cl_gate.rs"]
+mod cl_gate;
 #[path = "support/cl_kernel.rs"]
 mod cl_kernel;
 
+use std::future::Future;
+use std::pin::pin;
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
 
+use cl_gate::Gate;
 use cl_kernel::Kernel;
 use unimem::{AllocationMode, DeviceId, DeviceKind, Error, Location, MapMode, MemoryManager};
 
@@ -56,6 +65,128 @@ fn round_trips_in_every_mode_and_at_offsets() {
             assert_eq!(view.as_slice().unwrap()[0], src[0]);
         }
     }
+}
+
+/// A waker that counts its wake-ups: completion must come from the driver's callback.
+struct Wakes(AtomicUsize);
+
+impl Wake for Wakes {
+    fn wake(self: Arc<Self>) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+fn counting_waker() -> (Arc<Wakes>, Waker) {
+    let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+    (Arc::clone(&wakes), Waker::from(wakes))
+}
+
+/// Waits (without polling any future) until the waker has been called; a liveness bound,
+/// not a timing assertion.
+fn wait_for_wake(wakes: &Wakes) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while wakes.0.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the completion callback never came");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn gate(manager: &MemoryManager, device: DeviceId) -> Gate {
+    let cl = manager.opencl_device(device).unwrap();
+    Gate::close(cl.context(), cl.queue())
+}
+
+#[test]
+fn async_copies_round_trip_in_every_mode() {
+    let Some((manager, device)) = opencl() else { return };
+    for mode in
+        [AllocationMode::Pooled, AllocationMode::Unpooled, AllocationMode::Pinned, AllocationMode::Unified]
+    {
+        let mut buffer = manager.allocate_on::<f32>(device, 5000, mode).unwrap();
+        let src = data(4000);
+        pollster::block_on(buffer.copy_from(&src, 1000)).unwrap();
+        let mut back = vec![0.0; 4000];
+        pollster::block_on(buffer.copy_to(&mut back, 1000)).unwrap();
+        assert_eq!(back, src, "{mode:?}");
+        let err = pollster::block_on(buffer.copy_from(&src, 1001)).unwrap_err();
+        assert!(matches!(err, Error::OutOfBounds { offset: 1001, .. }), "{err}");
+    }
+}
+
+#[test]
+fn async_copies_complete_through_the_event_callback() {
+    let Some((manager, device)) = opencl() else { return };
+    let n = 1 << 18;
+    let mut buffer = manager.allocate_on::<f32>(device, n, AllocationMode::Pooled).unwrap();
+    buffer.copy_from_blocking(&data(n), 0).unwrap();
+    let mut dst = vec![0.0; n];
+    let (wakes, waker) = counting_waker();
+    let mut cx = Context::from_waker(&waker);
+    let mut gate = gate(&manager, device);
+    {
+        let mut copy = pin!(buffer.copy_to(&mut dst, 0));
+        assert!(copy.as_mut().poll(&mut cx).is_pending(), "the queue is gated: the read waits");
+        assert!(copy.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 0);
+        gate.open();
+        wait_for_wake(&wakes);
+        assert!(matches!(copy.as_mut().poll(&mut cx), Poll::Ready(Ok(()))));
+    }
+    assert_eq!(dst, data(n));
+    assert_eq!(wakes.0.load(Ordering::SeqCst), 1, "woken once, by the callback");
+    assert_eq!(buffer.location(), Location::Device);
+}
+
+#[test]
+fn a_copy_future_dropped_mid_flight_still_writes_what_it_was_given() {
+    let Some((manager, device)) = opencl() else { return };
+    let n = 1 << 20;
+    let mut buffer = manager.allocate_on::<f32>(device, n, AllocationMode::Pooled).unwrap();
+    let mut src = data(n);
+    let (_, waker) = counting_waker();
+    let mut gate = gate(&manager, device);
+    {
+        let mut copy = Box::pin(buffer.copy_from(&src, 0));
+        assert!(copy.as_mut().poll(&mut Context::from_waker(&waker)).is_pending());
+    } // dropped mid-flight: the device has not read anything yet
+    src.fill(-1.0); // the caller's slice is free again at once
+    drop(src);
+    gate.open();
+    assert_eq!(buffer.as_slice().unwrap(), &data(n)[..], "the staged data, not the overwritten source");
+}
+
+#[test]
+fn a_copy_future_leaked_mid_flight_is_harmless() {
+    let Some((manager, device)) = opencl() else { return };
+    let n = 1 << 20;
+    let mut buffer = manager.allocate_on::<f32>(device, n, AllocationMode::Pooled).unwrap();
+    let src = data(n);
+    let (_, waker) = counting_waker();
+    let mut gate = gate(&manager, device);
+    let mut copy = Box::pin(buffer.copy_from(&src, 0));
+    assert!(copy.as_mut().poll(&mut Context::from_waker(&waker)).is_pending());
+    std::mem::forget(copy);
+    drop(src);
+    drop(buffer); // back to the pool with the copy still queued
+    gate.open();
+    // The next user of the block is ordered after the copy, and sees all of it.
+    let reused = manager.allocate_on::<f32>(device, n, AllocationMode::Pooled).unwrap();
+    assert_eq!(manager.statistics().pool_hits, 1);
+    assert_eq!(reused.as_slice().unwrap(), &data(n)[..]);
+
+    // A read leaked mid-flight never writes the caller's slice.
+    let mut other = manager.allocate_on::<f32>(device, n, AllocationMode::Unpooled).unwrap();
+    other.copy_from_blocking(&data(n), 0).unwrap();
+    let mut dst = vec![0.0f32; n];
+    let mut gate = self::gate(&manager, device);
+    let mut read = Box::pin(other.copy_to(&mut dst, 0));
+    assert!(read.as_mut().poll(&mut Context::from_waker(&waker)).is_pending());
+    std::mem::forget(read);
+    dst.fill(9.0);
+    gate.open();
+    other.copy_to_blocking(&mut [0.0; 1], 0).unwrap(); // after the leaked read, in queue order
+    drop(other); // freed with nothing of it in use
+    assert!(dst.iter().all(|&x| x == 9.0), "the device wrote into memory it no longer owned");
 }
 
 #[test]

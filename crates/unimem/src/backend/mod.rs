@@ -11,8 +11,11 @@
 pub(crate) mod cpu;
 #[cfg(feature = "opencl")]
 pub(crate) mod opencl;
+pub(crate) mod pending;
 
 use crate::device::{DeviceInfo, MemoryKind};
+use crate::host_lines::HostLines;
+use pending::Pending;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
@@ -140,6 +143,41 @@ pub(crate) trait Backend: Send + Sync + 'static {
         _dst: &mut [u8],
     ) -> Result<(), BackendError> {
         Err(BackendError::Driver { call: "read", message: "this device has only host memory".into() })
+    }
+
+    /// Starts copying `src` into device memory at byte `offset`. `src` is copied into
+    /// staging memory owned by the returned operation before this returns, so the caller's
+    /// slice is free at once; the device memory is written in queue order (later transfers,
+    /// fences and frees are ordered after it) whether or not anyone awaits the operation.
+    ///
+    /// # Safety
+    /// As for `write`.
+    unsafe fn write_async(
+        &self,
+        allocation: &RawAllocation,
+        offset: usize,
+        src: &[u8],
+    ) -> Result<Pending, BackendError> {
+        // SAFETY: forwarded from the caller.
+        let outcome = unsafe { self.write(allocation, offset, src) };
+        Ok(Pending::ready(None, outcome))
+    }
+
+    /// Starts copying `len` bytes of device memory from byte `offset` into staging memory
+    /// owned by the operation, which the operation yields when done.
+    ///
+    /// # Safety
+    /// As for `write`, with `offset + len <= allocation.bytes`.
+    unsafe fn read_async(
+        &self,
+        allocation: &RawAllocation,
+        offset: usize,
+        len: usize,
+    ) -> Result<Pending, BackendError> {
+        let mut lines = HostLines::zeroed(len);
+        // SAFETY: forwarded from the caller.
+        let outcome = unsafe { self.read(allocation, offset, lines.bytes_mut(len)) };
+        Ok(Pending::ready(Some(lines), outcome))
     }
 
     /// Copies `bytes` between two device allocations of this backend, returning when done.

@@ -11,9 +11,11 @@
 //!   and device. Devices with only coarse-grained SVM do not offer `Unified` (yet); asking
 //!   for it there is `Error::UnsupportedMode`.
 //!
-//! Every transfer here is blocking and every device operation goes through the device's one
-//! in-order queue, so a block returned to its pool is fenced with a marker: its next user
-//! waits for the last enqueued use, including a user's kernels on the same queue.
+//! Every device operation goes through the device's one in-order queue. Blocking transfers
+//! wait for their event; asynchronous ones copy through staging memory that the operation
+//! owns and complete from an event callback (`clSetEventCallback`), so nothing polls. A
+//! block returned to its pool is fenced with a marker: its next user waits for the last
+//! enqueued use, including a user's kernels on the same queue.
 
 use std::ffi::c_void;
 use std::ptr::{self, NonNull};
@@ -25,15 +27,19 @@ use opencl3::device::{
     CL_DEVICE_SVM_COARSE_GRAIN_BUFFER, CL_DEVICE_SVM_FINE_GRAIN_BUFFER, CL_DEVICE_TYPE_ALL, Device,
 };
 use opencl3::error_codes::ClError;
-use opencl3::event;
+use opencl3::event::{self, CL_COMPLETE};
 use opencl3::memory::{
     self as memory, CL_MAP_READ, CL_MAP_WRITE, CL_MEM_ALLOC_HOST_PTR, CL_MEM_READ_WRITE,
     CL_MEM_SVM_FINE_GRAIN_BUFFER,
 };
-use opencl3::types::{CL_BLOCKING, cl_command_queue, cl_context, cl_device_id, cl_event, cl_int, cl_mem};
+use opencl3::types::{
+    CL_BLOCKING, CL_NON_BLOCKING, cl_command_queue, cl_context, cl_device_id, cl_event, cl_int, cl_mem,
+};
 
+use super::pending::{Pending, Signal};
 use super::{Backend, BackendError, Fence, RawAllocation};
 use crate::device::{DeviceId, DeviceInfo, DeviceKind, MemoryKind};
+use crate::host_lines::{HostLines, Staging};
 
 /// Alignment asked of SVM allocations (unimem's buffers promise 64).
 const SVM_ALIGN: u32 = 64;
@@ -116,6 +122,34 @@ fn finish_event(call: &'static str, event: cl_event) -> Result<(), BackendError>
     // SAFETY: `event` was returned by an enqueue call and is released exactly once, here.
     let released = unsafe { event::release_event(event) }.map_err(|c| driver("clReleaseEvent", c));
     waited.and(released)
+}
+
+/// Completes the operation of `event` from OpenCL's callback, off the caller's thread: the
+/// signal fires and the event is released. Callbacks run once per registration, with a
+/// negative status when the command failed.
+extern "C" fn on_event_complete(event: cl_event, status: cl_int, user_data: *mut c_void) {
+    // SAFETY: `user_data` is the signal leaked for this one registration in `complete_on`.
+    let signal = unsafe { Signal::from_raw(user_data) };
+    // SAFETY: the event's reference was handed to this callback in `complete_on`; released once.
+    let _ = unsafe { event::release_event(event) };
+    signal.complete(if status < 0 { Err(driver("OpenCL transfer", status)) } else { Ok(()) });
+}
+
+/// The operation of `event`, owning `staging` until the device is done with it.
+fn complete_on(call: &'static str, event: cl_event, staging: Staging) -> Pending {
+    let (pending, signal) = Pending::new(Some(staging));
+    let user_data = signal.into_raw();
+    match event::set_event_callback(event, CL_COMPLETE, on_event_complete, user_data) {
+        Ok(()) => pending,
+        Err(code) => {
+            // SAFETY: registration failed, so the callback never runs: the signal is ours.
+            let signal = unsafe { Signal::from_raw(user_data) };
+            // Without a callback, wait here; the staging memory must outlive the command.
+            let waited = finish_event(call, event);
+            signal.complete(waited.and(Err(driver("clSetEventCallback", code))));
+            pending
+        }
+    }
 }
 
 /// One OpenCL device with its context and in-order queue.
@@ -402,6 +436,55 @@ impl Backend for OpenClBackend {
         }
         .map_err(|c| driver("clEnqueueReadBuffer", c))?;
         finish_event("clEnqueueReadBuffer", event)
+    }
+
+    unsafe fn write_async(
+        &self,
+        allocation: &RawAllocation,
+        offset: usize,
+        src: &[u8],
+    ) -> Result<Pending, BackendError> {
+        let staging = Staging::new(HostLines::copy_of(src));
+        // SAFETY: the caller guarantees the range is inside the buffer; the command reads
+        // `staging`, which the returned operation keeps alive until the event completes.
+        let event = unsafe {
+            queue::enqueue_write_buffer(
+                self.queue.get(),
+                Self::mem(allocation),
+                CL_NON_BLOCKING,
+                offset,
+                src.len(),
+                staging.as_ptr().cast(),
+                0,
+                ptr::null(),
+            )
+        }
+        .map_err(|c| driver("clEnqueueWriteBuffer", c))?;
+        Ok(complete_on("clEnqueueWriteBuffer", event, staging))
+    }
+
+    unsafe fn read_async(
+        &self,
+        allocation: &RawAllocation,
+        offset: usize,
+        len: usize,
+    ) -> Result<Pending, BackendError> {
+        let staging = Staging::new(HostLines::zeroed(len));
+        // SAFETY: as in `write_async`; the command writes `len` bytes of `staging`.
+        let event = unsafe {
+            queue::enqueue_read_buffer(
+                self.queue.get(),
+                Self::mem(allocation),
+                CL_NON_BLOCKING,
+                offset,
+                len,
+                staging.as_ptr().cast(),
+                0,
+                ptr::null(),
+            )
+        }
+        .map_err(|c| driver("clEnqueueReadBuffer", c))?;
+        Ok(complete_on("clEnqueueReadBuffer", event, staging))
     }
 
     unsafe fn copy(
