@@ -15,6 +15,7 @@ use std::mem::ManuallyDrop;
 use std::ops::{Bound, Range, RangeBounds};
 use std::ptr::NonNull;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The host copy of a device buffer's contents.
 type HostMirror = HostLines;
@@ -58,6 +59,9 @@ pub struct Buffer<T: Element> {
     mirror: OnceLock<HostMirror>,
     /// Device memory only: the mirror holds writes the device has not seen.
     host_newer: bool,
+    /// Host-visible device memory (pinned, unified) only: a raw handle was given out, so
+    /// device work may use the memory; the next host access waits for it first.
+    device_pending: AtomicBool,
     _element: PhantomData<T>,
 }
 
@@ -100,6 +104,7 @@ impl<T: Element> Buffer<T> {
             mode,
             mirror: OnceLock::new(),
             host_newer: false,
+            device_pending: AtomicBool::new(false),
             _element: PhantomData,
         }
     }
@@ -217,6 +222,59 @@ impl<T: Element> Buffer<T> {
         if !is_cl_mem {
             return Err(Error::UnsupportedMode { device: pool.device, mode: self.mode });
         }
+        self.prepare_device_access(access)?;
+        Ok(self.block.mem.handle as usize as opencl3::types::cl_mem)
+    }
+
+    /// The device pointer of a CUDA buffer (device, pinned or managed memory), for the
+    /// caller's kernels, with the buffer made ready for `access` on the device as for
+    /// [`opencl_mem`](Self::opencl_mem); managed memory is prefetched to the device.
+    ///
+    /// Launch on [`CudaBackend::stream`](crate::CudaBackend::stream): unimem orders its own
+    /// transfers and the reuse of pooled memory after it, and the next host access to
+    /// pinned or managed memory waits for the stream.
+    ///
+    /// # Errors
+    /// [`Error::UnsupportedMode`] for buffers that are not CUDA memory; transfer errors.
+    #[cfg(feature = "cuda")]
+    pub fn cuda_ptr(&mut self, access: MapMode) -> Result<cudarc::driver::sys::CUdeviceptr> {
+        let pool = &self.block.pool;
+        if pool.backend().cuda().is_none() {
+            return Err(Error::UnsupportedMode { device: pool.device, mode: self.mode });
+        }
+        self.prepare_device_access(access)?;
+        Ok(self.block.mem.handle)
+    }
+
+    pub(crate) fn manager_id(&self) -> u64 {
+        self.block.pool.manager_id
+    }
+
+    /// The host address of the elements, for host-addressable memory, after any device work
+    /// that a raw handle may have enqueued on it.
+    fn host_ptr(&self) -> Result<NonNull<T>> {
+        let host = self
+            .block
+            .mem
+            .host
+            .map(NonNull::cast)
+            .ok_or(Error::NotHostAddressable { device: self.device() })?;
+        if self.device_pending.load(Ordering::Acquire) {
+            let pool = &self.block.pool;
+            pool.backend()
+                .before_host_access(&self.block.mem, pool.kind)
+                .map_err(|source| Error::Backend { device: pool.device, source })?;
+            self.device_pending.store(false, Ordering::Release);
+        }
+        Ok(host)
+    }
+
+    /// Makes the buffer ready for a user's kernels to `access` it through a raw handle:
+    /// host changes are written to the device first (except for [`MapMode::Write`], which
+    /// promises the kernel overwrites every element), and unless `access` is
+    /// [`MapMode::Read`] the host mirror is dropped, so the next host access reads the
+    /// device's result. Host-visible memory is waited for before the next host access.
+    fn prepare_device_access(&mut self, access: MapMode) -> Result<()> {
         if self.is_device_only() {
             match access {
                 MapMode::Read => self.flush()?,
@@ -226,17 +284,14 @@ impl<T: Element> Buffer<T> {
                 }
                 MapMode::Write => self.invalidate_mirror(),
             }
+            return Ok(());
         }
-        Ok(self.block.mem.handle as usize as opencl3::types::cl_mem)
-    }
-
-    pub(crate) fn manager_id(&self) -> u64 {
-        self.block.pool.manager_id
-    }
-
-    /// The host address of the elements, for host-addressable memory.
-    fn host_ptr(&self) -> Result<NonNull<T>> {
-        self.block.mem.host.map(NonNull::cast).ok_or(Error::NotHostAddressable { device: self.device() })
+        let pool = &self.block.pool;
+        pool.backend()
+            .before_device_access(&self.block.mem, pool.kind)
+            .map_err(|source| Error::Backend { device: pool.device, source })?;
+        *self.device_pending.get_mut() = true;
+        Ok(())
     }
 
     /// The elements, read in place (zero-copy) from host-addressable memory, or from the
@@ -280,7 +335,7 @@ impl<T: Element> Buffer<T> {
     /// is unchanged then.
     pub async fn copy_from(&mut self, src: &[T], offset: usize) -> Result<()> {
         check_range(offset, src.len(), self.len)?;
-        if !(self.is_device_only() && !self.host_newer) {
+        if !self.is_device_only() || self.host_newer {
             return self.copy_from_blocking(src, offset);
         }
         let pool = &self.block.pool;
@@ -323,7 +378,7 @@ impl<T: Element> Buffer<T> {
     /// unchanged then.
     pub async fn copy_to(&self, dst: &mut [T], offset: usize) -> Result<()> {
         check_range(offset, dst.len(), self.len)?;
-        if !(self.is_device_only() && self.mirror.get().is_none()) {
+        if !self.is_device_only() || self.mirror.get().is_some() {
             return self.copy_to_blocking(dst, offset);
         }
         let pool = &self.block.pool;
@@ -379,6 +434,24 @@ impl<T: Element> Buffer<T> {
                 .map_err(|source| Error::Backend { device: pool.device, source })?;
             self.invalidate_mirror();
             return Ok(());
+        }
+        if !same_device && src.is_device_only() && self.is_device_only() && !src.host_newer {
+            // Peer-to-peer, where the devices have a direct path.
+            let pool = &self.block.pool;
+            // SAFETY: device allocations of their own backends, both `size_in_bytes` long.
+            let copied = unsafe {
+                pool.backend().copy_from_peer(
+                    src.block.pool.backend(),
+                    &src.block.mem,
+                    &self.block.mem,
+                    self.size_in_bytes(),
+                )
+            }
+            .map_err(|source| Error::Backend { device: pool.device, source })?;
+            if copied {
+                self.invalidate_mirror();
+                return Ok(());
+            }
         }
         let src = src.as_slice()?;
         self.copy_from_blocking(src, 0)

@@ -35,9 +35,13 @@ mod pool;
 mod stats;
 
 pub use backend::BackendError;
+#[cfg(feature = "cuda")]
+pub use backend::cuda::CudaBackend;
 #[cfg(feature = "opencl")]
 pub use backend::opencl::OpenClBackend;
 pub use buffer::{Buffer, BufferView, BufferViewMut, Mapping};
+#[cfg(feature = "cuda")]
+pub use cudarc;
 pub use device::{AllocationMode, DeviceId, DeviceInfo, DeviceKind, Location, MapMode, MemoryKind};
 pub use error::{Error, Result};
 pub use manager::{MemoryManager, MemoryManagerBuilder, ReturnError};

@@ -93,7 +93,10 @@ impl MemoryManagerBuilder {
         let options = self.options;
         let cpu: Arc<dyn Backend> = Arc::new(CpuBackend::new(options.huge_pages()));
         let mut devices = vec![make_device(id, DeviceId::CPU, cpu, &options)];
-        let (accelerators, notes) = crate::backend::accelerators();
+        let (accelerators, mut notes) = crate::backend::accelerators();
+        if options.p2p() {
+            crate::backend::enable_peer_access(&accelerators, &mut notes);
+        }
         for (n, backend) in (1..).zip(accelerators) {
             devices.push(make_device(id, DeviceId(n), backend, &options));
         }
@@ -111,6 +114,7 @@ fn make_device(manager_id: u64, id: DeviceId, backend: Arc<dyn Backend>, options
                 per_class: options.max_pool_bytes_per_class(),
                 total: options.max_pool_bytes(),
                 memory_limit: options.memory_limit(),
+                trim_on_pressure: options.trim_on_pressure(),
             };
             let divisions = options.size_class_divisions();
             Arc::new(DevicePool::new(manager_id, id, kind, Arc::clone(&backend), divisions, limits))
@@ -186,6 +190,42 @@ impl MemoryManager {
             expected: crate::DeviceKind::OpenCl,
             found: device.info.kind,
         })
+    }
+
+    /// The CUDA handles of device `id` (context, stream, device), for launching kernels on
+    /// unimem memory and for peer access.
+    ///
+    /// # Errors
+    /// [`Error::UnknownDevice`] when `id` is not a device of this manager,
+    /// [`Error::WrongDeviceKind`] when it is not a CUDA device.
+    #[cfg(feature = "cuda")]
+    pub fn cuda_device(&self, id: DeviceId) -> Result<&crate::CudaBackend> {
+        let device = self.device(id)?;
+        device.pools.iter().flatten().find_map(|pool| pool.backend().cuda()).ok_or(Error::WrongDeviceKind {
+            device: id,
+            expected: crate::DeviceKind::Cuda,
+            found: device.info.kind,
+        })
+    }
+
+    /// `matrix[i][j]`: device `i` reads and writes device `j`'s memory directly (peer access,
+    /// enabled when the options' `enable_p2p` is on). Indices are [`DeviceId`] indices; a
+    /// device is not its own peer.
+    pub fn peer_access_matrix(&self) -> Vec<Vec<bool>> {
+        let backends: Vec<_> =
+            self.inner.devices.iter().map(|d| d.pools.iter().flatten().next().map(|p| p.backend())).collect();
+        backends
+            .iter()
+            .map(|a| {
+                backends
+                    .iter()
+                    .map(|b| match (a, b) {
+                        (Some(a), Some(b)) => self.inner.options.p2p() && crate::backend::peers(*a, *b),
+                        _ => false,
+                    })
+                    .collect()
+            })
+            .collect()
     }
 
     #[inline]

@@ -328,10 +328,11 @@ fn bad_input_is_refused_and_nothing_is_lost() {
 fn without_an_icd_there_are_no_devices_and_a_reason() {
     if std::env::var_os("UNIMEM_NO_ICD_CHILD").is_some() {
         let manager = MemoryManager::new();
-        assert_eq!(manager.devices().len(), 1, "only the CPU: {:?}", manager.devices());
-        let notes = manager.backend_notes().join("; ");
-        assert!(notes.starts_with("OpenCL: "), "{notes}");
-        eprintln!("reason given: {notes}");
+        let devices = manager.devices();
+        assert!(devices.iter().all(|d| d.kind != DeviceKind::OpenCl), "{devices:?}");
+        let notes = manager.backend_notes();
+        let note = notes.iter().find(|n| n.starts_with("OpenCL: ")).unwrap_or_else(|| panic!("{notes:?}"));
+        eprintln!("reason given: {note}");
         let mut buffer = manager.allocate::<u8>(4096, AllocationMode::Pooled).unwrap();
         buffer.as_mut_slice().unwrap().fill(1);
         return;

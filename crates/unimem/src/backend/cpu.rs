@@ -93,7 +93,7 @@ impl Backend for CpuBackend {
         Ok(RawAllocation { handle: FROM_HEAP, host: Some(ptr), bytes })
     }
 
-    unsafe fn free(&self, allocation: &RawAllocation) -> Result<(), BackendError> {
+    unsafe fn free(&self, allocation: &RawAllocation, _kind: MemoryKind) -> Result<(), BackendError> {
         let Some(ptr) = allocation.host else {
             return Ok(());
         };

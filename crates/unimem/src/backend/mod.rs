@@ -9,6 +9,8 @@
 //! [`Buffer`]: crate::Buffer
 
 pub(crate) mod cpu;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 #[cfg(feature = "opencl")]
 pub(crate) mod opencl;
 pub(crate) mod pending;
@@ -24,6 +26,14 @@ use std::sync::Arc;
 pub(crate) fn accelerators() -> (Vec<Arc<dyn Backend>>, Vec<String>) {
     #[allow(unused_mut, reason = "filled only when a device backend is compiled in")]
     let (mut found, mut notes): (Vec<Arc<dyn Backend>>, Vec<String>) = (Vec::new(), Vec::new());
+    #[cfg(feature = "cuda")]
+    {
+        let discovery = cuda::discover();
+        found.extend(discovery.backends.iter().map(|b| Arc::clone(b) as Arc<dyn Backend>));
+        if let Some(note) = &discovery.note {
+            notes.push(format!("CUDA: {note}"));
+        }
+    }
     #[cfg(feature = "opencl")]
     {
         let discovery = opencl::discover();
@@ -33,6 +43,30 @@ pub(crate) fn accelerators() -> (Vec<Arc<dyn Backend>>, Vec<String>) {
         }
     }
     (found, notes)
+}
+
+/// Enables direct access between every pair of devices that offers it (`enable_p2p`), and
+/// notes the pairs that failed.
+pub(crate) fn enable_peer_access(_backends: &[Arc<dyn Backend>], _notes: &mut Vec<String>) {
+    #[cfg(feature = "cuda")]
+    for a in _backends.iter().filter_map(|b| b.cuda()) {
+        for b in _backends.iter().filter_map(|b| b.cuda()) {
+            if a.can_access_peer(b) {
+                if let Err(e) = a.enable_peer_access(b) {
+                    _notes.push(format!("CUDA: peer access {} -> {}: {e}", a.ordinal(), b.ordinal()));
+                }
+            }
+        }
+    }
+}
+
+/// Whether `a` accesses `b`'s memory directly.
+pub(crate) fn peers(_a: &dyn Backend, _b: &dyn Backend) -> bool {
+    #[cfg(feature = "cuda")]
+    if let (Some(a), Some(b)) = (_a.cuda(), _b.cuda()) {
+        return a.can_access_peer(b);
+    }
+    false
 }
 
 /// What a backend may report.
@@ -94,9 +128,9 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// Frees an allocation.
     ///
     /// # Safety
-    /// `allocation` came from `self.allocate` and no device operation or host reference
-    /// still uses it.
-    unsafe fn free(&self, allocation: &RawAllocation) -> Result<(), BackendError>;
+    /// `allocation` came from `self.allocate(_, kind)` and no host reference still uses it;
+    /// device work enqueued by unimem may, and the backend orders the free after it.
+    unsafe fn free(&self, allocation: &RawAllocation, kind: MemoryKind) -> Result<(), BackendError>;
 
     /// Blocks until `fence` has completed, and releases it.
     fn wait(&self, fence: Fence) -> Result<(), BackendError>;
@@ -108,9 +142,34 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// A fence after every operation enqueued so far, taken when a block goes back to its
     /// pool so that the next user waits for the last one (soundness rule 2), or `None` where
     /// nothing runs asynchronously. Only called when `needs_fences` is true.
-    fn fence_after_use(&self) -> Result<Option<Fence>, BackendError> {
+    fn fence_after_use(&self, _kind: MemoryKind) -> Result<Option<Fence>, BackendError> {
         Ok(None)
     }
+
+    /// Makes host-visible memory (pinned, unified) safe to touch from the host after device
+    /// work that may use it: waits for that work, and migrates managed memory to the host.
+    fn before_host_access(&self, _allocation: &RawAllocation, _kind: MemoryKind) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    /// Prepares memory for a user's kernels (migrates managed memory to the device).
+    fn before_device_access(
+        &self,
+        _allocation: &RawAllocation,
+        _kind: MemoryKind,
+    ) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    /// Free and total device memory, where the device reports them: memory-pressure
+    /// decisions use them.
+    fn free_memory(&self) -> Option<(u64, u64)> {
+        None
+    }
+
+    /// Returns memory the driver keeps cached for this device to the system (after the
+    /// pools were trimmed).
+    fn release_cached(&self) {}
 
     /// Whether `fence_after_use` can return a fence (checked once per pool, so that host
     /// pools pay nothing on their hit path).
@@ -192,6 +251,28 @@ pub(crate) trait Backend: Send + Sync + 'static {
         _bytes: usize,
     ) -> Result<(), BackendError> {
         Err(BackendError::Driver { call: "copy", message: "this device has only host memory".into() })
+    }
+
+    /// Copies `bytes` from `src`, an allocation of the device `source`, straight into `dst`
+    /// of this device, returning `Ok(false)` when the two devices have no direct path.
+    ///
+    /// # Safety
+    /// `src` came from `source.allocate`, `dst` from `self.allocate`, neither has a host
+    /// pointer, and both are at least `bytes` long.
+    unsafe fn copy_from_peer(
+        &self,
+        _source: &dyn Backend,
+        _src: &RawAllocation,
+        _dst: &RawAllocation,
+        _bytes: usize,
+    ) -> Result<bool, BackendError> {
+        Ok(false)
+    }
+
+    /// The device handles a user needs to run kernels on this device's memory.
+    #[cfg(feature = "cuda")]
+    fn cuda(&self) -> Option<&cuda::CudaBackend> {
+        None
     }
 
     /// The device handles a user needs to run kernels on this device's memory.

@@ -347,7 +347,7 @@ impl Backend for OpenClBackend {
         }
     }
 
-    unsafe fn free(&self, allocation: &RawAllocation) -> Result<(), BackendError> {
+    unsafe fn free(&self, allocation: &RawAllocation, _kind: MemoryKind) -> Result<(), BackendError> {
         let handle = allocation.handle as usize;
         if self.svm_fine && allocation.host.is_some_and(|h| h.as_ptr() as usize == handle) {
             // clSVMFree does not wait for queued work: finish first.
@@ -380,7 +380,7 @@ impl Backend for OpenClBackend {
         let _ = unsafe { event::release_event(fence.0 as usize as cl_event) };
     }
 
-    fn fence_after_use(&self) -> Result<Option<Fence>, BackendError> {
+    fn fence_after_use(&self, _kind: MemoryKind) -> Result<Option<Fence>, BackendError> {
         // SAFETY: a marker on our queue, with no wait list.
         let marker = unsafe { queue::enqueue_marker_with_wait_list(self.queue.get(), 0, ptr::null()) }
             .map_err(|c| driver("clEnqueueMarkerWithWaitList", c))?;
@@ -389,6 +389,10 @@ impl Backend for OpenClBackend {
 
     fn needs_fences(&self) -> bool {
         true
+    }
+
+    fn before_host_access(&self, _allocation: &RawAllocation, _kind: MemoryKind) -> Result<(), BackendError> {
+        queue::finish(self.queue.get()).map_err(|c| driver("clFinish", c))
     }
 
     unsafe fn write(

@@ -54,7 +54,7 @@ impl Block {
             // Soundness rule 2: the next user of this memory waits for everything enqueued
             // so far, which includes this user's last device operation. Without a fence
             // (the marker failed) the block is freed instead of pooled.
-            match self.pool.backend.fence_after_use() {
+            match self.pool.backend.fence_after_use(self.pool.kind) {
                 Ok(fence) => self.fence = fence,
                 Err(_) => {
                     self.pool.counters.free_errors.fetch_add(1, Relaxed);
@@ -109,6 +109,8 @@ pub(crate) struct PoolLimits {
     pub per_class: u64,
     pub total: u64,
     pub memory_limit: Option<u64>,
+    /// Trim this pool before allocating when the device's free memory runs low.
+    pub trim_on_pressure: bool,
 }
 
 /// Why a pool could not hand out memory.
@@ -263,6 +265,9 @@ impl DevicePool {
     ) -> Result<Box<Block>, AcquireError> {
         if !self.reserve(to_u64(cap)) {
             return Err(AcquireError::Exhausted);
+        }
+        if self.limits.trim_on_pressure && self.under_pressure(cap) {
+            self.trim_to(0);
         }
         match self.backend.allocate(cap, self.kind) {
             Ok(mem) => {
@@ -438,7 +443,7 @@ impl DevicePool {
         let result = match origin {
             // SAFETY: a block's memory came from this pool's backend (Origin::Backend), and a
             // block is dropped only when no buffer or device operation uses it any more.
-            Origin::Backend => unsafe { self.backend.free(mem) },
+            Origin::Backend => unsafe { self.backend.free(mem, self.kind) },
             Origin::Vec { align } => {
                 free_vec(mem, align);
                 Ok(())
@@ -488,9 +493,19 @@ impl DevicePool {
         }
         let bytes: u64 = freed.iter().map(|b| to_u64(b.capacity())).sum();
         drop(freed);
+        if bytes > 0 {
+            self.backend.release_cached();
+        }
         self.counters.trims.fetch_add(1, Relaxed);
         self.counters.trimmed_bytes.fetch_add(bytes, Relaxed);
         bytes
+    }
+
+    /// Whether the device, asked for `bytes` more, would have less than 1/16 of its memory
+    /// free (devices that report free memory only, such as CUDA's `cuMemGetInfo`).
+    fn under_pressure(&self, bytes: usize) -> bool {
+        let Some((free, total)) = self.backend.free_memory() else { return false };
+        self.pooled_bytes() > 0 && free.saturating_sub(to_u64(bytes)) < total / 16
     }
 
     /// Marks the pool closed (its manager is gone) and frees everything it holds.

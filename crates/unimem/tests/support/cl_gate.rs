@@ -25,7 +25,8 @@ impl Gate {
     pub fn open(&mut self) {
         if !self.open {
             self.open = true;
-            cl3::event::set_user_event_status(self.user, cl3::event::CL_COMPLETE).expect("clSetUserEventStatus");
+            cl3::event::set_user_event_status(self.user, cl3::event::CL_COMPLETE)
+                .expect("clSetUserEventStatus");
         }
     }
 }

@@ -1,0 +1,579 @@
+//! The CUDA backend (cargo feature `cuda`), on `cudarc`'s driver API with the driver library
+//! opened at run time. A machine without `libcuda.so`, or with a driver and no device, has no
+//! CUDA devices and says why; the library's presence is probed before any call into it.
+//!
+//! Each device has its retained primary context and one non-blocking stream, bound
+//! explicitly before every driver call (nothing relies on a thread's current context).
+//!
+//! Memory kinds:
+//! - `Device`: stream-ordered allocations (`cuMemAllocFromPoolAsync`) from the device's
+//!   memory pool, whose release threshold is raised so that freed memory stays with the
+//!   pool across synchronisations; `cuMemAlloc` where the device has no memory pools.
+//!   Reuse is stream-ordered: every operation unimem runs, and every kernel a user enqueues
+//!   on [`CudaBackend::stream`], is ordered after the previous user's, so a pooled device
+//!   block needs no fence.
+//! - `Pinned`: page-locked host memory (`cuMemHostAlloc`, portable and mapped, not
+//!   write-combined: host reads of write-combined memory are slow).
+//! - `Unified`: managed memory (`cuMemAllocManaged`), prefetched to the device before a
+//!   user's kernels get its pointer and to the host before host access, where the device
+//!   supports concurrent managed access.
+//!
+//! Host-visible blocks returned to a pool carry an event recorded on the stream; their next
+//! user waits for it. Asynchronous copies go through staging memory the operation owns and
+//! complete from a host function on the stream (`cuLaunchHostFunc`), never by polling.
+
+use std::ffi::c_void;
+use std::ptr::NonNull;
+use std::sync::{Arc, OnceLock};
+
+use cudarc::driver::{DriverError, result, sys};
+
+use super::pending::{Pending, Signal};
+use super::{Backend, BackendError, Fence, RawAllocation};
+use crate::device::{DeviceId, DeviceInfo, DeviceKind, MemoryKind};
+use crate::host_lines::{HostLines, Staging};
+
+/// What discovery found: one backend per device, or the reason there are none.
+pub(crate) struct Discovery {
+    pub backends: Vec<Arc<CudaBackend>>,
+    /// Why there are no devices, or why some device could not be used.
+    pub note: Option<String>,
+}
+
+/// Probes the driver and enumerates every device, once per process.
+pub(crate) fn discover() -> &'static Discovery {
+    static FOUND: OnceLock<Discovery> = OnceLock::new();
+    FOUND.get_or_init(enumerate)
+}
+
+fn enumerate() -> Discovery {
+    // SAFETY: only tries to open the library; nothing in it is called. cudarc panics on the
+    // first driver call when the library is missing, so this check comes first.
+    if !unsafe { sys::is_culib_present() } {
+        return none("no CUDA driver library (libcuda.so) found".into());
+    }
+    if let Err(e) = result::init() {
+        return none(format!("cuInit failed: {}", name(e)));
+    }
+    let count = match result::device::get_count() {
+        Ok(0) => return none("the CUDA driver reports no devices".into()),
+        Ok(n) => n,
+        Err(e) => return none(format!("cuDeviceGetCount failed: {}", name(e))),
+    };
+    let mut backends = Vec::new();
+    let mut problems = Vec::new();
+    for ordinal in 0..count {
+        match CudaBackend::new(ordinal) {
+            Ok(backend) => backends.push(backend),
+            Err(e) => problems.push(format!("device {ordinal}: {e}")),
+        }
+    }
+    let devices: Vec<sys::CUdevice> = backends.iter().map(|b| b.device).collect();
+    for backend in &mut backends {
+        backend.peers =
+            devices.iter().copied().filter(|&other| can_access_peer(backend.device, other)).collect();
+    }
+    let note = match (backends.is_empty(), problems.is_empty()) {
+        (_, false) => Some(problems.join("; ")),
+        (true, true) => Some("no CUDA device could be used".into()),
+        (false, true) => None,
+    };
+    Discovery { backends: backends.into_iter().map(Arc::new).collect(), note }
+}
+
+fn none(reason: String) -> Discovery {
+    Discovery { backends: Vec::new(), note: Some(reason) }
+}
+
+/// The error's name, without calling the driver (`cuGetErrorString` may be missing from a
+/// partial driver, and cudarc panics on a missing symbol).
+fn name(e: DriverError) -> String {
+    format!("{:?}", e.0)
+}
+
+fn driver(call: &'static str, e: DriverError) -> BackendError {
+    match e.0 {
+        sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => BackendError::OutOfMemory { bytes: 0 },
+        _ => BackendError::Driver { call, message: name(e) },
+    }
+}
+
+fn allocation_error(call: &'static str, e: DriverError, bytes: usize) -> BackendError {
+    match driver(call, e) {
+        BackendError::OutOfMemory { .. } => BackendError::OutOfMemory { bytes },
+        other => other,
+    }
+}
+
+fn can_access_peer(device: sys::CUdevice, peer: sys::CUdevice) -> bool {
+    if device == peer {
+        return false;
+    }
+    let mut can = 0;
+    // SAFETY: two valid device handles and an out-parameter.
+    let probed = unsafe { sys::cuDeviceCanAccessPeer(&raw mut can, device, peer) }.result();
+    probed.is_ok() && can != 0
+}
+
+/// One CUDA device: its primary context and unimem's stream on it.
+pub struct CudaBackend {
+    ordinal: i32,
+    device: sys::CUdevice,
+    context: sys::CUcontext,
+    stream: sys::CUstream,
+    /// The device's default memory pool, where it supports stream-ordered allocation.
+    pool: Option<sys::CUmemoryPool>,
+    name: String,
+    total_memory: u64,
+    managed: bool,
+    concurrent_managed: bool,
+    /// The devices whose memory this one can access directly.
+    peers: Vec<sys::CUdevice>,
+}
+
+// SAFETY: the handles are the driver's, valid on every thread; every call binds the context
+// first, and the driver synchronises its own objects.
+unsafe impl Send for CudaBackend {}
+// SAFETY: as for Send; `&CudaBackend` only issues driver calls, which are thread-safe.
+unsafe impl Sync for CudaBackend {}
+
+impl CudaBackend {
+    fn new(ordinal: i32) -> Result<Self, BackendError> {
+        let device = result::device::get(ordinal).map_err(|e| driver("cuDeviceGet", e))?;
+        // SAFETY: a valid device; the retained context is released in `Drop`.
+        let context = unsafe { result::primary_ctx::retain(device) }
+            .map_err(|e| driver("cuDevicePrimaryCtxRetain", e))?;
+        let mut backend = CudaBackend {
+            ordinal,
+            device,
+            context,
+            stream: std::ptr::null_mut(),
+            pool: None,
+            name: String::new(),
+            total_memory: 0,
+            managed: false,
+            concurrent_managed: false,
+            peers: Vec::new(),
+        };
+        backend.bind()?;
+        backend.stream = result::stream::create(result::stream::StreamKind::NonBlocking)
+            .map_err(|e| driver("cuStreamCreate", e))?;
+        backend.name = result::device::get_name(device).map_err(|e| driver("cuDeviceGetName", e))?;
+        // SAFETY: a valid device.
+        let total =
+            unsafe { result::device::total_mem(device) }.map_err(|e| driver("cuDeviceTotalMem", e))?;
+        backend.total_memory = total as u64;
+        let attribute = |a| {
+            // SAFETY: a valid device and attribute.
+            unsafe { result::device::get_attribute(device, a) }.is_ok_and(|v| v != 0)
+        };
+        use sys::CUdevice_attribute as A;
+        backend.managed = attribute(A::CU_DEVICE_ATTRIBUTE_MANAGED_MEMORY);
+        backend.concurrent_managed = attribute(A::CU_DEVICE_ATTRIBUTE_CONCURRENT_MANAGED_ACCESS);
+        if attribute(A::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED) {
+            backend.pool = backend.default_pool();
+        }
+        Ok(backend)
+    }
+
+    /// The device's default memory pool, told to keep freed memory (release threshold:
+    /// unlimited) instead of returning it to the driver at every synchronisation.
+    fn default_pool(&self) -> Option<sys::CUmemoryPool> {
+        // SAFETY: a valid device.
+        let pool = unsafe { result::device::get_default_mem_pool(self.device) }.ok()?;
+        let mut threshold = u64::MAX;
+        // SAFETY: the release threshold attribute takes a `u64`, passed by pointer.
+        unsafe {
+            result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&raw mut threshold).cast(),
+            )
+        }
+        .ok()?;
+        Some(pool)
+    }
+
+    /// Makes this device's context current on the calling thread.
+    fn bind(&self) -> Result<(), BackendError> {
+        // SAFETY: the context is retained for the backend's life.
+        unsafe { result::ctx::set_current(self.context) }.map_err(|e| driver("cuCtxSetCurrent", e))
+    }
+
+    fn synchronize(&self) -> Result<(), BackendError> {
+        // SAFETY: our stream, alive for the backend's life.
+        unsafe { result::stream::synchronize(self.stream) }.map_err(|e| driver("cuStreamSynchronize", e))
+    }
+
+    /// The device ordinal (as in `cuDeviceGet`).
+    pub fn ordinal(&self) -> i32 {
+        self.ordinal
+    }
+
+    /// The device handle.
+    pub fn device(&self) -> sys::CUdevice {
+        self.device
+    }
+
+    /// The device's primary context (retained by unimem).
+    pub fn context(&self) -> sys::CUcontext {
+        self.context
+    }
+
+    /// The stream unimem orders all its work on. Launch kernels on unimem memory here:
+    /// pooled reuse and unimem's transfers are then ordered after them.
+    pub fn stream(&self) -> sys::CUstream {
+        self.stream
+    }
+
+    /// Free and total device memory, from `cuMemGetInfo`.
+    pub fn memory_info(&self) -> Result<(u64, u64), BackendError> {
+        self.bind()?;
+        let (free, total) = result::mem_get_info().map_err(|e| driver("cuMemGetInfo", e))?;
+        Ok((free as u64, total as u64))
+    }
+
+    /// Whether this device can access the memory of `other` directly (`cuDeviceCanAccessPeer`).
+    pub fn can_access_peer(&self, other: &CudaBackend) -> bool {
+        self.peers.contains(&other.device)
+    }
+
+    /// Enables this device's access to `other`'s memory (`cuCtxEnablePeerAccess`); enabling
+    /// twice is not an error.
+    pub fn enable_peer_access(&self, other: &CudaBackend) -> Result<(), BackendError> {
+        self.bind()?;
+        // SAFETY: a valid peer context; flags must be 0.
+        match unsafe { sys::cuCtxEnablePeerAccess(other.context, 0) }.result() {
+            Ok(()) => Ok(()),
+            Err(e) if e.0 == sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => Ok(()),
+            Err(e) => Err(driver("cuCtxEnablePeerAccess", e)),
+        }
+    }
+
+    /// Prefetches managed memory to `location` on the stream, where the device supports it.
+    fn prefetch(&self, allocation: &RawAllocation, to_host: bool) -> Result<(), BackendError> {
+        if !self.concurrent_managed {
+            return Ok(());
+        }
+        let location = sys::CUmemLocation {
+            type_: if to_host {
+                sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_HOST
+            } else {
+                sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE
+            },
+            id: if to_host { 0 } else { self.ordinal },
+        };
+        // SAFETY: a managed allocation of ours, whole, on our stream.
+        unsafe { result::mem_prefetch_async(allocation.handle, allocation.bytes, location, self.stream) }
+            .map_err(|e| driver("cuMemPrefetchAsync", e))
+    }
+
+    /// Completes `staging`'s operation when the stream reaches this point.
+    fn complete_on_stream(&self, staging: Staging) -> Result<Pending, BackendError> {
+        let (pending, signal) = Pending::new(Some(staging));
+        let user_data = signal.into_raw();
+        // SAFETY: the host function runs once, after the work enqueued before it, and takes
+        // the signal back.
+        match unsafe { result::stream::launch_host_function(self.stream, on_stream_reached, user_data) } {
+            Ok(()) => Ok(pending),
+            Err(e) => {
+                // SAFETY: the launch failed, so the host function never runs: the signal is ours.
+                let signal = unsafe { Signal::from_raw(user_data) };
+                // Without it, wait here: the staging memory must outlive the copy.
+                let waited = self.synchronize();
+                signal.complete(waited.and(Err(driver("cuLaunchHostFunc", e))));
+                Ok(pending)
+            }
+        }
+    }
+}
+
+/// Runs on a driver thread once the stream reaches it: completes the operation. It calls
+/// no CUDA function (host functions must not).
+unsafe extern "C" fn on_stream_reached(user_data: *mut c_void) {
+    // SAFETY: `user_data` is the signal leaked for this one launch in `complete_on_stream`.
+    let signal = unsafe { Signal::from_raw(user_data) };
+    signal.complete(Ok(()));
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        if self.bind().is_ok() {
+            // SAFETY: our stream; nothing is enqueued on it once the backend is dropped.
+            let _ = unsafe { result::stream::destroy(self.stream) };
+        }
+        // SAFETY: retained in `new`, released once.
+        let _ = unsafe { result::primary_ctx::release(self.device) };
+    }
+}
+
+impl Backend for CudaBackend {
+    fn info(&self) -> DeviceInfo {
+        DeviceInfo {
+            id: DeviceId::CPU, // set by the manager
+            kind: DeviceKind::Cuda,
+            name: self.name.clone(),
+            total_memory: self.total_memory,
+            free_memory: self.memory_info().map_or(self.total_memory, |(free, _)| free),
+            host_addressable: false,
+            supports_pinned: true,
+            supports_unified: self.managed,
+            peer_capable: !self.peers.is_empty(),
+        }
+    }
+
+    fn supports(&self, kind: MemoryKind) -> bool {
+        match kind {
+            MemoryKind::Device | MemoryKind::Pinned => true,
+            MemoryKind::Unified => self.managed,
+        }
+    }
+
+    fn allocate(&self, bytes: usize, kind: MemoryKind) -> Result<RawAllocation, BackendError> {
+        let bytes = bytes.max(1);
+        self.bind()?;
+        match kind {
+            MemoryKind::Device => {
+                // SAFETY: a pool of this device (or none) and our stream; the memory is
+                // zeroed on the stream before any later use.
+                let ptr = unsafe {
+                    match self.pool {
+                        Some(pool) => result::mem_pool::alloc_async(pool, bytes, self.stream)
+                            .map_err(|e| allocation_error("cuMemAllocFromPoolAsync", e, bytes))?,
+                        None => result::malloc_sync(bytes)
+                            .map_err(|e| allocation_error("cuMemAlloc", e, bytes))?,
+                    }
+                };
+                // SAFETY: the allocation just made, whole.
+                unsafe { result::memset_d8_async(ptr, 0, bytes, self.stream) }
+                    .map_err(|e| driver("cuMemsetD8Async", e))?;
+                Ok(RawAllocation { handle: ptr, host: None, bytes })
+            }
+            MemoryKind::Pinned => {
+                let flags = sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP;
+                // SAFETY: a plain page-locked allocation.
+                let ptr = unsafe { result::malloc_host(bytes, flags) }
+                    .map_err(|e| allocation_error("cuMemHostAlloc", e, bytes))?;
+                let host = NonNull::new(ptr.cast::<u8>()).ok_or(BackendError::OutOfMemory { bytes })?;
+                // SAFETY: `bytes` of host memory just allocated, used by nobody.
+                unsafe { host.as_ptr().write_bytes(0, bytes) };
+                Ok(RawAllocation { handle: host.as_ptr() as u64, host: Some(host), bytes })
+            }
+            MemoryKind::Unified => {
+                // SAFETY: a plain managed allocation, attached to every stream.
+                let ptr =
+                    unsafe { result::malloc_managed(bytes, sys::CUmemAttach_flags::CU_MEM_ATTACH_GLOBAL) }
+                        .map_err(|e| allocation_error("cuMemAllocManaged", e, bytes))?;
+                let host = NonNull::new(ptr as *mut u8).ok_or(BackendError::OutOfMemory { bytes })?;
+                // SAFETY: managed memory is host-accessible; nothing on the device uses it yet.
+                unsafe { host.as_ptr().write_bytes(0, bytes) };
+                Ok(RawAllocation { handle: ptr, host: Some(host), bytes })
+            }
+        }
+    }
+
+    unsafe fn free(&self, allocation: &RawAllocation, kind: MemoryKind) -> Result<(), BackendError> {
+        self.bind()?;
+        match (kind, self.pool) {
+            // Stream-ordered: freed after the last use enqueued on the stream.
+            // SAFETY: the caller guarantees nothing else uses the memory.
+            (MemoryKind::Device, Some(_)) => unsafe { result::free_async(allocation.handle, self.stream) }
+                .map_err(|e| driver("cuMemFreeAsync", e)),
+            (MemoryKind::Device, None) => {
+                self.synchronize()?;
+                // SAFETY: as above; the stream is drained.
+                unsafe { result::free_sync(allocation.handle) }.map_err(|e| driver("cuMemFree", e))
+            }
+            (MemoryKind::Pinned, _) => {
+                self.synchronize()?;
+                // SAFETY: page-locked memory from `cuMemHostAlloc`; the stream is drained.
+                unsafe { result::free_host(allocation.handle as *mut c_void) }
+                    .map_err(|e| driver("cuMemFreeHost", e))
+            }
+            (MemoryKind::Unified, _) => {
+                self.synchronize()?;
+                // SAFETY: managed memory from `cuMemAllocManaged`; the stream is drained.
+                unsafe { result::memory_free(allocation.handle) }.map_err(|e| driver("cuMemFree", e))
+            }
+        }
+    }
+
+    fn wait(&self, fence: Fence) -> Result<(), BackendError> {
+        let event = fence.0 as sys::CUevent;
+        self.bind()?;
+        // SAFETY: fences are events recorded by `fence_after_use`, owned by their block.
+        let waited =
+            unsafe { result::event::synchronize(event) }.map_err(|e| driver("cuEventSynchronize", e));
+        self.release_fence(fence);
+        waited
+    }
+
+    fn release_fence(&self, fence: Fence) {
+        if self.bind().is_ok() {
+            // SAFETY: as in `wait`; destroyed once (the driver frees it after it completes).
+            let _ = unsafe { result::event::destroy(fence.0 as sys::CUevent) };
+        }
+    }
+
+    fn fence_after_use(&self, kind: MemoryKind) -> Result<Option<Fence>, BackendError> {
+        if kind == MemoryKind::Device {
+            return Ok(None); // reuse is stream-ordered
+        }
+        self.bind()?;
+        let event = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+            .map_err(|e| driver("cuEventCreate", e))?;
+        // SAFETY: a new event recorded on our stream.
+        if let Err(e) = unsafe { result::event::record(event, self.stream) } {
+            // SAFETY: the event is ours and unused.
+            let _ = unsafe { result::event::destroy(event) };
+            return Err(driver("cuEventRecord", e));
+        }
+        Ok(Some(Fence(event as u64)))
+    }
+
+    fn needs_fences(&self) -> bool {
+        true
+    }
+
+    fn before_host_access(&self, allocation: &RawAllocation, kind: MemoryKind) -> Result<(), BackendError> {
+        self.bind()?;
+        if kind == MemoryKind::Unified {
+            self.prefetch(allocation, true)?;
+        }
+        self.synchronize()
+    }
+
+    fn before_device_access(&self, allocation: &RawAllocation, kind: MemoryKind) -> Result<(), BackendError> {
+        if kind != MemoryKind::Unified {
+            return Ok(());
+        }
+        self.bind()?;
+        self.prefetch(allocation, false)
+    }
+
+    fn free_memory(&self) -> Option<(u64, u64)> {
+        self.memory_info().ok()
+    }
+
+    fn release_cached(&self) {
+        if let Some(pool) = self.pool {
+            if self.bind().is_ok() && self.synchronize().is_ok() {
+                // SAFETY: the device's pool; trimming keeps memory still in use.
+                let _ = unsafe { result::mem_pool::trim_to(pool, 0) };
+            }
+        }
+    }
+
+    unsafe fn write(
+        &self,
+        allocation: &RawAllocation,
+        offset: usize,
+        src: &[u8],
+    ) -> Result<(), BackendError> {
+        self.bind()?;
+        // SAFETY: the caller guarantees the range is in bounds; the stream is synchronised
+        // before `src` is given back.
+        unsafe { result::memcpy_htod_async(allocation.handle + offset as u64, src, self.stream) }
+            .map_err(|e| driver("cuMemcpyHtoDAsync", e))?;
+        self.synchronize()
+    }
+
+    unsafe fn read(
+        &self,
+        allocation: &RawAllocation,
+        offset: usize,
+        dst: &mut [u8],
+    ) -> Result<(), BackendError> {
+        self.bind()?;
+        // SAFETY: as in `write`, with `dst`.
+        unsafe { result::memcpy_dtoh_async(dst, allocation.handle + offset as u64, self.stream) }
+            .map_err(|e| driver("cuMemcpyDtoHAsync", e))?;
+        self.synchronize()
+    }
+
+    unsafe fn write_async(
+        &self,
+        allocation: &RawAllocation,
+        offset: usize,
+        src: &[u8],
+    ) -> Result<Pending, BackendError> {
+        self.bind()?;
+        let staging = Staging::new(HostLines::copy_of(src));
+        // SAFETY: in bounds (the caller); the copy reads `src.len()` bytes of `staging`, which
+        // the operation keeps alive until the stream passes its host function.
+        unsafe {
+            sys::cuMemcpyHtoDAsync_v2(
+                allocation.handle + offset as u64,
+                staging.as_ptr().cast(),
+                src.len(),
+                self.stream,
+            )
+        }
+        .result()
+        .map_err(|e| driver("cuMemcpyHtoDAsync", e))?;
+        self.complete_on_stream(staging)
+    }
+
+    unsafe fn read_async(
+        &self,
+        allocation: &RawAllocation,
+        offset: usize,
+        len: usize,
+    ) -> Result<Pending, BackendError> {
+        self.bind()?;
+        let staging = Staging::new(HostLines::zeroed(len));
+        // SAFETY: as in `write_async`; the copy writes `len` bytes of `staging`.
+        unsafe {
+            sys::cuMemcpyDtoHAsync_v2(
+                staging.as_ptr().cast(),
+                allocation.handle + offset as u64,
+                len,
+                self.stream,
+            )
+        }
+        .result()
+        .map_err(|e| driver("cuMemcpyDtoHAsync", e))?;
+        self.complete_on_stream(staging)
+    }
+
+    unsafe fn copy(
+        &self,
+        src: &RawAllocation,
+        dst: &RawAllocation,
+        bytes: usize,
+    ) -> Result<(), BackendError> {
+        self.bind()?;
+        // SAFETY: both in bounds and disjoint (the caller).
+        unsafe { result::memcpy_dtod_async(dst.handle, src.handle, bytes, self.stream) }
+            .map_err(|e| driver("cuMemcpyDtoDAsync", e))?;
+        self.synchronize()
+    }
+
+    unsafe fn copy_from_peer(
+        &self,
+        source: &dyn Backend,
+        src: &RawAllocation,
+        dst: &RawAllocation,
+        bytes: usize,
+    ) -> Result<bool, BackendError> {
+        let Some(peer) = source.cuda() else { return Ok(false) };
+        if !self.can_access_peer(peer) {
+            return Ok(false);
+        }
+        // The source's last writes are on its own stream.
+        peer.bind()?;
+        peer.synchronize()?;
+        self.bind()?;
+        // SAFETY: both in bounds (the caller); contexts and stream are valid.
+        unsafe {
+            result::memcpy_peer_async(self.context, dst.handle, peer.context, src.handle, bytes, self.stream)
+        }
+        .map_err(|e| driver("cuMemcpyPeerAsync", e))?;
+        self.synchronize()?;
+        Ok(true)
+    }
+
+    fn cuda(&self) -> Option<&CudaBackend> {
+        Some(self)
+    }
+}

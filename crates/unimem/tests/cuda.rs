@@ -1,0 +1,338 @@
+//! The CUDA backend. The driver-less paths run everywhere: no driver library at all, and a
+//! stub `libcuda.so` (built here with `cc`) whose `cuInit` says CUDA_ERROR_NO_DEVICE. The
+//! device tests discover a GPU at run time and print why they skip when there is none;
+//! with `UNIMEM_REQUIRE_CUDA=1` a missing GPU fails instead.
+
+use std::ffi::c_void;
+use std::future::Future;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
+
+use unimem::cudarc::driver::{result, sys};
+use unimem::{AllocationMode, DeviceId, DeviceKind, Error, Location, MapMode, MemoryManager};
+
+/// The manager and its first CUDA device, or `None` (with the reason printed).
+fn cuda() -> Option<(MemoryManager, DeviceId)> {
+    let manager = MemoryManager::new();
+    let device = manager.devices().into_iter().find(|d| d.kind == DeviceKind::Cuda).map(|d| d.id);
+    if device.is_none() {
+        let why = manager.backend_notes().join("; ");
+        assert!(std::env::var_os("UNIMEM_REQUIRE_CUDA").is_none(), "no CUDA device: {why}");
+        eprintln!("skipping: no CUDA device ({why})");
+    }
+    device.map(|d| (manager, d))
+}
+
+fn data(n: usize) -> Vec<f32> {
+    (0..n).map(|i| i as f32 * 0.5).collect()
+}
+
+/// Runs this test binary again, for the one test `name`, with `env`.
+fn child(name: &str, env: &[(&str, &std::ffi::OsStr)]) -> String {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
+        .args(["--exact", name, "--nocapture"])
+        .env("UNIMEM_CUDA_CHILD", "1")
+        .env_remove("UNIMEM_REQUIRE_CUDA");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let output = command.output().unwrap();
+    let log = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "child failed: {log}");
+    log
+}
+
+fn in_child() -> bool {
+    std::env::var_os("UNIMEM_CUDA_CHILD").is_some()
+}
+
+/// In a child: the manager found no CUDA device, says why, and CPU memory still works.
+fn report_no_cuda() {
+    let manager = MemoryManager::new();
+    assert!(manager.devices().iter().all(|d| d.kind != DeviceKind::Cuda), "{:?}", manager.devices());
+    let note = manager.backend_notes().iter().find(|n| n.starts_with("CUDA: ")).cloned();
+    eprintln!("reason given: {}", note.unwrap_or_default());
+    let mut buffer = manager.allocate::<u8>(4096, AllocationMode::Pooled).unwrap();
+    buffer.as_mut_slice().unwrap().fill(1);
+    assert!(manager.cuda_device(DeviceId::CPU).is_err());
+}
+
+#[test]
+fn without_a_driver_library_there_are_no_devices_and_a_reason() {
+    if in_child() {
+        return report_no_cuda();
+    }
+    // SAFETY: only opens the library, calls nothing.
+    if unsafe { sys::is_culib_present() } {
+        eprintln!("skipping: this machine has a CUDA driver library");
+        return;
+    }
+    let log = child("without_a_driver_library_there_are_no_devices_and_a_reason", &[]);
+    assert!(log.contains("reason given: CUDA: no CUDA driver library"), "{log}");
+}
+
+/// A stub `libcuda.so` whose `cuInit` returns CUDA_ERROR_NO_DEVICE (100), found first through
+/// `LD_LIBRARY_PATH`: the "driver present, no device" path, without panicking.
+#[test]
+fn a_driver_with_no_device_gives_that_reason() {
+    if in_child() {
+        return report_no_cuda();
+    }
+    let dir = std::env::temp_dir().join(format!("unimem-stub-cuda-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let source = dir.join("stub.c");
+    std::fs::write(&source, "int cuInit(unsigned int flags) { (void)flags; return 100; }\n").unwrap();
+    build_stub(&source, &dir.join("libcuda.so"));
+    std::fs::copy(dir.join("libcuda.so"), dir.join("libcuda.so.1")).unwrap();
+    let log = child("a_driver_with_no_device_gives_that_reason", &[("LD_LIBRARY_PATH", dir.as_os_str())]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(log.contains("reason given: CUDA: cuInit failed: CUDA_ERROR_NO_DEVICE"), "{log}");
+}
+
+fn build_stub(source: &Path, library: &Path) {
+    let status = Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(library)
+        .arg(source)
+        .status()
+        .expect("a C compiler (`cc`) builds the stub driver");
+    assert!(status.success(), "cc failed to build the stub driver");
+}
+
+#[test]
+fn round_trips_in_every_mode_and_at_offsets() {
+    let Some((manager, device)) = cuda() else { return };
+    for mode in
+        [AllocationMode::Pooled, AllocationMode::Unpooled, AllocationMode::Pinned, AllocationMode::Unified]
+    {
+        for offset in [0, 1, 333] {
+            let mut buffer = manager.allocate_on::<f32>(device, 1000, mode).unwrap();
+            if offset == 0 {
+                assert!(
+                    buffer.as_slice().unwrap().iter().all(|&x| x == 0.0),
+                    "{mode:?}: fresh memory is zero"
+                );
+            }
+            let src = data(1000 - offset);
+            buffer.copy_from_blocking(&src, offset).unwrap();
+            let mut back = vec![0.0; src.len()];
+            buffer.copy_to_blocking(&mut back, offset).unwrap();
+            assert_eq!(back, src, "{mode:?} at {offset}");
+            pollster::block_on(buffer.copy_from(&src[..10], offset)).unwrap();
+            pollster::block_on(buffer.copy_to(&mut back[..10], offset)).unwrap();
+            assert_eq!(&buffer.as_slice().unwrap()[offset..], &src[..], "{mode:?} at {offset}");
+        }
+    }
+}
+
+/// A device write through the raw pointer (a `cuMemsetD32Async` standing in for a kernel) on
+/// unimem's stream, then host access: the mirror is refreshed once.
+#[test]
+fn a_device_write_through_the_raw_pointer_is_seen_by_the_host() {
+    let Some((manager, device)) = cuda() else { return };
+    let cuda = manager.cuda_device(device).unwrap();
+    for mode in [AllocationMode::Pooled, AllocationMode::Pinned, AllocationMode::Unified] {
+        let n = 1 << 20;
+        let mut buffer = manager.allocate_on::<u32>(device, n, mode).unwrap();
+        buffer.as_mut_slice().unwrap().fill(1);
+        let ptr = buffer.cuda_ptr(MapMode::ReadWrite).unwrap();
+        // SAFETY: `n` u32s of our buffer, on unimem's stream.
+        unsafe { sys::cuMemsetD32Async(ptr, 7, n, cuda.stream()) }.result().unwrap();
+        let before = manager.statistics().syncs_to_host;
+        assert!(buffer.as_slice().unwrap().iter().all(|&x| x == 7), "{mode:?}");
+        if mode == AllocationMode::Pooled {
+            assert_eq!(manager.statistics().syncs_to_host, before + 1);
+            assert_eq!(buffer.location(), Location::Both);
+        }
+    }
+}
+
+#[test]
+fn pooled_pinned_reuse_waits_for_the_last_use() {
+    let Some((manager, device)) = cuda() else { return };
+    let cuda = manager.cuda_device(device).unwrap();
+    let n = 1 << 24;
+    for round in 0..3u32 {
+        let mut pinned = manager.allocate_on::<u32>(device, n, AllocationMode::Pinned).unwrap();
+        let address = pinned.as_slice().unwrap().as_ptr();
+        let ptr = pinned.cuda_ptr(MapMode::Write).unwrap();
+        // SAFETY: `n` u32s of our buffer, on unimem's stream.
+        unsafe { sys::cuMemsetD32Async(ptr, round + 10, n, cuda.stream()) }.result().unwrap();
+        drop(pinned); // the memset may still run
+        let reused = manager.allocate_on::<u32>(device, n, AllocationMode::Pinned).unwrap();
+        assert_eq!(reused.as_slice().unwrap().as_ptr(), address, "the same pooled memory");
+        assert!(
+            reused.as_slice().unwrap().iter().all(|&x| x == round + 10),
+            "reuse saw the device unfinished"
+        );
+    }
+}
+
+/// Holds a stream at a host function until opened, so that "in flight" is a certainty.
+struct StreamGate(Arc<(Mutex<bool>, Condvar)>);
+
+unsafe extern "C" fn wait_at_gate(data: *mut c_void) {
+    // SAFETY: the Arc leaked for this launch in `StreamGate::close`.
+    let gate = unsafe { Arc::from_raw(data.cast_const().cast::<(Mutex<bool>, Condvar)>()) };
+    let mut open = gate.0.lock().unwrap();
+    while !*open {
+        open = gate.1.wait(open).unwrap();
+    }
+}
+
+impl StreamGate {
+    fn close(stream: sys::CUstream) -> Self {
+        let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        let data = Arc::into_raw(Arc::clone(&gate)).cast_mut().cast();
+        // SAFETY: the host function takes the Arc back, once.
+        unsafe { result::stream::launch_host_function(stream, wait_at_gate, data) }.unwrap();
+        StreamGate(gate)
+    }
+
+    fn open(&self) {
+        *self.0.0.lock().unwrap() = true;
+        self.0.1.notify_all();
+    }
+}
+
+impl Drop for StreamGate {
+    fn drop(&mut self) {
+        self.open();
+    }
+}
+
+struct Wakes(AtomicUsize);
+
+impl Wake for Wakes {
+    fn wake(self: Arc<Self>) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn async_copies_complete_from_the_stream_and_survive_drop_and_leak() {
+    let Some((manager, device)) = cuda() else { return };
+    let stream = manager.cuda_device(device).unwrap().stream();
+    let n = 1 << 22;
+    let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+    let waker = Waker::from(Arc::clone(&wakes));
+    let mut cx = Context::from_waker(&waker);
+
+    // Completion comes from the stream's host function, not from polling.
+    let mut buffer = manager.allocate_on::<f32>(device, n, AllocationMode::Pooled).unwrap();
+    buffer.copy_from_blocking(&data(n), 0).unwrap();
+    let mut dst = vec![0.0; n];
+    {
+        let gate = StreamGate::close(stream);
+        let mut copy = Box::pin(buffer.copy_to(&mut dst, 0));
+        assert!(copy.as_mut().poll(&mut cx).is_pending());
+        gate.open();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while wakes.0.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "the completion never came");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(matches!(copy.as_mut().poll(&mut cx), Poll::Ready(Ok(()))));
+    }
+    assert_eq!(dst, data(n));
+
+    // A write dropped mid-flight still writes what it was given, not the reused source.
+    let mut src = vec![3.0f32; n];
+    {
+        let gate = StreamGate::close(stream);
+        let mut copy = Box::pin(buffer.copy_from(&src, 0));
+        assert!(copy.as_mut().poll(&mut cx).is_pending());
+        drop(copy);
+        src.fill(-1.0);
+        gate.open();
+    }
+    assert!(buffer.as_slice().unwrap().iter().all(|&x| x == 3.0));
+
+    // A read leaked mid-flight never writes the caller's slice.
+    let other = manager.allocate_on::<f32>(device, n, AllocationMode::Unpooled).unwrap();
+    let mut dst = vec![0.0f32; n];
+    {
+        let gate = StreamGate::close(stream);
+        let mut read = Box::pin(other.copy_to(&mut dst, 0));
+        assert!(read.as_mut().poll(&mut cx).is_pending());
+        std::mem::forget(read);
+        dst.fill(9.0);
+        gate.open();
+    }
+    other.copy_to_blocking(&mut [0.0; 1], 0).unwrap();
+    assert!(dst.iter().all(|&x| x == 9.0));
+}
+
+#[test]
+fn memory_info_and_the_peer_matrix_are_consistent() {
+    let Some((manager, device)) = cuda() else { return };
+    let cuda = manager.cuda_device(device).unwrap();
+    let (free, total) = cuda.memory_info().unwrap();
+    assert!(0 < free && free <= total, "{free} of {total}");
+    let info = &manager.devices()[device.index()];
+    assert_eq!(info.total_memory, total);
+    let matrix = manager.peer_access_matrix();
+    assert_eq!(matrix.len(), manager.devices().len());
+    for (i, row) in matrix.iter().enumerate() {
+        assert_eq!(row.len(), matrix.len());
+        assert!(!row[i], "a device is not its own peer");
+    }
+    eprintln!("peer access: {matrix:?}");
+    // Copies between CUDA devices: peer-to-peer where enabled, through the host otherwise.
+    let cudas: Vec<DeviceId> =
+        manager.devices().into_iter().filter(|d| d.kind == DeviceKind::Cuda).map(|d| d.id).collect();
+    if let [a, b, ..] = cudas[..] {
+        let mut src = manager.allocate_on::<u32>(a, 1 << 20, AllocationMode::Pooled).unwrap();
+        src.copy_from_blocking(&vec![5; 1 << 20], 0).unwrap();
+        let mut dst = manager.allocate_on::<u32>(b, 1 << 20, AllocationMode::Pooled).unwrap();
+        dst.copy_from_buffer(&src).unwrap();
+        assert!(dst.as_slice().unwrap().iter().all(|&x| x == 5));
+    } else {
+        eprintln!("one CUDA device: no peer copy to test");
+    }
+}
+
+#[test]
+fn eight_threads_allocate_copy_and_return() {
+    let Some((manager, device)) = cuda() else { return };
+    std::thread::scope(|scope| {
+        for t in 0..8u32 {
+            let manager = &manager;
+            scope.spawn(move || {
+                for round in 0..50u32 {
+                    let n = 256 + (round as usize % 5) * 1000;
+                    let mode = [AllocationMode::Pooled, AllocationMode::Pinned, AllocationMode::Unified]
+                        [round as usize % 3];
+                    let mut buffer = manager.allocate_on::<u32>(device, n, mode).unwrap();
+                    let src: Vec<u32> = (0..n as u32).map(|i| i ^ (t << 24) ^ round).collect();
+                    pollster::block_on(buffer.copy_from(&src, 0)).unwrap();
+                    let mut back = vec![0; n];
+                    pollster::block_on(buffer.copy_to(&mut back, 0)).unwrap();
+                    assert_eq!(back, src);
+                }
+            });
+        }
+    });
+    assert_eq!(manager.statistics().active_buffers, 0);
+}
+
+#[test]
+fn bad_input_is_refused_and_nothing_is_lost() {
+    let Some((manager, device)) = cuda() else { return };
+    let mut buffer = manager.allocate_on::<f32>(device, 100, AllocationMode::Pooled).unwrap();
+    buffer.copy_from_blocking(&data(100), 0).unwrap();
+    let err = buffer.copy_from_blocking(&data(10), 95).unwrap_err();
+    assert!(matches!(err, Error::OutOfBounds { offset: 95, len: 10, buffer_len: 100 }), "{err}");
+    assert!(matches!(buffer.copy_to_blocking(&mut [0.0; 101], 0), Err(Error::OutOfBounds { .. })));
+    let mut cpu = manager.allocate::<f32>(10, AllocationMode::Pooled).unwrap();
+    assert!(matches!(cpu.cuda_ptr(MapMode::Read), Err(Error::UnsupportedMode { .. })));
+    assert!(matches!(manager.cuda_device(DeviceId::CPU), Err(Error::WrongDeviceKind { .. })));
+    let huge = manager.allocate_on::<u8>(device, usize::MAX / 2, AllocationMode::Unpooled);
+    assert!(huge.is_err(), "an absurd size is an error");
+    assert_eq!(buffer.as_slice().unwrap(), &data(100)[..], "the buffer is intact");
+}
