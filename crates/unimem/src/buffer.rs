@@ -226,6 +226,24 @@ impl<T: Element> Buffer<T> {
         Ok(self.block.mem.handle as usize as opencl3::types::cl_mem)
     }
 
+    /// The shared-virtual-memory pointer of an OpenCL `Unified` buffer, for the caller's
+    /// kernels (`clSetKernelArgSVMPointer`). Coarse-grained SVM is unmapped for the device
+    /// until the next host access, which maps it back after the kernels queued before it.
+    ///
+    /// Enqueue the kernel on [`OpenClBackend::queue`](crate::OpenClBackend::queue).
+    ///
+    /// # Errors
+    /// [`Error::UnsupportedMode`] for buffers that are not OpenCL SVM.
+    #[cfg(feature = "opencl")]
+    pub fn opencl_svm(&mut self, access: MapMode) -> Result<*mut std::ffi::c_void> {
+        let pool = &self.block.pool;
+        if pool.backend().opencl().is_none() || pool.kind != MemoryKind::Unified {
+            return Err(Error::UnsupportedMode { device: pool.device, mode: self.mode });
+        }
+        self.prepare_device_access(access)?;
+        Ok(self.block.mem.handle as usize as *mut std::ffi::c_void)
+    }
+
     /// The device pointer of a CUDA buffer (device, pinned or managed memory), for the
     /// caller's kernels, with the buffer made ready for `access` on the device as for
     /// [`opencl_mem`](Self::opencl_mem); managed memory is prefetched to the device.
@@ -507,6 +525,11 @@ impl<T: Element> Buffer<T> {
 
 impl<T: Element> Drop for Buffer<T> {
     fn drop(&mut self) {
+        if *self.device_pending.get_mut() {
+            let pool = &self.block.pool;
+            // An error leaves the memory with the device; freeing it still works.
+            let _ = pool.backend().return_to_host(&self.block.mem, pool.kind);
+        }
         // SAFETY: `drop` runs once and `block` is not used after it is taken.
         let block = unsafe { ManuallyDrop::take(&mut self.block) };
         block.recycle(self.size_in_bytes());

@@ -323,6 +323,75 @@ fn bad_input_is_refused_and_nothing_is_lost() {
     assert_eq!(buffer.as_slice().unwrap(), &data(100)[..], "the buffer is intact");
 }
 
+/// Kernels on `Unified` (SVM) buffers: the host writes, a kernel reads one buffer and
+/// writes another, the host sees the result; a buffer dropped while a kernel holds it is
+/// reused only after the kernel, mapped for the host again.
+fn svm_with_kernels(manager: &MemoryManager, device: DeviceId) {
+    let cl = manager.opencl_device(device).unwrap();
+    let scale = kernel(manager, device, c"scale");
+    let n = 1 << 22;
+    let mut input = manager.allocate_on::<f32>(device, n, AllocationMode::Unified).unwrap();
+    let mut output = manager.allocate_on::<f32>(device, n, AllocationMode::Unified).unwrap();
+    input.as_mut_slice().unwrap().copy_from_slice(&data(n));
+    scale.arg_svm(0, input.opencl_svm(MapMode::Read).unwrap()).unwrap();
+    scale.arg_svm(1, output.opencl_svm(MapMode::Write).unwrap()).unwrap();
+    scale.arg_f32(2, 2.0).unwrap();
+    scale.enqueue(cl.queue(), n).unwrap();
+    let expected: Vec<f32> = data(n).iter().enumerate().map(|(i, x)| x * 2.0 + i as f32).collect();
+    assert_eq!(output.as_slice().unwrap(), &expected[..]);
+    assert_eq!(input.as_slice().unwrap(), &data(n)[..]);
+    let mut back = vec![0.0; 10];
+    output.copy_to_blocking(&mut back, 5).unwrap();
+    assert_eq!(back, expected[5..15]);
+
+    let iota = kernel(manager, device, c"iota");
+    for _ in 0..3 {
+        let mut held = manager.allocate_on::<f32>(device, 1 << 22, AllocationMode::Unified).unwrap();
+        held.as_mut_slice().unwrap().fill(-1.0);
+        iota.arg_svm(0, held.opencl_svm(MapMode::Write).unwrap()).unwrap();
+        iota.enqueue(cl.queue(), 1 << 22).unwrap();
+        drop(held); // the kernel may still run, and the memory is the device's
+        let reused = manager.allocate_on::<f32>(device, 1 << 22, AllocationMode::Unified).unwrap();
+        assert!(reused.as_slice().unwrap().iter().enumerate().all(|(i, &x)| x == i as f32));
+    }
+    assert!(manager.statistics().pool_hits >= 3);
+}
+
+#[test]
+fn fine_grained_svm_with_kernels() {
+    let Some((manager, device)) = opencl() else { return };
+    svm_with_kernels(&manager, device);
+}
+
+/// Runs in a child process with `UNIMEM_OPENCL_COARSE_SVM` set: PoCL offers both kinds, and
+/// the knob makes unimem use coarse-grained SVM, mapped and unmapped as host and kernels
+/// take turns.
+#[test]
+fn coarse_grained_svm_with_kernels() {
+    if std::env::var_os("UNIMEM_COARSE_CHILD").is_some() {
+        let Some((manager, device)) = opencl() else { return };
+        let cl = manager.opencl_device(device).unwrap();
+        if !cl.coarse_svm_only() {
+            eprintln!("skipping: this device has no coarse-grained SVM");
+            return;
+        }
+        svm_with_kernels(&manager, device);
+        eprintln!("coarse-grained SVM exercised");
+        return;
+    }
+    let output = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "coarse_grained_svm_with_kernels", "--nocapture"])
+        .env("UNIMEM_COARSE_CHILD", "1")
+        .env("UNIMEM_OPENCL_COARSE_SVM", "1")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "child failed: {log}");
+    if std::env::var_os("UNIMEM_REQUIRE_OPENCL").is_some() {
+        assert!(log.contains("coarse-grained SVM exercised"), "{log}");
+    }
+}
+
 /// Runs in a child process with `OCL_ICD_VENDORS` pointing at an empty folder.
 #[test]
 fn without_an_icd_there_are_no_devices_and_a_reason() {

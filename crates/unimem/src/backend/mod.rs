@@ -161,6 +161,13 @@ pub(crate) trait Backend: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Gives memory that a user's kernels held back to the host without waiting (the buffer
+    /// is being dropped after `before_device_access`): the block's fence, taken next,
+    /// orders its next user after this.
+    fn return_to_host(&self, _allocation: &RawAllocation, _kind: MemoryKind) -> Result<(), BackendError> {
+        Ok(())
+    }
+
     /// Free and total device memory, where the device reports them: memory-pressure
     /// decisions use them.
     fn free_memory(&self) -> Option<(u64, u64)> {

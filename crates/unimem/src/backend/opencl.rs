@@ -7,9 +7,11 @@
 //!   the buffer's host mirror (see `Buffer`).
 //! - `Pinned`: a `cl_mem` made with `CL_MEM_ALLOC_HOST_PTR` and mapped for the host for its
 //!   whole life, so the host reads and writes it in place.
-//! - `Unified`: fine-grained shared virtual memory (`clSVMAlloc`), the same address on host
-//!   and device. Devices with only coarse-grained SVM do not offer `Unified` (yet); asking
-//!   for it there is `Error::UnsupportedMode`.
+//! - `Unified`: shared virtual memory (`clSVMAlloc`), the same address on host and device:
+//!   fine-grained where the device offers it; coarse-grained otherwise, kept mapped for the
+//!   host and unmapped while a user's kernels hold it (`Buffer::opencl_svm`), mapped back
+//!   (after those kernels) at the next host access. A device with neither has no `Unified`:
+//!   asking for it is `Error::UnsupportedMode`.
 //!
 //! Every device operation goes through the device's one in-order queue. Blocking transfers
 //! wait for their event; asynchronous ones copy through staging memory that the operation
@@ -170,7 +172,11 @@ impl OpenClBackend {
         let name = device.name().map_err(|e| driver("clGetDeviceInfo(NAME)", e.0))?;
         let total_memory = device.global_mem_size().map_err(|e| driver("clGetDeviceInfo", e.0))?;
         let max_allocation = device.max_mem_alloc_size().map_err(|e| driver("clGetDeviceInfo", e.0))?;
-        let svm = device.svm_mem_capability();
+        let mut svm = device.svm_mem_capability();
+        if std::env::var_os("UNIMEM_OPENCL_COARSE_SVM").is_some() {
+            // Test knob: use coarse-grained SVM even where fine-grained exists.
+            svm &= !CL_DEVICE_SVM_FINE_GRAIN_BUFFER;
+        }
         let context = Context::from_device(&device).map_err(|e| driver("clCreateContext", e.0))?;
         // An in-order queue: operations on it complete in the order they were enqueued.
         #[allow(deprecated, reason = "clCreateCommandQueue is the call that every OpenCL version has")]
@@ -204,7 +210,9 @@ impl OpenClBackend {
         self.queue.get()
     }
 
-    /// Whether the device offers coarse-grained SVM only (so `Unified` is unavailable).
+    /// Whether `Unified` memory is coarse-grained SVM: mapped for the host, unmapped while
+    /// the caller's kernels use it (unimem maps and unmaps as host and device take turns).
+    /// Setting `UNIMEM_OPENCL_COARSE_SVM` makes devices with both kinds use coarse-grained.
     pub fn coarse_svm_only(&self) -> bool {
         self.svm_coarse && !self.svm_fine
     }
@@ -295,20 +303,63 @@ impl OpenClBackend {
     }
 
     fn allocate_unified(&self, bytes: usize) -> Result<RawAllocation, BackendError> {
+        let grain = if self.svm_fine { CL_MEM_SVM_FINE_GRAIN_BUFFER } else { 0 };
         // SAFETY: a valid context; flags and alignment are valid for clSVMAlloc.
-        let pointer = unsafe {
-            memory::svm_alloc(
-                self.context.get(),
-                CL_MEM_READ_WRITE | CL_MEM_SVM_FINE_GRAIN_BUFFER,
-                bytes,
-                SVM_ALIGN,
+        let pointer =
+            unsafe { memory::svm_alloc(self.context.get(), CL_MEM_READ_WRITE | grain, bytes, SVM_ALIGN) }
+                .map_err(|_| BackendError::OutOfMemory { bytes })?;
+        let host = NonNull::new(pointer.cast::<u8>()).ok_or(BackendError::OutOfMemory { bytes })?;
+        let allocation = RawAllocation { handle: pointer as usize as u64, host: Some(host), bytes };
+        if !self.svm_fine {
+            // Coarse-grained memory is the host's only while mapped; it is kept mapped
+            // except while a user's kernels hold it.
+            if let Err(e) = self.map_svm(&allocation, true) {
+                // SAFETY: the pointer came from clSVMAlloc just above and is unused.
+                unsafe { memory::svm_free(self.context.get(), pointer) }.ok();
+                return Err(e);
+            }
+        }
+        // SAFETY: SVM that is fine-grained, or mapped, is host-writable, `bytes` long, unused.
+        unsafe { host.as_ptr().write_bytes(0, bytes) };
+        Ok(allocation)
+    }
+
+    /// Maps coarse-grained SVM for the host, waiting for the mapping if `blocking`.
+    fn map_svm(&self, allocation: &RawAllocation, blocking: bool) -> Result<(), BackendError> {
+        // SAFETY: a whole SVM allocation of this context on our queue.
+        let event = unsafe {
+            queue::enqueue_svm_map(
+                self.queue.get(),
+                if blocking { CL_BLOCKING } else { CL_NON_BLOCKING },
+                CL_MAP_READ | CL_MAP_WRITE,
+                allocation.handle as usize as *mut c_void,
+                allocation.bytes,
+                0,
+                ptr::null(),
             )
         }
-        .map_err(|_| BackendError::OutOfMemory { bytes })?;
-        let host = NonNull::new(pointer.cast::<u8>()).ok_or(BackendError::OutOfMemory { bytes })?;
-        // SAFETY: fine-grained SVM is host-writable at once, `bytes` long, unused.
-        unsafe { host.as_ptr().write_bytes(0, bytes) };
-        Ok(RawAllocation { handle: pointer as usize as u64, host: Some(host), bytes })
+        .map_err(|c| driver("clEnqueueSVMMap", c))?;
+        if blocking {
+            return finish_event("clEnqueueSVMMap", event);
+        }
+        // SAFETY: our event; releasing it does not cancel the map.
+        unsafe { event::release_event(event) }.map_err(|c| driver("clReleaseEvent", c))
+    }
+
+    /// Unmaps coarse-grained SVM so that kernels may use it (queued, in order).
+    fn unmap_svm(&self, allocation: &RawAllocation) -> Result<(), BackendError> {
+        // SAFETY: a mapped SVM allocation of this context on our queue.
+        let event = unsafe {
+            queue::enqueue_svm_unmap(
+                self.queue.get(),
+                allocation.handle as usize as *mut c_void,
+                0,
+                ptr::null(),
+            )
+        }
+        .map_err(|c| driver("clEnqueueSVMUnmap", c))?;
+        // SAFETY: our event; releasing it does not cancel the unmap.
+        unsafe { event::release_event(event) }.map_err(|c| driver("clReleaseEvent", c))
     }
 }
 
@@ -323,7 +374,7 @@ impl Backend for OpenClBackend {
             free_memory: self.total_memory,
             host_addressable: false,
             supports_pinned: true,
-            supports_unified: self.svm_fine,
+            supports_unified: self.svm_fine || self.svm_coarse,
             peer_capable: false,
         }
     }
@@ -331,7 +382,7 @@ impl Backend for OpenClBackend {
     fn supports(&self, kind: MemoryKind) -> bool {
         match kind {
             MemoryKind::Device | MemoryKind::Pinned => true,
-            MemoryKind::Unified => self.svm_fine,
+            MemoryKind::Unified => self.svm_fine || self.svm_coarse,
         }
     }
 
@@ -347,9 +398,13 @@ impl Backend for OpenClBackend {
         }
     }
 
-    unsafe fn free(&self, allocation: &RawAllocation, _kind: MemoryKind) -> Result<(), BackendError> {
+    unsafe fn free(&self, allocation: &RawAllocation, kind: MemoryKind) -> Result<(), BackendError> {
         let handle = allocation.handle as usize;
-        if self.svm_fine && allocation.host.is_some_and(|h| h.as_ptr() as usize == handle) {
+        if kind == MemoryKind::Unified {
+            if !self.svm_fine {
+                // Blocks reach their pool (and this call) mapped: see `return_to_host`.
+                self.unmap_svm(allocation)?;
+            }
             // clSVMFree does not wait for queued work: finish first.
             queue::finish(self.queue.get()).map_err(|c| driver("clFinish", c))?;
             // SAFETY: the pointer came from clSVMAlloc in this context; the caller
@@ -391,8 +446,27 @@ impl Backend for OpenClBackend {
         true
     }
 
-    fn before_host_access(&self, _allocation: &RawAllocation, _kind: MemoryKind) -> Result<(), BackendError> {
+    fn before_host_access(&self, allocation: &RawAllocation, kind: MemoryKind) -> Result<(), BackendError> {
+        if kind == MemoryKind::Unified && !self.svm_fine {
+            // A blocking map waits for the kernels queued before it.
+            return self.map_svm(allocation, true);
+        }
         queue::finish(self.queue.get()).map_err(|c| driver("clFinish", c))
+    }
+
+    fn before_device_access(&self, allocation: &RawAllocation, kind: MemoryKind) -> Result<(), BackendError> {
+        if kind == MemoryKind::Unified && !self.svm_fine {
+            return self.unmap_svm(allocation);
+        }
+        Ok(())
+    }
+
+    fn return_to_host(&self, allocation: &RawAllocation, kind: MemoryKind) -> Result<(), BackendError> {
+        if kind == MemoryKind::Unified && !self.svm_fine {
+            // Queued, not waited for: the block's fence orders its next user after it.
+            return self.map_svm(allocation, false);
+        }
+        Ok(())
     }
 
     unsafe fn write(

@@ -50,6 +50,14 @@ impl Kernel {
         .map_err(|c| format!("clSetKernelArg: {c}"))
     }
 
+    /// Sets argument `index` to a shared-virtual-memory pointer.
+    #[allow(dead_code, reason = "not every user of this helper runs SVM kernels")]
+    pub fn arg_svm(&self, index: u32, pointer: *mut std::ffi::c_void) -> Result<(), String> {
+        // SAFETY: `pointer` is a live SVM allocation of the kernel's context.
+        unsafe { cl3::kernel::set_kernel_arg_svm_pointer(self.kernel, index, pointer) }
+            .map_err(|c| format!("clSetKernelArgSVMPointer: {c}"))
+    }
+
     /// Sets argument `index` to a float.
     pub fn arg_f32(&self, index: u32, value: f32) -> Result<(), String> {
         // SAFETY: the value is copied by the call.
