@@ -48,6 +48,9 @@ fn devices() -> anyhow::Result<()> {
     if !cfg!(feature = "opencl") {
         println!("opencl: not built in (build with --features opencl)");
     }
-    println!("cuda, wgpu: not built into this version");
+    if !cfg!(feature = "cuda") {
+        println!("cuda: not built in (build with --features cuda)");
+    }
+    println!("wgpu: not built into this version");
     Ok(())
 }
