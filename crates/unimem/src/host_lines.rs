@@ -2,6 +2,7 @@
 //! bytes can be viewed as any element type unimem accepts (alignment up to 64).
 
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 /// 64 bytes, 64-aligned.
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -35,52 +36,80 @@ impl HostLines {
     }
 }
 
-/// Host lines a device may be reading or writing: owned through a raw pointer, so that no
-/// Rust reference to the memory exists while a DMA engine uses it. Only the owner of an
-/// operation in flight holds one (see `backend::pending`); it turns back into `HostLines`
-/// once the device is done.
-pub(crate) struct Staging {
-    start: NonNull<Line>,
-    lines: usize,
+/// Where staging memory that did not come from the heap goes back to (a backend's cache of
+/// page-locked chunks). `take_back` may run on a driver thread, where driver calls are not
+/// allowed: it only records the chunk.
+pub(crate) trait StagingHome: Send + Sync {
+    fn take_back(&self, start: NonNull<u8>, bytes: usize);
 }
 
-// SAFETY: `Staging` owns its allocation like a `Box` does; it hands out no references, only
-// a raw address for the device, so moving it between threads is sound.
+enum Owner {
+    /// A `Box<[Line]>` of this many lines.
+    Heap(usize),
+    Home(Arc<dyn StagingHome>),
+}
+
+/// Host memory a device may be reading or writing: owned through a raw pointer, so that no
+/// Rust reference to the memory exists while a DMA engine uses it. Only the owner of an
+/// operation in flight holds one (see `backend::pending`).
+pub(crate) struct Staging {
+    start: NonNull<u8>,
+    bytes: usize,
+    owner: Owner,
+}
+
+// SAFETY: `Staging` owns its memory like a `Box` does; it hands out no references while the
+// device may use it, only a raw address, so moving it between threads is sound.
 unsafe impl Send for Staging {}
-// SAFETY: `&Staging` gives only the raw address, never access to the memory.
+// SAFETY: `&Staging` gives the raw address, and bytes only through an `unsafe fn` whose
+// caller promises the device is done.
 unsafe impl Sync for Staging {}
 
 impl Staging {
+    /// Heap memory.
     pub(crate) fn new(lines: HostLines) -> Self {
-        let boxed = lines.0;
-        let count = boxed.len();
-        let start = NonNull::new(Box::into_raw(boxed).cast::<Line>()).unwrap_or(NonNull::dangling());
-        Staging { start, lines: count }
+        let count = lines.0.len();
+        let bytes = count * 64;
+        let start = NonNull::new(Box::into_raw(lines.0).cast::<u8>()).unwrap_or(NonNull::dangling());
+        Staging { start, bytes, owner: Owner::Heap(count) }
+    }
+
+    /// `bytes` at `start`, owned by `home` (which gets them back on drop).
+    ///
+    /// # Safety
+    /// `start..start + bytes` is host memory that nobody else uses until `home` takes it back.
+    pub(crate) unsafe fn from_home(start: NonNull<u8>, bytes: usize, home: Arc<dyn StagingHome>) -> Self {
+        Staging { start, bytes, owner: Owner::Home(home) }
     }
 
     /// The address a device reads or writes.
     pub(crate) fn as_ptr(&self) -> *mut u8 {
-        self.start.as_ptr().cast()
+        self.start.as_ptr()
     }
 
-    /// The memory as host lines again.
+    /// The first `len` bytes.
     ///
     /// # Safety
-    /// No device operation uses the memory any more.
-    pub(crate) unsafe fn into_lines(self) -> HostLines {
-        let this = std::mem::ManuallyDrop::new(self);
-        // SAFETY: `start`/`lines` came from `Box::into_raw` of a `[Line]` box in `new` and are
-        // turned back once (`self` is not dropped); the caller guarantees the device is done.
-        HostLines(unsafe {
-            Box::from_raw(std::ptr::slice_from_raw_parts_mut(this.start.as_ptr(), this.lines))
-        })
+    /// No device operation writes the memory any more.
+    pub(crate) unsafe fn bytes(&self, len: usize) -> &[u8] {
+        assert!(len <= self.bytes, "staging read past its end");
+        // SAFETY: `len` bytes of memory this value owns, initialised (zeroed or written by
+        // the finished copy); the caller guarantees no device writes them.
+        unsafe { std::slice::from_raw_parts(self.start.as_ptr(), len) }
     }
 }
 
 impl Drop for Staging {
     fn drop(&mut self) {
-        // SAFETY: as in `into_lines`. A `Staging` is dropped only by the owner of a finished
-        // operation (or one that never started), so no device uses the memory.
-        drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(self.start.as_ptr(), self.lines)) });
+        match &self.owner {
+            Owner::Heap(lines) => {
+                let slice = std::ptr::slice_from_raw_parts_mut(self.start.as_ptr().cast::<Line>(), *lines);
+                // SAFETY: `start`/`lines` came from `Box::into_raw` of a `[Line]` box in `new`,
+                // turned back once. A `Staging` is dropped only by the owner of a finished
+                // operation (or one that never started), so no device uses the memory.
+                drop(unsafe { Box::from_raw(slice) });
+            }
+            Owner::Home(home) => home.take_back(self.start, self.bytes),
+        }
     }
 }

@@ -19,19 +19,20 @@
 //!   supports concurrent managed access.
 //!
 //! Host-visible blocks returned to a pool carry an event recorded on the stream; their next
-//! user waits for it. Asynchronous copies go through staging memory the operation owns and
-//! complete from a host function on the stream (`cuLaunchHostFunc`), never by polling.
+//! user waits for it. Asynchronous copies go through page-locked staging chunks (cached per
+//! device) that the operation owns, and complete from a host function on the stream
+//! (`cuLaunchHostFunc`), never by polling.
 
 use std::ffi::c_void;
 use std::ptr::NonNull;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use cudarc::driver::{DriverError, result, sys};
 
 use super::pending::{Pending, Signal};
 use super::{Backend, BackendError, Fence, RawAllocation};
 use crate::device::{DeviceId, DeviceInfo, DeviceKind, MemoryKind};
-use crate::host_lines::{HostLines, Staging};
+use crate::host_lines::{Staging, StagingHome};
 
 /// What discovery found: one backend per device, or the reason there are none.
 pub(crate) struct Discovery {
@@ -115,6 +116,24 @@ fn can_access_peer(device: sys::CUdevice, peer: sys::CUdevice) -> bool {
     probed.is_ok() && can != 0
 }
 
+/// Smallest page-locked staging chunk; chunks are powers of two from here.
+const MIN_STAGING: usize = 64 << 10;
+/// Idle staging kept cached at most; more is freed at the next staging request.
+const MAX_IDLE_STAGING: usize = 256 << 20;
+
+/// Page-locked staging chunks not in use, by address and size. Asynchronous copies stage
+/// through page-locked memory: from pageable memory the driver would copy synchronously (or
+/// wait for the stream), which defeats the future. Chunks come back here from `Staging`'s
+/// drop, which may run in a host function, so giving back only records the chunk.
+#[derive(Default)]
+struct PinnedStash(Mutex<Vec<(usize, usize)>>);
+
+impl StagingHome for PinnedStash {
+    fn take_back(&self, start: NonNull<u8>, bytes: usize) {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).push((start.as_ptr() as usize, bytes));
+    }
+}
+
 /// One CUDA device: its primary context and unimem's stream on it.
 pub struct CudaBackend {
     ordinal: i32,
@@ -129,6 +148,7 @@ pub struct CudaBackend {
     concurrent_managed: bool,
     /// The devices whose memory this one can access directly.
     peers: Vec<sys::CUdevice>,
+    stash: Arc<PinnedStash>,
 }
 
 // SAFETY: the handles are the driver's, valid on every thread; every call binds the context
@@ -154,6 +174,7 @@ impl CudaBackend {
             managed: false,
             concurrent_managed: false,
             peers: Vec::new(),
+            stash: Arc::default(),
         };
         backend.bind()?;
         backend.stream = result::stream::create(result::stream::StreamKind::NonBlocking)
@@ -268,6 +289,39 @@ impl CudaBackend {
             .map_err(|e| driver("cuMemPrefetchAsync", e))
     }
 
+    /// `bytes` of page-locked staging: the smallest idle chunk that fits, or a new one. Idle
+    /// chunks past the cache bound are freed here (never in a host function).
+    fn staging(&self, bytes: usize) -> Result<Staging, BackendError> {
+        let (found, excess) = {
+            let mut idle = self.stash.0.lock().unwrap_or_else(PoisonError::into_inner);
+            let best = (0..idle.len()).filter(|&i| idle[i].1 >= bytes).min_by_key(|&i| idle[i].1);
+            let found = best.map(|i| idle.swap_remove(i));
+            let mut excess = Vec::new();
+            idle.sort_unstable_by_key(|&(_, size)| size);
+            while idle.iter().map(|&(_, size)| size).sum::<usize>() > MAX_IDLE_STAGING {
+                excess.extend(idle.pop());
+            }
+            (found, excess)
+        };
+        for (start, _) in excess {
+            // SAFETY: an idle chunk from `cuMemHostAlloc`, no longer in the stash.
+            let _ = unsafe { result::free_host(start as *mut c_void) };
+        }
+        let (start, size) = match found {
+            Some(chunk) => chunk,
+            None => {
+                let size = bytes.max(MIN_STAGING).checked_next_power_of_two().unwrap_or(bytes);
+                // SAFETY: a plain page-locked allocation (the context is bound).
+                let start = unsafe { result::malloc_host(size, sys::CU_MEMHOSTALLOC_PORTABLE) }
+                    .map_err(|e| allocation_error("cuMemHostAlloc", e, size))?;
+                (start as usize, size)
+            }
+        };
+        let start = NonNull::new(start as *mut u8).ok_or(BackendError::OutOfMemory { bytes: size })?;
+        // SAFETY: the chunk is out of the stash, so nobody else uses it until it goes back.
+        Ok(unsafe { Staging::from_home(start, size, Arc::clone(&self.stash) as Arc<dyn StagingHome>) })
+    }
+
     /// Completes `staging`'s operation when the stream reaches this point.
     fn complete_on_stream(&self, staging: Staging) -> Result<Pending, BackendError> {
         let (pending, signal) = Pending::new(Some(staging));
@@ -298,7 +352,12 @@ unsafe extern "C" fn on_stream_reached(user_data: *mut c_void) {
 
 impl Drop for CudaBackend {
     fn drop(&mut self) {
-        if self.bind().is_ok() {
+        if self.bind().is_ok() && self.synchronize().is_ok() {
+            let idle = std::mem::take(&mut *self.stash.0.lock().unwrap_or_else(PoisonError::into_inner));
+            for (start, _) in idle {
+                // SAFETY: idle chunks from `cuMemHostAlloc`; the stream is drained.
+                let _ = unsafe { result::free_host(start as *mut c_void) };
+            }
             // SAFETY: our stream; nothing is enqueued on it once the backend is dropped.
             let _ = unsafe { result::stream::destroy(self.stream) };
         }
@@ -498,7 +557,9 @@ impl Backend for CudaBackend {
         src: &[u8],
     ) -> Result<Pending, BackendError> {
         self.bind()?;
-        let staging = Staging::new(HostLines::copy_of(src));
+        let staging = self.staging(src.len())?;
+        // SAFETY: the chunk holds at least `src.len()` bytes and nothing else uses it yet.
+        unsafe { staging.as_ptr().copy_from_nonoverlapping(src.as_ptr(), src.len()) };
         // SAFETY: in bounds (the caller); the copy reads `src.len()` bytes of `staging`, which
         // the operation keeps alive until the stream passes its host function.
         unsafe {
@@ -521,7 +582,7 @@ impl Backend for CudaBackend {
         len: usize,
     ) -> Result<Pending, BackendError> {
         self.bind()?;
-        let staging = Staging::new(HostLines::zeroed(len));
+        let staging = self.staging(len)?;
         // SAFETY: as in `write_async`; the copy writes `len` bytes of `staging`.
         unsafe {
             sys::cuMemcpyDtoHAsync_v2(

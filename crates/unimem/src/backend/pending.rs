@@ -57,16 +57,12 @@ impl Pending {
 }
 
 impl Future for Pending {
-    type Output = Result<HostLines, BackendError>;
+    type Output = Result<Staged, BackendError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut inner = self.0.lock();
         match inner.outcome.take() {
-            Some(outcome) => {
-                // SAFETY: the signal has fired: the device is done with the staging memory.
-                let lines = inner.staging.take().map(|staging| unsafe { staging.into_lines() });
-                Poll::Ready(outcome.map(|()| lines.unwrap_or_else(|| HostLines::zeroed(0))))
-            }
+            Some(outcome) => Poll::Ready(outcome.map(|()| Staged(inner.staging.take()))),
             None => {
                 match &mut inner.waker {
                     Some(waker) if waker.will_wake(cx.waker()) => {}
@@ -74,6 +70,20 @@ impl Future for Pending {
                 }
                 Poll::Pending
             }
+        }
+    }
+}
+
+/// The staging memory of a finished operation: what the device wrote, for reads.
+pub(crate) struct Staged(Option<Staging>);
+
+impl Staged {
+    /// The first `len` bytes (none where the operation had no staging memory).
+    pub(crate) fn bytes(&self, len: usize) -> &[u8] {
+        match &self.0 {
+            // SAFETY: the operation has completed: the device is done with the memory.
+            Some(staging) => unsafe { staging.bytes(len) },
+            None => &[],
         }
     }
 }
@@ -133,7 +143,7 @@ mod tests {
         std::thread::spawn(move || signal.complete(Ok(()))).join().unwrap();
         assert_eq!(count.0.load(Ordering::SeqCst), 1);
         match Pin::new(&mut pending).poll(&mut cx) {
-            Poll::Ready(Ok(lines)) => assert_eq!(lines.bytes(100), &[7; 100]),
+            Poll::Ready(Ok(staged)) => assert_eq!(staged.bytes(100), &[7; 100]),
             _ => panic!("expected the staging memory back"),
         }
     }
