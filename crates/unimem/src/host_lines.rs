@@ -2,6 +2,7 @@
 //! bytes can be viewed as any element type unimem accepts (alignment up to 64).
 
 use std::ptr::NonNull;
+#[cfg(feature = "cuda")]
 use std::sync::Arc;
 
 /// 64 bytes, 64-aligned.
@@ -19,6 +20,7 @@ impl HostLines {
     }
 
     /// A copy of `src`.
+    #[cfg(any(test, feature = "opencl"))]
     pub(crate) fn copy_of(src: &[u8]) -> Self {
         let mut lines = Self::zeroed(src.len());
         lines.bytes_mut(src.len()).copy_from_slice(src);
@@ -39,6 +41,7 @@ impl HostLines {
 /// Where staging memory that did not come from the heap goes back to (a backend's cache of
 /// page-locked chunks). `take_back` may run on a driver thread, where driver calls are not
 /// allowed: it only records the chunk.
+#[cfg(feature = "cuda")]
 pub(crate) trait StagingHome: Send + Sync {
     fn take_back(&self, start: NonNull<u8>, bytes: usize);
 }
@@ -46,6 +49,7 @@ pub(crate) trait StagingHome: Send + Sync {
 enum Owner {
     /// A `Box<[Line]>` of this many lines.
     Heap(usize),
+    #[cfg(feature = "cuda")]
     Home(Arc<dyn StagingHome>),
 }
 
@@ -74,6 +78,7 @@ impl Staging {
         Staging { start, bytes, owner: Owner::Heap(count) }
     }
 
+    #[cfg(feature = "cuda")]
     /// `bytes` at `start`, owned by `home` (which gets them back on drop).
     ///
     /// # Safety
@@ -109,6 +114,7 @@ impl Drop for Staging {
                 // operation (or one that never started), so no device uses the memory.
                 drop(unsafe { Box::from_raw(slice) });
             }
+            #[cfg(feature = "cuda")]
             Owner::Home(home) => home.take_back(self.start, self.bytes),
         }
     }

@@ -34,12 +34,7 @@ use super::{Backend, BackendError, Fence, RawAllocation};
 use crate::device::{DeviceId, DeviceInfo, DeviceKind, MemoryKind};
 use crate::host_lines::{Staging, StagingHome};
 
-/// What discovery found: one backend per device, or the reason there are none.
-pub(crate) struct Discovery {
-    pub backends: Vec<Arc<CudaBackend>>,
-    /// Why there are no devices, or why some device could not be used.
-    pub note: Option<String>,
-}
+type Discovery = super::Discovery<CudaBackend>;
 
 /// Probes the driver and enumerates every device, once per process.
 pub(crate) fn discover() -> &'static Discovery {
@@ -51,15 +46,15 @@ fn enumerate() -> Discovery {
     // SAFETY: only tries to open the library; nothing in it is called. cudarc panics on the
     // first driver call when the library is missing, so this check comes first.
     if !unsafe { sys::is_culib_present() } {
-        return none("no CUDA driver library (libcuda.so) found".into());
+        return Discovery::none("no CUDA driver library (libcuda.so) found");
     }
     if let Err(e) = result::init() {
-        return none(format!("cuInit failed: {}", name(e)));
+        return Discovery::none(format!("cuInit failed: {}", name(e)));
     }
     let count = match result::device::get_count() {
-        Ok(0) => return none("the CUDA driver reports no devices".into()),
+        Ok(0) => return Discovery::none("the CUDA driver reports no devices"),
         Ok(n) => n,
-        Err(e) => return none(format!("cuDeviceGetCount failed: {}", name(e))),
+        Err(e) => return Discovery::none(format!("cuDeviceGetCount failed: {}", name(e))),
     };
     let mut backends = Vec::new();
     let mut problems = Vec::new();
@@ -74,16 +69,7 @@ fn enumerate() -> Discovery {
         backend.peers =
             devices.iter().copied().filter(|&other| can_access_peer(backend.device, other)).collect();
     }
-    let note = match (backends.is_empty(), problems.is_empty()) {
-        (_, false) => Some(problems.join("; ")),
-        (true, true) => Some("no CUDA device could be used".into()),
-        (false, true) => None,
-    };
-    Discovery { backends: backends.into_iter().map(Arc::new).collect(), note }
-}
-
-fn none(reason: String) -> Discovery {
-    Discovery { backends: Vec::new(), note: Some(reason) }
+    Discovery::found(backends, problems, "no CUDA device could be used")
 }
 
 /// The error's name, without calling the driver (`cuGetErrorString` may be missing from a

@@ -21,27 +21,51 @@ use pending::Pending;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
+/// What one device backend's discovery found: a backend per usable device, and a line
+/// saying why there are none, or why some device could not be used.
+pub(crate) struct Discovery<B> {
+    pub backends: Vec<Arc<B>>,
+    pub note: Option<String>,
+}
+
+impl<B> Discovery<B> {
+    /// No devices, because of `reason`.
+    pub(crate) fn none(reason: impl Into<String>) -> Self {
+        Discovery { backends: Vec::new(), note: Some(reason.into()) }
+    }
+
+    /// The devices that could be used, with the problems met on the others; `empty` is
+    /// the note when there are neither.
+    pub(crate) fn found(backends: Vec<B>, problems: Vec<String>, empty: &str) -> Self {
+        let note = match (backends.is_empty(), problems.is_empty()) {
+            (_, false) => Some(problems.join("; ")),
+            (true, true) => Some(empty.to_string()),
+            (false, true) => None,
+        };
+        Discovery { backends: backends.into_iter().map(Arc::new).collect(), note }
+    }
+}
+
+/// Adds one backend's discovery to the manager's device list and notes.
+fn add<B: Backend>(
+    label: &str,
+    discovery: &Discovery<B>,
+    found: &mut Vec<Arc<dyn Backend>>,
+    notes: &mut Vec<String>,
+) {
+    found.extend(discovery.backends.iter().map(|b| Arc::clone(b) as Arc<dyn Backend>));
+    notes.extend(discovery.note.as_ref().map(|note| format!("{label}: {note}")));
+}
+
 /// The accelerator backends compiled in, with every device they found on this machine, and
 /// for each backend that found none (or had trouble) a line saying why.
 pub(crate) fn accelerators() -> (Vec<Arc<dyn Backend>>, Vec<String>) {
     #[allow(unused_mut, reason = "filled only when a device backend is compiled in")]
     let (mut found, mut notes): (Vec<Arc<dyn Backend>>, Vec<String>) = (Vec::new(), Vec::new());
     #[cfg(feature = "cuda")]
-    {
-        let discovery = cuda::discover();
-        found.extend(discovery.backends.iter().map(|b| Arc::clone(b) as Arc<dyn Backend>));
-        if let Some(note) = &discovery.note {
-            notes.push(format!("CUDA: {note}"));
-        }
-    }
+    add("CUDA", cuda::discover(), &mut found, &mut notes);
     #[cfg(feature = "opencl")]
-    {
-        let discovery = opencl::discover();
-        found.extend(discovery.backends.iter().map(|b| Arc::clone(b) as Arc<dyn Backend>));
-        if let Some(note) = &discovery.note {
-            notes.push(format!("OpenCL: {note}"));
-        }
-    }
+    add("OpenCL", opencl::discover(), &mut found, &mut notes);
     (found, notes)
 }
 

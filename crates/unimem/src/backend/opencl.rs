@@ -21,7 +21,7 @@
 
 use std::ffi::c_void;
 use std::ptr::{self, NonNull};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use opencl3::command_queue::{self as queue, CommandQueue};
 use opencl3::context::Context;
@@ -46,12 +46,7 @@ use crate::host_lines::{HostLines, Staging};
 /// Alignment asked of SVM allocations (unimem's buffers promise 64).
 const SVM_ALIGN: u32 = 64;
 
-/// What discovery found: one backend per device, or the reason there are none.
-pub(crate) struct Discovery {
-    pub backends: Vec<Arc<OpenClBackend>>,
-    /// Why there are no devices, or why some platform could not be used.
-    pub note: Option<String>,
-}
+type Discovery = super::Discovery<OpenClBackend>;
 
 /// Enumerates every platform and device once per process. Enumeration is guarded: PoCL 3.1
 /// can report zero devices when several threads enumerate at once for the first time.
@@ -62,12 +57,12 @@ pub(crate) fn discover() -> &'static Discovery {
 
 fn enumerate() -> Discovery {
     if let Err(e) = cl3::load_library() {
-        return Discovery { backends: Vec::new(), note: Some(format!("no OpenCL loader: {e}")) };
+        return Discovery::none(format!("no OpenCL loader: {e}"));
     }
     let platforms = match opencl3::platform::get_platforms() {
         Ok(p) if !p.is_empty() => p,
-        Ok(_) => return none("the OpenCL loader found no platforms (no ICD installed)"),
-        Err(e) => return none(&format!("clGetPlatformIDs failed: {e} (no ICD installed?)")),
+        Ok(_) => return Discovery::none("the OpenCL loader found no platforms (no ICD installed)"),
+        Err(e) => return Discovery::none(format!("clGetPlatformIDs failed: {e} (no ICD installed?)")),
     };
     let mut backends = Vec::new();
     let mut problems = Vec::new();
@@ -81,21 +76,12 @@ fn enumerate() -> Discovery {
         };
         for id in ids {
             match OpenClBackend::new(id) {
-                Ok(backend) => backends.push(Arc::new(backend)),
+                Ok(backend) => backends.push(backend),
                 Err(e) => problems.push(e.to_string()),
             }
         }
     }
-    let note = match (backends.is_empty(), problems.is_empty()) {
-        (true, true) => Some("the OpenCL platforms have no devices".to_string()),
-        (_, false) => Some(problems.join("; ")),
-        (false, true) => None,
-    };
-    Discovery { backends, note }
-}
-
-fn none(reason: &str) -> Discovery {
-    Discovery { backends: Vec::new(), note: Some(reason.to_string()) }
+    Discovery::found(backends, problems, "the OpenCL platforms have no devices")
 }
 
 fn driver(call: &'static str, code: cl_int) -> BackendError {

@@ -504,8 +504,12 @@ impl DevicePool {
     /// Whether the device, asked for `bytes` more, would have less than 1/16 of its memory
     /// free (devices that report free memory only, such as CUDA's `cuMemGetInfo`).
     fn under_pressure(&self, bytes: usize) -> bool {
+        // Nothing pooled, nothing to trim: skip the driver query.
+        if self.pooled_bytes() == 0 {
+            return false;
+        }
         let Some((free, total)) = self.backend.free_memory() else { return false };
-        self.pooled_bytes() > 0 && free.saturating_sub(to_u64(bytes)) < total / 16
+        free.saturating_sub(to_u64(bytes)) < total / 16
     }
 
     /// Marks the pool closed (its manager is gone) and frees everything it holds.
