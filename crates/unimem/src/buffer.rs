@@ -5,6 +5,7 @@ mod view;
 pub use view::{BufferView, BufferViewMut, Mapping};
 
 use crate::Element;
+use crate::backend::{Backend, Foreign};
 use crate::device::{AllocationMode, DeviceId, Location, MapMode, MemoryKind};
 use crate::error::{Error, Result};
 use crate::host_lines::HostLines;
@@ -62,6 +63,12 @@ pub struct Buffer<T: Element> {
     /// Host-visible device memory (pinned, unified) only: a raw handle was given out, so
     /// device work may use the memory; the next host access waits for it first.
     device_pending: AtomicBool,
+    /// The caller's stream or queue that was last handed the memory (`cuda_ptr_on`,
+    /// `opencl_mem_on`): unimem's queue is ordered after its work before unimem next uses
+    /// the memory, and before the memory goes back to its pool.
+    foreign: Option<Foreign>,
+    /// `foreign` has work that unimem's queue is not yet ordered after.
+    foreign_pending: AtomicBool,
     _element: PhantomData<T>,
 }
 
@@ -105,6 +112,8 @@ impl<T: Element> Buffer<T> {
             mirror: OnceLock::new(),
             host_newer: false,
             device_pending: AtomicBool::new(false),
+            foreign: None,
+            foreign_pending: AtomicBool::new(false),
             _element: PhantomData,
         }
     }
@@ -163,6 +172,22 @@ impl<T: Element> Buffer<T> {
         self.block.mem.host.is_none()
     }
 
+    /// The backend, for an operation on the memory. Unimem's queue is first ordered after
+    /// the work of the caller's stream or queue that was handed the memory (enqueued, not
+    /// waited for).
+    fn ops(&self) -> Result<&dyn Backend> {
+        let pool = &self.block.pool;
+        if self.foreign_pending.load(Ordering::Acquire) {
+            if let Some(foreign) = &self.foreign {
+                pool.backend()
+                    .after_foreign(foreign.handle())
+                    .map_err(|source| Error::Backend { device: pool.device, source })?;
+            }
+            self.foreign_pending.store(false, Ordering::Release);
+        }
+        Ok(pool.backend())
+    }
+
     /// The host mirror, made (one copy from the device) if there is none.
     fn mirror(&self) -> Result<&HostMirror> {
         if let Some(mirror) = self.mirror.get() {
@@ -173,7 +198,7 @@ impl<T: Element> Buffer<T> {
         let pool = &self.block.pool;
         // SAFETY: the memory has no host pointer and came from this pool's backend; the
         // range is the buffer's own bytes.
-        unsafe { pool.backend().read(&self.block.mem, 0, mirror.bytes_mut(bytes)) }
+        unsafe { self.ops()?.read(&self.block.mem, 0, mirror.bytes_mut(bytes)) }
             .map_err(|source| Error::Backend { device: pool.device, source })?;
         pool.count_sync(true);
         // A thread that raced us read the same device contents (device writes need `&mut`).
@@ -189,7 +214,7 @@ impl<T: Element> Buffer<T> {
         if let Some(mirror) = self.mirror.get() {
             let pool = &self.block.pool;
             // SAFETY: as in `mirror`.
-            unsafe { pool.backend().write(&self.block.mem, 0, mirror.bytes(bytes)) }
+            unsafe { self.ops()?.write(&self.block.mem, 0, mirror.bytes(bytes)) }
                 .map_err(|source| Error::Backend { device: pool.device, source })?;
             pool.count_sync(false);
         }
@@ -217,13 +242,43 @@ impl<T: Element> Buffer<T> {
     /// memory, or SVM, whose host pointer is also its device pointer); transfer errors.
     #[cfg(feature = "opencl")]
     pub fn opencl_mem(&mut self, access: MapMode) -> Result<opencl3::types::cl_mem> {
-        let pool = &self.block.pool;
-        let is_cl_mem = pool.backend().opencl().is_some() && pool.kind != MemoryKind::Unified;
-        if !is_cl_mem {
-            return Err(Error::UnsupportedMode { device: pool.device, mode: self.mode });
-        }
+        self.check_opencl(false)?;
         self.prepare_device_access(access)?;
         Ok(self.block.mem.handle as usize as opencl3::types::cl_mem)
+    }
+
+    /// As [`opencl_mem`](Self::opencl_mem), for kernels enqueued on `queue`, a queue of the
+    /// caller's on the buffer's context, instead of unimem's. `queue` is ordered after
+    /// unimem's work on the buffer so far (a marker and a barrier: nothing waits), and
+    /// unimem's next use of the buffer (a transfer, host access, or the pool's next user
+    /// once the buffer is dropped) is ordered after the work enqueued on `queue` until
+    /// then. The queue is retained until that ordering is in place.
+    ///
+    /// Call it before each batch of kernels on `queue`: work enqueued there after unimem's
+    /// next use of the buffer is not ordered.
+    ///
+    /// # Errors
+    /// As for [`opencl_mem`](Self::opencl_mem), and [`Error::ForeignQueue`] if `queue`
+    /// belongs to another context; the buffer is unchanged then.
+    #[cfg(feature = "opencl")]
+    pub fn opencl_mem_on(
+        &mut self,
+        queue: &opencl3::command_queue::CommandQueue,
+        access: MapMode,
+    ) -> Result<opencl3::types::cl_mem> {
+        let foreign = self.check_opencl(false)?.retain_foreign(queue);
+        self.hand_to(foreign.map(Foreign::OpenCl), access)?;
+        Ok(self.block.mem.handle as usize as opencl3::types::cl_mem)
+    }
+
+    /// The OpenCL backend of a `cl_mem` buffer (`svm: false`) or an SVM one (`svm: true`).
+    #[cfg(feature = "opencl")]
+    fn check_opencl(&self, svm: bool) -> Result<&crate::OpenClBackend> {
+        let pool = &self.block.pool;
+        match pool.backend().opencl() {
+            Some(cl) if (pool.kind == MemoryKind::Unified) == svm => Ok(cl),
+            _ => Err(Error::UnsupportedMode { device: pool.device, mode: self.mode }),
+        }
     }
 
     /// The shared-virtual-memory pointer of an OpenCL `Unified` buffer, for the caller's
@@ -236,11 +291,25 @@ impl<T: Element> Buffer<T> {
     /// [`Error::UnsupportedMode`] for buffers that are not OpenCL SVM.
     #[cfg(feature = "opencl")]
     pub fn opencl_svm(&mut self, access: MapMode) -> Result<*mut std::ffi::c_void> {
-        let pool = &self.block.pool;
-        if pool.backend().opencl().is_none() || pool.kind != MemoryKind::Unified {
-            return Err(Error::UnsupportedMode { device: pool.device, mode: self.mode });
-        }
+        self.check_opencl(true)?;
         self.prepare_device_access(access)?;
+        Ok(self.block.mem.handle as usize as *mut std::ffi::c_void)
+    }
+
+    /// As [`opencl_svm`](Self::opencl_svm), for kernels enqueued on `queue`, a queue of the
+    /// caller's on the buffer's context, ordered as for [`opencl_mem_on`](Self::opencl_mem_on).
+    ///
+    /// # Errors
+    /// As for [`opencl_svm`](Self::opencl_svm), and [`Error::ForeignQueue`] if `queue`
+    /// belongs to another context; the buffer is unchanged then.
+    #[cfg(feature = "opencl")]
+    pub fn opencl_svm_on(
+        &mut self,
+        queue: &opencl3::command_queue::CommandQueue,
+        access: MapMode,
+    ) -> Result<*mut std::ffi::c_void> {
+        let foreign = self.check_opencl(true)?.retain_foreign(queue);
+        self.hand_to(foreign.map(Foreign::OpenCl), access)?;
         Ok(self.block.mem.handle as usize as *mut std::ffi::c_void)
     }
 
@@ -256,12 +325,57 @@ impl<T: Element> Buffer<T> {
     /// [`Error::UnsupportedMode`] for buffers that are not CUDA memory; transfer errors.
     #[cfg(feature = "cuda")]
     pub fn cuda_ptr(&mut self, access: MapMode) -> Result<cudarc::driver::sys::CUdeviceptr> {
-        let pool = &self.block.pool;
-        if pool.backend().cuda().is_none() {
-            return Err(Error::UnsupportedMode { device: pool.device, mode: self.mode });
-        }
+        self.check_cuda()?;
         self.prepare_device_access(access)?;
         Ok(self.block.mem.handle)
+    }
+
+    /// As [`cuda_ptr`](Self::cuda_ptr), for kernels launched on `stream`, a stream of the
+    /// caller's on the buffer's device (its primary context, as `CudaContext::new` gives),
+    /// instead of unimem's. `stream` is ordered after unimem's work on the buffer so far
+    /// (an event and `cuStreamWaitEvent`: nothing waits), and unimem's next use of the
+    /// buffer (a transfer, host access, or the pool's next user once the buffer is dropped)
+    /// is ordered after the work launched on `stream` until then. Pooled reuse across
+    /// streams is thus ordered on the device, never by synchronising it. The stream is kept
+    /// alive until that ordering is in place.
+    ///
+    /// Call it before each batch of kernels on `stream`: work launched there after unimem's
+    /// next use of the buffer is not ordered.
+    ///
+    /// # Errors
+    /// As for [`cuda_ptr`](Self::cuda_ptr), and [`Error::ForeignQueue`] if `stream` belongs
+    /// to another context; the buffer is unchanged then.
+    #[cfg(feature = "cuda")]
+    pub fn cuda_ptr_on(
+        &mut self,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+        access: MapMode,
+    ) -> Result<cudarc::driver::sys::CUdeviceptr> {
+        let owned = self.check_cuda()?.owns_stream(stream);
+        self.hand_to(owned.then(|| Foreign::Cuda(std::sync::Arc::clone(stream))), access)?;
+        Ok(self.block.mem.handle)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn check_cuda(&self) -> Result<&crate::CudaBackend> {
+        let pool = &self.block.pool;
+        pool.backend().cuda().ok_or(Error::UnsupportedMode { device: pool.device, mode: self.mode })
+    }
+
+    /// Makes the buffer ready for a caller's kernels on `foreign` (`None`: a stream or queue
+    /// of another context) as `prepare_device_access` does, then orders `foreign` after
+    /// unimem's work so far, and records it so that unimem's next use waits for it.
+    fn hand_to(&mut self, foreign: Option<Foreign>, access: MapMode) -> Result<()> {
+        let device = self.device();
+        let foreign = foreign.ok_or(Error::ForeignQueue { device })?;
+        self.prepare_device_access(access)?;
+        let pool = &self.block.pool;
+        pool.backend()
+            .foreign_after_ours(foreign.handle())
+            .map_err(|source| Error::Backend { device, source })?;
+        self.foreign = Some(foreign);
+        *self.foreign_pending.get_mut() = true;
+        Ok(())
     }
 
     pub(crate) fn manager_id(&self) -> u64 {
@@ -279,7 +393,7 @@ impl<T: Element> Buffer<T> {
             .ok_or(Error::NotHostAddressable { device: self.device() })?;
         if self.device_pending.load(Ordering::Acquire) {
             let pool = &self.block.pool;
-            pool.backend()
+            self.ops()?
                 .before_host_access(&self.block.mem, pool.kind)
                 .map_err(|source| Error::Backend { device: pool.device, source })?;
             self.device_pending.store(false, Ordering::Release);
@@ -293,6 +407,9 @@ impl<T: Element> Buffer<T> {
     /// [`MapMode::Read`] the host mirror is dropped, so the next host access reads the
     /// device's result. Host-visible memory is waited for before the next host access.
     fn prepare_device_access(&mut self, access: MapMode) -> Result<()> {
+        self.ops()?;
+        // Unimem's queue is now ordered after the stream the memory was last handed to.
+        self.foreign = None;
         if self.is_device_only() {
             match access {
                 MapMode::Read => self.flush()?,
@@ -360,7 +477,7 @@ impl<T: Element> Buffer<T> {
         let device = pool.device;
         // SAFETY: device memory of this pool's backend; `check_range` bounds the range.
         let pending = unsafe {
-            pool.backend().write_async(&self.block.mem, offset * size_of::<T>(), bytemuck::cast_slice(src))
+            self.ops()?.write_async(&self.block.mem, offset * size_of::<T>(), bytemuck::cast_slice(src))
         }
         .map_err(|source| Error::Backend { device, source })?;
         self.write_mirror(src, offset);
@@ -374,7 +491,7 @@ impl<T: Element> Buffer<T> {
             let pool = &self.block.pool;
             let at = offset * size_of::<T>();
             // SAFETY: device memory of this pool's backend; `check_range` bounds the range.
-            unsafe { pool.backend().write(&self.block.mem, at, bytemuck::cast_slice(src)) }
+            unsafe { self.ops()?.write(&self.block.mem, at, bytemuck::cast_slice(src)) }
                 .map_err(|source| Error::Backend { device: pool.device, source })?;
             self.write_mirror(src, offset);
             return Ok(());
@@ -403,7 +520,7 @@ impl<T: Element> Buffer<T> {
         let device = pool.device;
         let bytes = size_of_val(dst);
         // SAFETY: device memory of this pool's backend; `check_range` bounds the range.
-        let pending = unsafe { pool.backend().read_async(&self.block.mem, offset * size_of::<T>(), bytes) }
+        let pending = unsafe { self.ops()?.read_async(&self.block.mem, offset * size_of::<T>(), bytes) }
             .map_err(|source| Error::Backend { device, source })?;
         let staged = pending.await.map_err(|source| Error::Backend { device, source })?;
         bytemuck::cast_slice_mut::<T, u8>(dst).copy_from_slice(staged.bytes(bytes));
@@ -427,7 +544,7 @@ impl<T: Element> Buffer<T> {
             let pool = &self.block.pool;
             // SAFETY: as in `copy_from_blocking`.
             unsafe {
-                pool.backend().read(&self.block.mem, offset * size_of::<T>(), bytemuck::cast_slice_mut(dst))
+                self.ops()?.read(&self.block.mem, offset * size_of::<T>(), bytemuck::cast_slice_mut(dst))
             }
             .map_err(|source| Error::Backend { device: pool.device, source })?;
             return Ok(());
@@ -446,9 +563,10 @@ impl<T: Element> Buffer<T> {
         if same_device && src.is_device_only() && self.is_device_only() && !src.host_newer {
             // Device-local: one copy on the device, no host involvement.
             let pool = &self.block.pool;
+            src.ops()?;
             // SAFETY: two distinct buffers (`&` and `&mut`) of the same backend, both at
             // least `size_in_bytes` long.
-            unsafe { pool.backend().copy(&src.block.mem, &self.block.mem, self.size_in_bytes()) }
+            unsafe { self.ops()?.copy(&src.block.mem, &self.block.mem, self.size_in_bytes()) }
                 .map_err(|source| Error::Backend { device: pool.device, source })?;
             self.invalidate_mirror();
             return Ok(());
@@ -458,12 +576,7 @@ impl<T: Element> Buffer<T> {
             let pool = &self.block.pool;
             // SAFETY: device allocations of their own backends, both `size_in_bytes` long.
             let copied = unsafe {
-                pool.backend().copy_from_peer(
-                    src.block.pool.backend(),
-                    &src.block.mem,
-                    &self.block.mem,
-                    self.size_in_bytes(),
-                )
+                self.ops()?.copy_from_peer(src.ops()?, &src.block.mem, &self.block.mem, self.size_in_bytes())
             }
             .map_err(|source| Error::Backend { device: pool.device, source })?;
             if copied {
@@ -525,6 +638,9 @@ impl<T: Element> Buffer<T> {
 
 impl<T: Element> Drop for Buffer<T> {
     fn drop(&mut self) {
+        // Enqueued, not waited for: the block's fence (or the stream order) then keeps its
+        // next user after the caller's streams. An error leaves nothing more to order.
+        let _ = self.ops();
         if *self.device_pending.get_mut() {
             let pool = &self.block.pool;
             // An error leaves the memory with the device; freeing it still works.

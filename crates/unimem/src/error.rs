@@ -82,6 +82,12 @@ pub enum Error {
         /// Largest supported alignment.
         max: usize,
     },
+    /// A caller's stream or queue that does not belong to the buffer's device (its context).
+    #[error("the stream or queue does not belong to {device}'s context")]
+    ForeignQueue {
+        /// The buffer's device.
+        device: DeviceId,
+    },
     /// The memory is not addressable from the host.
     #[error("{device} memory is not host-addressable")]
     NotHostAddressable {

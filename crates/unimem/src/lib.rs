@@ -50,6 +50,8 @@ pub use device::{AllocationMode, DeviceId, DeviceInfo, DeviceKind, Location, Map
 pub use error::{Error, Result};
 pub use manager::{MemoryManager, MemoryManagerBuilder, ReturnError};
 pub use object_pool::{ObjectPool, ObjectPoolBuilder, ObjectPoolStatistics, Pooled};
+#[cfg(feature = "opencl")]
+pub use opencl3;
 pub use options::MemoryOptions;
 pub use pool::size_class::{MAX_CLASS_BYTES, MIN_CLASS_BYTES};
 pub use stats::{ClassOccupancy, MemoryStatistics, PoolStatistics};

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use cl_gate::Gate;
 use cl_kernel::Kernel;
+use unimem::opencl3::command_queue::CommandQueue;
 use unimem::{AllocationMode, DeviceId, DeviceKind, Error, Location, MapMode, MemoryManager};
 
 /// The manager and its first OpenCL device, or `None` (with the reason printed).
@@ -419,4 +420,117 @@ fn without_an_icd_there_are_no_devices_and_a_reason() {
     let log = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "child failed: {log}");
     assert!(log.contains("reason given: OpenCL:"), "{log}");
+}
+
+/// A second in-order queue on the device's context: the caller's own, not unimem's.
+fn callers_queue(manager: &MemoryManager, device: DeviceId) -> CommandQueue {
+    let cl = manager.opencl_device(device).unwrap();
+    #[allow(deprecated, reason = "clCreateCommandQueue is the call that every OpenCL version has")]
+    // SAFETY: a live context and one of its devices, no properties.
+    let raw = unsafe { cl3::command_queue::create_command_queue(cl.context(), cl.device_id(), 0) }
+        .expect("clCreateCommandQueue");
+    CommandQueue::new(raw, 3)
+}
+
+#[test]
+fn reuse_after_a_kernel_on_the_callers_queue_is_ordered_on_the_device() {
+    let Some((manager, device)) = opencl() else { return };
+    let cl = manager.opencl_device(device).unwrap();
+    let theirs = callers_queue(&manager, device);
+    let iota = kernel(&manager, device, c"iota");
+    let n = 1 << 20;
+    let mut first = manager.allocate_on::<f32>(device, n, AllocationMode::Pooled).unwrap();
+    let mut gate = Gate::close(cl.context(), theirs.get());
+    let mem = first.opencl_mem_on(&theirs, MapMode::Write).unwrap();
+    iota.arg_mem(0, mem).unwrap();
+    iota.enqueue(theirs.get(), n).unwrap(); // held behind the gate
+    drop(first); // enqueues the ordering, waits for nothing (the kernel is still gated)
+
+    let mut second = manager.allocate_on::<f32>(device, n, AllocationMode::Pooled).unwrap();
+    assert_eq!(manager.statistics().pool_hits, 1, "the same block, reused");
+    let ones = vec![1.0f32; n];
+    let (wakes, waker) = counting_waker();
+    {
+        let mut write = pin!(second.copy_from(&ones, 0));
+        let mut cx = Context::from_waker(&waker);
+        assert!(write.as_mut().poll(&mut cx).is_pending());
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 0, "unimem's write waits for the caller's kernel");
+        gate.open();
+        wait_for_wake(&wakes);
+        assert!(matches!(write.as_mut().poll(&mut cx), Poll::Ready(Ok(()))));
+    }
+    // The kernel ran first, then the write: the new user's data, not the old user's.
+    let mut back = vec![0.0f32; n];
+    second.copy_to_blocking(&mut back, 0).unwrap();
+    assert!(back.iter().all(|&x| x == 1.0), "the caller's kernel overwrote the next user's data");
+}
+
+#[test]
+fn host_access_waits_for_kernels_on_the_callers_queue() {
+    let Some((manager, device)) = opencl() else { return };
+    let cl = manager.opencl_device(device).unwrap();
+    let theirs = callers_queue(&manager, device);
+    let iota = kernel(&manager, device, c"iota");
+    let n = 1 << 20;
+    for mode in [AllocationMode::Pooled, AllocationMode::Pinned] {
+        let mut buffer = manager.allocate_on::<f32>(device, n, mode).unwrap();
+        let mut gate = Gate::close(cl.context(), theirs.get());
+        iota.arg_mem(0, buffer.opencl_mem_on(&theirs, MapMode::Write).unwrap()).unwrap();
+        iota.enqueue(theirs.get(), n).unwrap();
+        std::thread::scope(|scope| {
+            let reader = scope.spawn(|| buffer.as_slice().unwrap().to_vec());
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(!reader.is_finished(), "{mode:?}: host access ran ahead of the caller's kernel");
+            gate.open();
+            let seen = reader.join().unwrap();
+            assert!(seen.iter().enumerate().all(|(i, &x)| x == i as f32), "{mode:?}: kernel result");
+        });
+    }
+}
+
+#[test]
+fn the_callers_queue_is_ordered_after_unimems_writes() {
+    let Some((manager, device)) = opencl() else { return };
+    let theirs = callers_queue(&manager, device);
+    let scale = kernel(&manager, device, c"scale");
+    let n = 1 << 20;
+    let mut input = manager.allocate_on::<f32>(device, n, AllocationMode::Pooled).unwrap();
+    let mut output = manager.allocate_on::<f32>(device, n, AllocationMode::Pooled).unwrap();
+    let mut gate = gate(&manager, device); // unimem's queue
+    let (_, waker) = counting_waker();
+    let src = data(n);
+    {
+        let mut write = Box::pin(input.copy_from(&src, 0));
+        assert!(write.as_mut().poll(&mut Context::from_waker(&waker)).is_pending());
+    } // dropped: the write stays queued behind the gate
+    scale.arg_mem(0, input.opencl_mem_on(&theirs, MapMode::Read).unwrap()).unwrap();
+    scale.arg_mem(1, output.opencl_mem_on(&theirs, MapMode::Write).unwrap()).unwrap();
+    scale.arg_f32(2, 2.0).unwrap();
+    scale.enqueue(theirs.get(), n).unwrap(); // must not run before unimem's write
+    gate.open();
+    let expected: Vec<f32> = data(n).iter().enumerate().map(|(i, x)| x * 2.0 + i as f32).collect();
+    assert_eq!(output.as_slice().unwrap(), &expected[..], "the kernel read the input before it was written");
+}
+
+#[test]
+fn a_queue_of_another_context_is_refused() {
+    let Some((manager, device)) = opencl() else { return };
+    let cl = manager.opencl_device(device).unwrap();
+    let other =
+        unimem::opencl3::context::Context::from_device(&unimem::opencl3::device::Device::new(cl.device_id()))
+            .unwrap();
+    #[allow(deprecated, reason = "clCreateCommandQueue is the call that every OpenCL version has")]
+    let foreign = CommandQueue::create_default(&other, 0).unwrap();
+    let mut buffer = manager.allocate_on::<f32>(device, 100, AllocationMode::Pooled).unwrap();
+    buffer.copy_from_blocking(&data(100), 0).unwrap();
+    buffer.as_mut_slice().unwrap()[0] = 42.0; // host side newer: a refused call must not flush
+    let err = buffer.opencl_mem_on(&foreign, MapMode::ReadWrite).unwrap_err();
+    assert!(matches!(err, Error::ForeignQueue { .. }), "{err}");
+    assert_eq!(buffer.location(), Location::Host, "unchanged");
+    let err = buffer.opencl_svm_on(&callers_queue(&manager, device), MapMode::Read).unwrap_err();
+    assert!(matches!(err, Error::UnsupportedMode { .. }), "{err}");
+    let mut expected = data(100);
+    expected[0] = 42.0;
+    assert_eq!(buffer.as_slice().unwrap(), &expected[..]);
 }

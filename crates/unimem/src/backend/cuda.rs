@@ -233,6 +233,11 @@ impl CudaBackend {
         self.stream
     }
 
+    /// Whether `stream` belongs to this device's (primary) context.
+    pub(crate) fn owns_stream(&self, stream: &cudarc::driver::CudaStream) -> bool {
+        stream.context().cu_ctx() == self.context
+    }
+
     /// Free and total device memory, from `cuMemGetInfo`.
     pub fn memory_info(&self) -> Result<(u64, u64), BackendError> {
         self.bind()?;
@@ -273,6 +278,28 @@ impl CudaBackend {
         // SAFETY: a managed allocation of ours, whole, on our stream.
         unsafe { result::mem_prefetch_async(allocation.handle, allocation.bytes, location, self.stream) }
             .map_err(|e| driver("cuMemPrefetchAsync", e))
+    }
+
+    /// Orders `later` after everything enqueued so far on `earlier`: an event recorded on
+    /// one and waited for by the other (`cuStreamWaitEvent`). Nothing waits on the host.
+    fn order_streams(&self, earlier: sys::CUstream, later: sys::CUstream) -> Result<(), BackendError> {
+        self.bind()?;
+        let event = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+            .map_err(|e| driver("cuEventCreate", e))?;
+        // SAFETY: a new event, and two live streams (ours, or a `CudaStream` the caller lent).
+        let ordered = unsafe { result::event::record(event, earlier) }
+            .map_err(|e| driver("cuEventRecord", e))
+            .and_then(|()| {
+                // SAFETY: as above; the wait is enqueued, and it keeps what it needs of the event.
+                unsafe {
+                    result::stream::wait_event(later, event, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
+                }
+                .map_err(|e| driver("cuStreamWaitEvent", e))
+            });
+        // SAFETY: the event is ours; destroying it after the wait was enqueued is allowed (the
+        // driver frees it once the work completes).
+        let _ = unsafe { result::event::destroy(event) };
+        ordered
     }
 
     /// `bytes` of page-locked staging: the smallest idle chunk that fits, or a new one. Idle
@@ -507,6 +534,14 @@ impl Backend for CudaBackend {
                 let _ = unsafe { result::mem_pool::trim_to(pool, 0) };
             }
         }
+    }
+
+    fn after_foreign(&self, foreign: u64) -> Result<(), BackendError> {
+        self.order_streams(foreign as sys::CUstream, self.stream)
+    }
+
+    fn foreign_after_ours(&self, foreign: u64) -> Result<(), BackendError> {
+        self.order_streams(self.stream, foreign as sys::CUstream)
     }
 
     unsafe fn write(

@@ -21,6 +21,29 @@ use pending::Pending;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
+/// A caller's stream or queue that was handed a buffer's memory, kept alive (shared or
+/// retained) for as long as the buffer may have to order unimem's work after it.
+pub(crate) enum Foreign {
+    /// A CUDA stream of the buffer's context.
+    #[cfg(feature = "cuda")]
+    Cuda(Arc<cudarc::driver::CudaStream>),
+    /// An OpenCL queue of the buffer's context.
+    #[cfg(feature = "opencl")]
+    OpenCl(opencl::RetainedQueue),
+}
+
+impl Foreign {
+    /// The raw stream or queue, as the backend's `*_foreign` calls take it.
+    pub(crate) fn handle(&self) -> u64 {
+        match *self {
+            #[cfg(feature = "cuda")]
+            Foreign::Cuda(ref stream) => stream.cu_stream() as u64,
+            #[cfg(feature = "opencl")]
+            Foreign::OpenCl(ref queue) => queue.handle(),
+        }
+    }
+}
+
 /// What one device backend's discovery found: a backend per usable device, and a line
 /// saying why there are none, or why some device could not be used.
 pub(crate) struct Discovery<B> {
@@ -189,6 +212,19 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// is being dropped after `before_device_access`): the block's fence, taken next,
     /// orders its next user after this.
     fn return_to_host(&self, _allocation: &RawAllocation, _kind: MemoryKind) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    /// Orders everything unimem enqueues on this device from now on after everything
+    /// enqueued so far on `foreign`, a caller's stream or queue that was handed the memory
+    /// of a buffer. Enqueues the dependency; never waits.
+    fn after_foreign(&self, _foreign: u64) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    /// Orders everything enqueued on `foreign` from now on after everything unimem has
+    /// enqueued on this device so far (copies, zeroing, migrations). Never waits.
+    fn foreign_after_ours(&self, _foreign: u64) -> Result<(), BackendError> {
         Ok(())
     }
 

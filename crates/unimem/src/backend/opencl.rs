@@ -15,9 +15,11 @@
 //!
 //! Every device operation goes through the device's one in-order queue. Blocking transfers
 //! wait for their event; asynchronous ones copy through staging memory that the operation
-//! owns and complete from an event callback (`clSetEventCallback`), so nothing polls. A
-//! block returned to its pool is fenced with a marker: its next user waits for the last
-//! enqueued use, including a user's kernels on the same queue.
+//! owns and complete from an event callback (`clSetEventCallback`), so nothing polls.
+//! Reuse of pooled device memory is queue-ordered: its next user's commands queue behind
+//! the last user's, including the user's kernels (a caller's own queue is joined into
+//! unimem's first, by a marker and a barrier). Host-visible blocks (pinned, SVM), which the
+//! host touches without commands, are fenced with a marker that their next user waits for.
 
 use std::ffi::c_void;
 use std::ptr::{self, NonNull};
@@ -140,6 +142,50 @@ fn complete_on(call: &'static str, event: cl_event, staging: Staging) -> Pending
     }
 }
 
+/// Orders `later` after everything enqueued so far on `earlier` (two queues of one
+/// context): a marker on `earlier`, flushed so that it reaches the device, and a barrier on
+/// `later` that waits for it. Nothing waits on the host.
+fn order_queues(earlier: cl_command_queue, later: cl_command_queue) -> Result<(), BackendError> {
+    // SAFETY: a marker with no wait list on a live queue (ours, or a `CommandQueue` the
+    // caller lent).
+    let marker = unsafe { queue::enqueue_marker_with_wait_list(earlier, 0, ptr::null()) }
+        .map_err(|c| driver("clEnqueueMarkerWithWaitList", c))?;
+    let ordered = queue::flush(earlier).map_err(|c| driver("clFlush", c)).and_then(|()| {
+        // SAFETY: a barrier on a live queue waiting on one live event; `&marker` outlives
+        // the call.
+        let barrier = unsafe { queue::enqueue_barrier_with_wait_list(later, 1, &marker) }
+            .map_err(|c| driver("clEnqueueBarrierWithWaitList", c))?;
+        // SAFETY: the barrier's event is ours; releasing it does not cancel the barrier.
+        unsafe { event::release_event(barrier) }.map_err(|c| driver("clReleaseEvent", c))
+    });
+    // SAFETY: the marker is ours and released once; the barrier keeps what it needs of it.
+    let _ = unsafe { event::release_event(marker) };
+    ordered
+}
+
+/// A caller's queue, retained (`clRetainCommandQueue`) while a buffer may order unimem's
+/// queue after it.
+pub(crate) struct RetainedQueue(cl_command_queue);
+
+// SAFETY: a command queue handle may be used and released from any thread (OpenCL objects
+// are thread-safe, except kernels).
+unsafe impl Send for RetainedQueue {}
+// SAFETY: as for Send; `&RetainedQueue` only reads the handle.
+unsafe impl Sync for RetainedQueue {}
+
+impl RetainedQueue {
+    pub(crate) fn handle(&self) -> u64 {
+        self.0 as usize as u64
+    }
+}
+
+impl Drop for RetainedQueue {
+    fn drop(&mut self) {
+        // SAFETY: retained once in `OpenClBackend::retain_foreign`, released once here.
+        let _ = unsafe { queue::release_command_queue(self.0) };
+    }
+}
+
 /// One OpenCL device with its context and in-order queue.
 pub struct OpenClBackend {
     device: Device,
@@ -201,6 +247,16 @@ impl OpenClBackend {
     /// Setting `UNIMEM_OPENCL_COARSE_SVM` makes devices with both kinds use coarse-grained.
     pub fn coarse_svm_only(&self) -> bool {
         self.svm_coarse && !self.svm_fine
+    }
+
+    /// `queue`, retained, if it belongs to this device's context; `None` otherwise.
+    pub(crate) fn retain_foreign(&self, queue: &CommandQueue) -> Option<RetainedQueue> {
+        if queue.context().ok()? != self.context.get() {
+            return None;
+        }
+        // SAFETY: a live queue (borrowed from its owner); released in `RetainedQueue::drop`.
+        unsafe { queue::retain_command_queue(queue.get()) }.ok()?;
+        Some(RetainedQueue(queue.get()))
     }
 
     fn mem(allocation: &RawAllocation) -> cl_mem {
@@ -421,7 +477,12 @@ impl Backend for OpenClBackend {
         let _ = unsafe { event::release_event(fence.0 as usize as cl_event) };
     }
 
-    fn fence_after_use(&self, _kind: MemoryKind) -> Result<Option<Fence>, BackendError> {
+    fn fence_after_use(&self, kind: MemoryKind) -> Result<Option<Fence>, BackendError> {
+        if kind == MemoryKind::Device {
+            // Queue-ordered: the host reaches device memory only through commands on the
+            // in-order queue, which a caller's queue is joined into before the block returns.
+            return Ok(None);
+        }
         // SAFETY: a marker on our queue, with no wait list.
         let marker = unsafe { queue::enqueue_marker_with_wait_list(self.queue.get(), 0, ptr::null()) }
             .map_err(|c| driver("clEnqueueMarkerWithWaitList", c))?;
@@ -453,6 +514,14 @@ impl Backend for OpenClBackend {
             return self.map_svm(allocation, false);
         }
         Ok(())
+    }
+
+    fn after_foreign(&self, foreign: u64) -> Result<(), BackendError> {
+        order_queues(foreign as usize as cl_command_queue, self.queue.get())
+    }
+
+    fn foreign_after_ours(&self, foreign: u64) -> Result<(), BackendError> {
+        order_queues(self.queue.get(), foreign as usize as cl_command_queue)
     }
 
     unsafe fn write(
