@@ -12,7 +12,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
-use unimem::cudarc::driver::{result, sys};
+use unimem::cudarc::driver::{CudaContext, CudaStream, result, sys};
 use unimem::{AllocationMode, DeviceId, DeviceKind, Error, Location, MapMode, MemoryManager};
 
 /// The manager and its first CUDA device, or `None` (with the reason printed).
@@ -335,4 +335,103 @@ fn bad_input_is_refused_and_nothing_is_lost() {
     let huge = manager.allocate_on::<u8>(device, usize::MAX / 2, AllocationMode::Unpooled);
     assert!(huge.is_err(), "an absurd size is an error");
     assert_eq!(buffer.as_slice().unwrap(), &data(100)[..], "the buffer is intact");
+}
+
+/// A stream of the caller's own on `device` (cudarc's safe API, the same primary context).
+fn callers_stream(manager: &MemoryManager, device: DeviceId) -> Arc<CudaStream> {
+    let ordinal = manager.cuda_device(device).unwrap().ordinal();
+    CudaContext::new(usize::try_from(ordinal).unwrap()).unwrap().new_stream().unwrap()
+}
+
+fn wait_for_wake(wakes: &Wakes) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while wakes.0.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the completion never came");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn reuse_after_work_on_the_callers_stream_is_ordered_on_the_device() {
+    let Some((manager, device)) = cuda() else { return };
+    let theirs = callers_stream(&manager, device);
+    let n = 1 << 22;
+    let mut first = manager.allocate_on::<u32>(device, n, AllocationMode::Pooled).unwrap();
+    let gate = StreamGate::close(theirs.cu_stream());
+    let ptr = first.cuda_ptr_on(&theirs, MapMode::Write).unwrap();
+    // SAFETY: `n` u32s of our buffer, on the caller's stream (held behind the gate).
+    unsafe { sys::cuMemsetD32Async(ptr, 7, n, theirs.cu_stream()) }.result().unwrap();
+    drop(first); // enqueues the ordering (an event and a stream wait); waits for nothing
+
+    let mut second = manager.allocate_on::<u32>(device, n, AllocationMode::Pooled).unwrap();
+    assert_eq!(manager.statistics().pool_hits, 1, "the same block, reused");
+    let ones = vec![1u32; n];
+    let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+    let waker = Waker::from(Arc::clone(&wakes));
+    let mut cx = Context::from_waker(&waker);
+    {
+        let mut write = Box::pin(second.copy_from(&ones, 0));
+        assert!(write.as_mut().poll(&mut cx).is_pending());
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 0, "unimem's write waits for the caller's memset");
+        gate.open();
+        wait_for_wake(&wakes);
+        assert!(matches!(write.as_mut().poll(&mut cx), Poll::Ready(Ok(()))));
+    }
+    let mut back = vec![0u32; n];
+    second.copy_to_blocking(&mut back, 0).unwrap();
+    assert!(back.iter().all(|&x| x == 1), "the caller's memset overwrote the next user's data");
+}
+
+#[test]
+fn host_access_waits_for_work_on_the_callers_stream() {
+    let Some((manager, device)) = cuda() else { return };
+    let theirs = callers_stream(&manager, device);
+    let n = 1 << 22;
+    for mode in [AllocationMode::Pooled, AllocationMode::Pinned, AllocationMode::Unified] {
+        let mut buffer = manager.allocate_on::<u32>(device, n, mode).unwrap();
+        let gate = StreamGate::close(theirs.cu_stream());
+        let ptr = buffer.cuda_ptr_on(&theirs, MapMode::Write).unwrap();
+        // SAFETY: as above.
+        unsafe { sys::cuMemsetD32Async(ptr, 9, n, theirs.cu_stream()) }.result().unwrap();
+        std::thread::scope(|scope| {
+            let reader = scope.spawn(|| buffer.as_slice().unwrap().to_vec());
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(!reader.is_finished(), "{mode:?}: host access ran ahead of the caller's stream");
+            gate.open();
+            assert!(reader.join().unwrap().iter().all(|&x| x == 9), "{mode:?}");
+        });
+    }
+}
+
+#[test]
+fn the_callers_stream_is_ordered_after_unimems_writes() {
+    let Some((manager, device)) = cuda() else { return };
+    let ours = manager.cuda_device(device).unwrap().stream();
+    let theirs = callers_stream(&manager, device);
+    let n = 1 << 22;
+    let mut input = manager.allocate_on::<u32>(device, n, AllocationMode::Pooled).unwrap();
+    let mut output = manager.allocate_on::<u32>(device, n, AllocationMode::Pooled).unwrap();
+    let src: Vec<u32> = (0..n as u32).collect();
+    let gate = StreamGate::close(ours);
+    let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+    let waker = Waker::from(Arc::clone(&wakes));
+    {
+        let mut write = Box::pin(input.copy_from(&src, 0));
+        assert!(write.as_mut().poll(&mut Context::from_waker(&waker)).is_pending());
+    } // dropped: the write stays queued behind the gate
+    let from = input.cuda_ptr_on(&theirs, MapMode::Read).unwrap();
+    let to = output.cuda_ptr_on(&theirs, MapMode::Write).unwrap();
+    // SAFETY: two buffers of `n` u32s, on the caller's stream; must run after unimem's write.
+    unsafe { sys::cuMemcpyDtoDAsync_v2(to, from, n * 4, theirs.cu_stream()) }.result().unwrap();
+    gate.open();
+    assert_eq!(output.as_slice().unwrap(), &src[..], "the caller's copy ran before unimem's write");
+    // A stream of another device's context is refused, the buffer unchanged.
+    let cudas: Vec<DeviceId> =
+        manager.devices().into_iter().filter(|d| d.kind == DeviceKind::Cuda).map(|d| d.id).collect();
+    if let [_, other, ..] = cudas[..] {
+        let elsewhere = callers_stream(&manager, other);
+        let err = output.cuda_ptr_on(&elsewhere, MapMode::Read).unwrap_err();
+        assert!(matches!(err, Error::ForeignQueue { .. }), "{err}");
+    }
 }
