@@ -11,7 +11,9 @@
 //!   pool across synchronisations; `cuMemAlloc` where the device has no memory pools.
 //!   Reuse is stream-ordered: every operation unimem runs, and every kernel a user enqueues
 //!   on [`CudaBackend::stream`], is ordered after the previous user's, so a pooled device
-//!   block needs no fence.
+//!   block needs no fence. Work on a caller's own stream (`Buffer::cuda_ptr_on`) is joined
+//!   into unimem's stream by an event and `cuStreamWaitEvent` before unimem next uses the
+//!   memory or the block goes back to its pool: reuse across streams waits on the device.
 //! - `Pinned`: page-locked host memory (`cuMemHostAlloc`, portable and mapped, not
 //!   write-combined: host reads of write-combined memory are slow).
 //! - `Unified`: managed memory (`cuMemAllocManaged`), prefetched to the device before a
