@@ -2,6 +2,11 @@
 //! stub `libcuda.so` (built here with `cc`) whose `cuInit` says CUDA_ERROR_NO_DEVICE. The
 //! device tests discover a GPU at run time and print why they skip when there is none;
 //! with `UNIMEM_REQUIRE_CUDA=1` a missing GPU fails instead.
+//!
+//! Where there is no GPU, `the_device_tests_pass_on_a_model_driver` runs the device tests
+//! in a child process against `tests/support/model_cuda.c`, a CPU model of the driver API
+//! (not CUDA, and no evidence about a GPU): it checks unimem's own logic against the
+//! API's ordering rules, and aborts on device commands outside live memory.
 
 use std::ffi::c_void;
 use std::future::Future;
@@ -94,9 +99,40 @@ fn a_driver_with_no_device_gives_that_reason() {
     assert!(log.contains("reason given: CUDA: cuInit failed: CUDA_ERROR_NO_DEVICE"), "{log}");
 }
 
+/// The device tests again, in a child process, on a model of the CUDA driver built here
+/// (`tests/support/model_cuda.c`: streams as threads, events, stream waits, fresh memory
+/// filled with garbage, every device command bounds- and use-after-free-checked). It is not
+/// a GPU: it checks unimem's own logic against the driver API's ordering rules where no GPU
+/// exists. Two model devices, so that peer copies run too.
+#[test]
+fn the_device_tests_pass_on_a_model_driver() {
+    if in_child() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("unimem-model-cuda-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/model_cuda.c");
+    build_stub(&source, &dir.join("libcuda.so"));
+    std::fs::copy(dir.join("libcuda.so"), dir.join("libcuda.so.1")).unwrap();
+    let output = Command::new(std::env::current_exe().unwrap())
+        .args(["--skip", "without_a_driver", "--skip", "a_driver_with_no_device", "--skip", "model_driver"])
+        .env("UNIMEM_CUDA_CHILD", "1")
+        .env("UNIMEM_REQUIRE_CUDA", "1")
+        .env("UNIMEM_MODEL_CUDA_DEVICES", "2")
+        .env("LD_LIBRARY_PATH", &dir)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let log = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "the device tests failed on the model driver:\n{log}");
+    let summary = log.lines().find(|l| l.starts_with("test result: ok")).unwrap_or_default();
+    eprintln!("on the model driver: {summary}");
+    assert!(!summary.contains(" 0 passed"), "{log}");
+}
+
 fn build_stub(source: &Path, library: &Path) {
     let status = Command::new("cc")
-        .args(["-shared", "-fPIC", "-o"])
+        .args(["-shared", "-fPIC", "-pthread", "-o"])
         .arg(library)
         .arg(source)
         .status()
@@ -266,6 +302,21 @@ fn async_copies_complete_from_the_stream_and_survive_drop_and_leak() {
     }
     other.copy_to_blocking(&mut [0.0; 1], 0).unwrap();
     assert!(dst.iter().all(|&x| x == 9.0));
+
+    // Memory dropped with a copy still queued on it is freed after the copy (in stream
+    // order), never under it.
+    let src = data(n);
+    {
+        let gate = StreamGate::close(stream);
+        let mut unpooled = manager.allocate_on::<f32>(device, n, AllocationMode::Unpooled).unwrap();
+        let mut copy = Box::pin(unpooled.copy_from(&src, 0));
+        assert!(copy.as_mut().poll(&mut cx).is_pending());
+        drop(copy);
+        drop(unpooled); // must not block, and must not free under the queued copy
+        gate.open();
+    }
+    let mut after = manager.allocate_on::<f32>(device, 16, AllocationMode::Unpooled).unwrap();
+    after.copy_from_blocking(&src[..16], 0).unwrap(); // the stream ran past the free
 }
 
 #[test]
