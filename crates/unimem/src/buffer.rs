@@ -640,7 +640,9 @@ impl<T: Element> Drop for Buffer<T> {
     fn drop(&mut self) {
         // Enqueued, not waited for: the block's fence (or the stream order) then keeps its
         // next user after the caller's streams. An error leaves nothing more to order.
-        let _ = self.ops();
+        if *self.foreign_pending.get_mut() {
+            let _ = self.ops();
+        }
         if *self.device_pending.get_mut() {
             let pool = &self.block.pool;
             // An error leaves the memory with the device; freeing it still works.
