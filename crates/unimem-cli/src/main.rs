@@ -32,10 +32,15 @@ fn devices() -> anyhow::Result<()> {
     let manager = MemoryManager::new();
     for d in manager.devices() {
         println!("{} [{}] {}", d.id, d.kind, d.name);
+        let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
+        let free = manager
+            .free_memory(d.id)
+            .ok()
+            .flatten()
+            .map_or("unknown".into(), |f| format!("{:.1} GiB", gib(f)));
         println!(
-            "    memory: {:.1} GiB total, {:.1} GiB free; host-addressable: {}, pinned: {}, unified: {}, peer: {}",
-            d.total_memory as f64 / (1u64 << 30) as f64,
-            d.free_memory as f64 / (1u64 << 30) as f64,
+            "    memory: {:.1} GiB total, {free} free; host-addressable: {}, pinned: {}, unified: {}, peer: {}",
+            gib(d.total_memory),
             d.host_addressable,
             d.supports_pinned,
             d.supports_unified,

@@ -179,13 +179,17 @@ impl<T: Element> Buffer<T> {
         let pool = &self.block.pool;
         if self.foreign_pending.load(Ordering::Acquire) {
             if let Some(foreign) = &self.foreign {
-                pool.backend()
-                    .after_foreign(foreign.handle())
-                    .map_err(|source| Error::Backend { device: pool.device, source })?;
+                pool.backend().after_foreign(foreign.handle()).map_err(Error::on(pool.device))?;
             }
             self.foreign_pending.store(false, Ordering::Release);
         }
         Ok(pool.backend())
+    }
+
+    /// Zeroed host memory for a mirror of this buffer, or out of memory.
+    fn new_mirror(&self) -> Result<HostMirror> {
+        let bytes = self.size_in_bytes();
+        HostMirror::zeroed(bytes).map_err(|_| self.block.pool.host_out_of_memory(bytes))
     }
 
     /// The host mirror, made (one copy from the device) if there is none.
@@ -194,13 +198,15 @@ impl<T: Element> Buffer<T> {
             return Ok(mirror);
         }
         let bytes = self.size_in_bytes();
-        let mut mirror = HostMirror::zeroed(bytes);
+        let mut mirror = self.new_mirror()?;
         let pool = &self.block.pool;
-        // SAFETY: the memory has no host pointer and came from this pool's backend; the
-        // range is the buffer's own bytes.
-        unsafe { self.ops()?.read(&self.block.mem, 0, mirror.bytes_mut(bytes)) }
-            .map_err(|source| Error::Backend { device: pool.device, source })?;
-        pool.count_sync(true);
+        if bytes > 0 {
+            // SAFETY: the memory has no host pointer and came from this pool's backend; the
+            // range is the buffer's own bytes.
+            unsafe { self.ops()?.read(&self.block.mem, 0, mirror.bytes_mut(bytes)) }
+                .map_err(Error::on(pool.device))?;
+            pool.count_sync(true);
+        }
         // A thread that raced us read the same device contents (device writes need `&mut`).
         Ok(self.mirror.get_or_init(|| mirror))
     }
@@ -211,11 +217,11 @@ impl<T: Element> Buffer<T> {
             return Ok(());
         }
         let bytes = self.size_in_bytes();
-        if let Some(mirror) = self.mirror.get() {
+        if let Some(mirror) = self.mirror.get().filter(|_| bytes > 0) {
             let pool = &self.block.pool;
             // SAFETY: as in `mirror`.
             unsafe { self.ops()?.write(&self.block.mem, 0, mirror.bytes(bytes)) }
-                .map_err(|source| Error::Backend { device: pool.device, source })?;
+                .map_err(Error::on(pool.device))?;
             pool.count_sync(false);
         }
         self.host_newer = false;
@@ -277,7 +283,19 @@ impl<T: Element> Buffer<T> {
         let pool = &self.block.pool;
         match pool.backend().opencl() {
             Some(cl) if (pool.kind == MemoryKind::Unified) == svm => Ok(cl),
-            _ => Err(Error::UnsupportedMode { device: pool.device, mode: self.mode }),
+            Some(_) => Err(Error::UnsupportedMode { device: pool.device, mode: self.mode }),
+            None => Err(self.wrong_backend(crate::DeviceKind::OpenCl)),
+        }
+    }
+
+    /// The error for a call of the `expected` backend on this buffer of another one.
+    fn wrong_backend(&self, expected: crate::DeviceKind) -> Error {
+        let pool = &self.block.pool;
+        Error::WrongBackend {
+            device: pool.device,
+            expected,
+            found: pool.backend().info().kind,
+            mode: self.mode,
         }
     }
 
@@ -359,7 +377,7 @@ impl<T: Element> Buffer<T> {
     #[cfg(feature = "cuda")]
     fn check_cuda(&self) -> Result<&crate::CudaBackend> {
         let pool = &self.block.pool;
-        pool.backend().cuda().ok_or(Error::UnsupportedMode { device: pool.device, mode: self.mode })
+        pool.backend().cuda().ok_or_else(|| self.wrong_backend(crate::DeviceKind::Cuda))
     }
 
     /// Makes the buffer ready for a caller's kernels on `foreign` (`None`: a stream or queue
@@ -370,9 +388,7 @@ impl<T: Element> Buffer<T> {
         let foreign = foreign.ok_or(Error::ForeignQueue { device })?;
         self.prepare_device_access(access)?;
         let pool = &self.block.pool;
-        pool.backend()
-            .foreign_after_ours(foreign.handle())
-            .map_err(|source| Error::Backend { device, source })?;
+        pool.backend().foreign_after_ours(foreign.handle()).map_err(Error::on(device))?;
         self.foreign = Some(foreign);
         *self.foreign_pending.get_mut() = true;
         Ok(())
@@ -393,9 +409,7 @@ impl<T: Element> Buffer<T> {
             .ok_or(Error::NotHostAddressable { device: self.device() })?;
         if self.device_pending.load(Ordering::Acquire) {
             let pool = &self.block.pool;
-            self.ops()?
-                .before_host_access(&self.block.mem, pool.kind)
-                .map_err(|source| Error::Backend { device: pool.device, source })?;
+            self.ops()?.before_host_access(&self.block.mem, pool.kind).map_err(Error::on(pool.device))?;
             self.device_pending.store(false, Ordering::Release);
         }
         Ok(host)
@@ -422,9 +436,7 @@ impl<T: Element> Buffer<T> {
             return Ok(());
         }
         let pool = &self.block.pool;
-        pool.backend()
-            .before_device_access(&self.block.mem, pool.kind)
-            .map_err(|source| Error::Backend { device: pool.device, source })?;
+        pool.backend().before_device_access(&self.block.mem, pool.kind).map_err(Error::on(pool.device))?;
         *self.device_pending.get_mut() = true;
         Ok(())
     }
@@ -470,7 +482,7 @@ impl<T: Element> Buffer<T> {
     /// is unchanged then.
     pub async fn copy_from(&mut self, src: &[T], offset: usize) -> Result<()> {
         check_range(offset, src.len(), self.len)?;
-        if !self.is_device_only() || self.host_newer {
+        if src.is_empty() || !self.is_device_only() || self.host_newer {
             return self.copy_from_blocking(src, offset);
         }
         let pool = &self.block.pool;
@@ -479,20 +491,23 @@ impl<T: Element> Buffer<T> {
         let pending = unsafe {
             self.ops()?.write_async(&self.block.mem, offset * size_of::<T>(), bytemuck::cast_slice(src))
         }
-        .map_err(|source| Error::Backend { device, source })?;
+        .map_err(Error::on(device))?;
         self.write_mirror(src, offset);
-        pending.await.map(drop).map_err(|source| Error::Backend { device, source })
+        pending.await.map(drop).map_err(Error::on(device))
     }
 
     /// Copies `src` into the buffer starting at element `offset`, waiting for completion.
     pub fn copy_from_blocking(&mut self, src: &[T], offset: usize) -> Result<()> {
         check_range(offset, src.len(), self.len)?;
+        if src.is_empty() {
+            return Ok(());
+        }
         if self.is_device_only() && !self.host_newer {
             let pool = &self.block.pool;
             let at = offset * size_of::<T>();
             // SAFETY: device memory of this pool's backend; `check_range` bounds the range.
             unsafe { self.ops()?.write(&self.block.mem, at, bytemuck::cast_slice(src)) }
-                .map_err(|source| Error::Backend { device: pool.device, source })?;
+                .map_err(Error::on(pool.device))?;
             self.write_mirror(src, offset);
             return Ok(());
         }
@@ -513,7 +528,7 @@ impl<T: Element> Buffer<T> {
     /// unchanged then.
     pub async fn copy_to(&self, dst: &mut [T], offset: usize) -> Result<()> {
         check_range(offset, dst.len(), self.len)?;
-        if !self.is_device_only() || self.mirror.get().is_some() {
+        if dst.is_empty() || !self.is_device_only() || self.mirror.get().is_some() {
             return self.copy_to_blocking(dst, offset);
         }
         let pool = &self.block.pool;
@@ -521,8 +536,8 @@ impl<T: Element> Buffer<T> {
         let bytes = size_of_val(dst);
         // SAFETY: device memory of this pool's backend; `check_range` bounds the range.
         let pending = unsafe { self.ops()?.read_async(&self.block.mem, offset * size_of::<T>(), bytes) }
-            .map_err(|source| Error::Backend { device, source })?;
-        let staged = pending.await.map_err(|source| Error::Backend { device, source })?;
+            .map_err(Error::on(device))?;
+        let staged = pending.await.map_err(Error::on(device))?;
         bytemuck::cast_slice_mut::<T, u8>(dst).copy_from_slice(staged.bytes(bytes));
         Ok(())
     }
@@ -540,13 +555,16 @@ impl<T: Element> Buffer<T> {
     /// Copies elements starting at `offset` into all of `dst`, waiting for completion.
     pub fn copy_to_blocking(&self, dst: &mut [T], offset: usize) -> Result<()> {
         check_range(offset, dst.len(), self.len)?;
+        if dst.is_empty() {
+            return Ok(());
+        }
         if self.is_device_only() && self.mirror.get().is_none() {
             let pool = &self.block.pool;
             // SAFETY: as in `copy_from_blocking`.
             unsafe {
                 self.ops()?.read(&self.block.mem, offset * size_of::<T>(), bytemuck::cast_slice_mut(dst))
             }
-            .map_err(|source| Error::Backend { device: pool.device, source })?;
+            .map_err(Error::on(pool.device))?;
             return Ok(());
         }
         let src = self.as_slice()?;
@@ -559,6 +577,9 @@ impl<T: Element> Buffer<T> {
         if src.len != self.len {
             return Err(Error::LengthMismatch { destination: self.len, source_len: src.len });
         }
+        if self.len == 0 {
+            return Ok(());
+        }
         let same_device = src.device() == self.device() && src.manager_id() == self.manager_id();
         if same_device && src.is_device_only() && self.is_device_only() && !src.host_newer {
             // Device-local: one copy on the device, no host involvement.
@@ -567,7 +588,7 @@ impl<T: Element> Buffer<T> {
             // SAFETY: two distinct buffers (`&` and `&mut`) of the same backend, both at
             // least `size_in_bytes` long.
             unsafe { self.ops()?.copy(&src.block.mem, &self.block.mem, self.size_in_bytes()) }
-                .map_err(|source| Error::Backend { device: pool.device, source })?;
+                .map_err(Error::on(pool.device))?;
             self.invalidate_mirror();
             return Ok(());
         }
@@ -578,7 +599,7 @@ impl<T: Element> Buffer<T> {
             let copied = unsafe {
                 self.ops()?.copy_from_peer(src.ops()?, &src.block.mem, &self.block.mem, self.size_in_bytes())
             }
-            .map_err(|source| Error::Backend { device: pool.device, source })?;
+            .map_err(Error::on(pool.device))?;
             if copied {
                 self.invalidate_mirror();
                 return Ok(());
@@ -601,18 +622,29 @@ impl<T: Element> Buffer<T> {
     }
 
     /// Maps the buffer for host access. For device memory, [`MapMode::Write`] skips the
-    /// copy from the device (the caller overwrites everything), the other modes read it if
-    /// the host side is stale; writing through the guard marks the host side newer.
+    /// copy from the device (the caller promises to overwrite everything: the guard starts
+    /// zeroed), the other modes read it if the host side is stale; writing through the
+    /// guard marks the host side newer. A mapping that is never written (dropped early by a
+    /// `?` or a panic, or leaked) leaves the buffer exactly as it was.
     pub fn map(&mut self, mode: MapMode) -> Result<Mapping<'_, T>> {
-        if self.is_device_only() {
-            if mode == MapMode::Write && self.mirror.get().is_none() {
-                let _ = self.mirror.set(HostMirror::zeroed(self.size_in_bytes()));
-            }
-            self.mirror()?;
-        } else {
+        if !self.is_device_only() {
             self.host_ptr()?;
+            return Ok(Mapping::new(self, mode, None));
         }
-        Ok(Mapping::new(self, mode))
+        if mode == MapMode::Write && self.mirror.get().is_none() {
+            // The zeroed contents stay the guard's until it is written and dropped.
+            let scratch = self.new_mirror()?;
+            return Ok(Mapping::new(self, mode, Some(scratch)));
+        }
+        self.mirror()?;
+        Ok(Mapping::new(self, mode, None))
+    }
+
+    /// Installs a written [`MapMode::Write`] mapping's contents as the host side, newer
+    /// than the device.
+    pub(crate) fn install_mirror(&mut self, mirror: HostMirror) {
+        self.mirror = OnceLock::from(mirror);
+        self.host_newer = true;
     }
 
     /// The mirror of device memory, marked newer than the device. Call after `mirror()`.
@@ -639,10 +671,8 @@ impl<T: Element> Buffer<T> {
 impl<T: Element> Drop for Buffer<T> {
     fn drop(&mut self) {
         // Enqueued, not waited for: the block's fence (or the stream order) then keeps its
-        // next user after the caller's streams. An error leaves nothing more to order.
-        if *self.foreign_pending.get_mut() {
-            let _ = self.ops();
-        }
+        // next user after the caller's streams.
+        let unordered = *self.foreign_pending.get_mut() && self.ops().is_err();
         if *self.device_pending.get_mut() {
             let pool = &self.block.pool;
             // An error leaves the memory with the device; freeing it still works.
@@ -650,7 +680,13 @@ impl<T: Element> Drop for Buffer<T> {
         }
         // SAFETY: `drop` runs once and `block` is not used after it is taken.
         let block = unsafe { ManuallyDrop::take(&mut self.block) };
-        block.recycle(self.size_in_bytes());
+        match self.foreign.take().filter(|_| unordered) {
+            // Unimem's queue could not be ordered after the caller's stream, whose work may
+            // still use the memory: not pooled, and freed once that stream has drained
+            // (waited for on the reaper thread, not here).
+            Some(foreign) => block.give_up_after(self.size_in_bytes(), move |_| foreign.synchronize()),
+            None => block.recycle(self.size_in_bytes()),
+        }
     }
 }
 

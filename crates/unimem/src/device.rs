@@ -41,6 +41,24 @@ pub enum DeviceKind {
     Wgpu,
 }
 
+impl DeviceKind {
+    /// The API's name as people write it: "CPU", "CUDA", "OpenCL", "wgpu".
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "CPU",
+            DeviceKind::Cuda => "CUDA",
+            DeviceKind::OpenCl => "OpenCL",
+            DeviceKind::Wgpu => "wgpu",
+        }
+    }
+
+    /// The name with its article: "a CPU", "an OpenCL".
+    pub(crate) fn article_name(self) -> String {
+        let article = if matches!(self, DeviceKind::OpenCl) { "an" } else { "a" };
+        format!("{article} {}", self.name())
+    }
+}
+
 impl fmt::Display for DeviceKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -64,8 +82,10 @@ pub struct DeviceInfo {
     pub name: String,
     /// Total memory in bytes.
     pub total_memory: u64,
-    /// Free memory in bytes when last asked.
-    pub free_memory: u64,
+    /// Free memory in bytes when the manager was built, or `None` where the driver cannot
+    /// tell (OpenCL). [`MemoryManager::free_memory`](crate::MemoryManager::free_memory)
+    /// asks again.
+    pub free_memory: Option<u64>,
     /// Whether the host can address this device's ordinary memory directly.
     pub host_addressable: bool,
     /// Whether [`AllocationMode::Pinned`] is available.

@@ -3,6 +3,42 @@
 use crate::device::{AllocationMode, DeviceId, DeviceKind, MemoryKind};
 use crate::stats::MemoryStatistics;
 
+/// Which limit an allocation ran into.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OutOfMemoryCause {
+    /// The device (or the host, for host memory) has no memory left.
+    Device,
+    /// The manager's `memory_limit` option.
+    MemoryLimit {
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// The operating system's limit on page-locked memory (`RLIMIT_MEMLOCK`), which pinned
+    /// host memory counts against.
+    LockLimit {
+        /// The limit in bytes.
+        limit: u64,
+    },
+}
+
+impl std::fmt::Display for OutOfMemoryCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OutOfMemoryCause::Device => f.write_str("the device has no memory left"),
+            OutOfMemoryCause::MemoryLimit { limit } => {
+                write!(f, "the manager's memory_limit of {limit} bytes is reached")
+            }
+            OutOfMemoryCause::LockLimit { limit } => write!(
+                f,
+                "the lock limit for page-locked memory (RLIMIT_MEMLOCK, {limit} bytes) is reached; \
+                 raise it with `ulimit -l` (or LimitMEMLOCK= for a service, memlock in \
+                 /etc/security/limits.conf), or use fewer pinned buffers"
+            ),
+        }
+    }
+}
+
 /// The result type of unimem.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -105,7 +141,7 @@ pub enum Error {
         reason: &'static str,
     },
     /// Memory ran out even after the pool was trimmed and the allocation retried.
-    #[error("out of memory: {requested} bytes of {kind} memory on {device} ({stats})")]
+    #[error("out of memory: {requested} bytes of {kind} memory on {device}: {cause} ({stats})")]
     OutOfMemory {
         /// Bytes asked for.
         requested: u64,
@@ -113,8 +149,51 @@ pub enum Error {
         device: DeviceId,
         /// The kind of memory.
         kind: MemoryKind,
+        /// Which limit was reached.
+        cause: OutOfMemoryCause,
         /// The manager's statistics when the allocation failed.
         stats: Box<MemoryStatistics>,
+    },
+    /// The request can never fit on the device, whatever is freed: it is larger than the
+    /// device's largest single allocation. Nothing was trimmed or retried.
+    #[error("too large for {device}: {requested} bytes of {kind} memory, largest allocation {largest} bytes")]
+    TooLarge {
+        /// Bytes asked for.
+        requested: u64,
+        /// The device.
+        device: DeviceId,
+        /// The kind of memory.
+        kind: MemoryKind,
+        /// The largest single allocation the device allows.
+        largest: u64,
+    },
+    /// The element type has size zero: a buffer of it would hold no memory to manage.
+    #[error("element type {element} is zero-sized; buffers need elements of at least one byte")]
+    ZeroSizedElement {
+        /// The element type's name.
+        element: &'static str,
+    },
+    /// A backend-specific call on a buffer or device of another backend (`opencl_mem` on a
+    /// CPU buffer, say).
+    #[error("not {} buffer: {device} holds {} memory ({mode})", .expected.article_name(), .found.name())]
+    WrongBackend {
+        /// The buffer's device.
+        device: DeviceId,
+        /// The backend the call needs.
+        expected: DeviceKind,
+        /// The buffer's backend.
+        found: DeviceKind,
+        /// The buffer's mode.
+        mode: AllocationMode,
+    },
+    /// The device was lost (reset, removed, or its context broke for good): no operation on
+    /// it can succeed any more. Buffers on it can still be dropped.
+    #[error("{device} was lost: {message}")]
+    DeviceLost {
+        /// The device.
+        device: DeviceId,
+        /// What the driver said.
+        message: String,
     },
     /// The driver failed in a way the caller could not foresee.
     #[error("{device}: {source}")]
@@ -125,4 +204,15 @@ pub enum Error {
         #[source]
         source: crate::backend::BackendError,
     },
+}
+
+impl Error {
+    /// The error for `source`, reported by `device`'s backend: a lost device is
+    /// [`Error::DeviceLost`], anything else [`Error::Backend`].
+    pub(crate) fn on(device: DeviceId) -> impl FnOnce(crate::backend::BackendError) -> Error {
+        move |source| match source {
+            crate::backend::BackendError::DeviceLost { message } => Error::DeviceLost { device, message },
+            source => Error::Backend { device, source },
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! Host memory in 64-byte lines: the unit of host mirrors and transfer staging, so that the
 //! bytes can be viewed as any element type unimem accepts (alignment up to 64).
 
+use crate::backend::BackendError;
 use std::ptr::NonNull;
 #[cfg(feature = "cuda")]
 use std::sync::Arc;
@@ -14,17 +15,21 @@ pub(crate) struct Line([u8; 64]);
 pub(crate) struct HostLines(Box<[Line]>);
 
 impl HostLines {
-    /// Zeroed memory from the allocator's zeroed path (fresh pages need no writing).
-    pub(crate) fn zeroed(bytes: usize) -> Self {
-        HostLines(bytemuck::zeroed_slice_box(bytes.div_ceil(64)))
+    /// Zeroed memory from the allocator's zeroed path (fresh pages need no writing), or
+    /// out of memory: host mirrors and staging can be as large as device memory, more than
+    /// the host has free, and that is an error, never an abort.
+    pub(crate) fn zeroed(bytes: usize) -> Result<Self, BackendError> {
+        bytemuck::try_zeroed_slice_box(bytes.div_ceil(64))
+            .map(HostLines)
+            .map_err(|()| BackendError::OutOfMemory { bytes })
     }
 
     /// A copy of `src`.
     #[cfg(any(test, feature = "opencl"))]
-    pub(crate) fn copy_of(src: &[u8]) -> Self {
-        let mut lines = Self::zeroed(src.len());
+    pub(crate) fn copy_of(src: &[u8]) -> Result<Self, BackendError> {
+        let mut lines = Self::zeroed(src.len())?;
         lines.bytes_mut(src.len()).copy_from_slice(src);
-        lines
+        Ok(lines)
     }
 
     /// The first `len` bytes (at most the size this was made with).
@@ -85,6 +90,11 @@ impl Staging {
     /// `start..start + bytes` is host memory that nobody else uses until `home` takes it back.
     pub(crate) unsafe fn from_home(start: NonNull<u8>, bytes: usize, home: Arc<dyn StagingHome>) -> Self {
         Staging { start, bytes, owner: Owner::Home(home) }
+    }
+
+    /// Bytes of memory owned.
+    pub(crate) fn len(&self) -> usize {
+        self.bytes
     }
 
     /// The address a device reads or writes.

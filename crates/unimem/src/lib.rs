@@ -47,7 +47,7 @@ pub use buffer::{Buffer, BufferView, BufferViewMut, Mapping};
 #[cfg(feature = "cuda")]
 pub use cudarc;
 pub use device::{AllocationMode, DeviceId, DeviceInfo, DeviceKind, Location, MapMode, MemoryKind};
-pub use error::{Error, Result};
+pub use error::{Error, OutOfMemoryCause, Result};
 pub use manager::{MemoryManager, MemoryManagerBuilder, ReturnError};
 pub use object_pool::{ObjectPool, ObjectPoolBuilder, ObjectPoolStatistics, Pooled};
 #[cfg(feature = "opencl")]

@@ -127,6 +127,9 @@ fn make_device(manager_id: u64, id: DeviceId, backend: Arc<dyn Backend>, options
 #[inline]
 #[allow(clippy::unnecessary_lazy_evaluations, reason = "an eager Error is built and dropped on the hot path")]
 fn byte_len<T: Element>(len: usize) -> Result<usize> {
+    if size_of::<T>() == 0 {
+        return Err(Error::ZeroSizedElement { element: std::any::type_name::<T>() });
+    }
     if align_of::<T>() > ALIGN {
         return Err(Error::UnsupportedAlignment { align: align_of::<T>(), max: ALIGN });
     }
@@ -292,23 +295,28 @@ impl MemoryManager {
         pooled: bool,
         first: AcquireError,
     ) -> Result<Box<Block>> {
-        let backend_error = |source| Error::Backend { device: pool.device, source };
-        if let AcquireError::Backend(e) = first {
-            return Err(backend_error(e));
-        }
+        let requested = u64::try_from(bytes).unwrap_or(u64::MAX);
+        let fatal = |e| match e {
+            AcquireError::Backend(source) => Err(Error::on(pool.device)(source)),
+            AcquireError::TooLarge { largest } => {
+                Err(Error::TooLarge { requested, device: pool.device, kind: pool.kind, largest })
+            }
+            AcquireError::Exhausted(cause) => Ok(cause),
+        };
+        let mut cause = fatal(first)?;
         if self.inner.options.trim_on_pressure() {
             self.trim_device(pool.device);
             pool.count_oom_retry();
             match pool.acquire(bytes, pooled) {
                 Ok(block) => return Ok(block),
-                Err(AcquireError::Backend(e)) => return Err(backend_error(e)),
-                Err(AcquireError::Exhausted) => {}
+                Err(e) => cause = fatal(e)?,
             }
         }
         Err(Error::OutOfMemory {
-            requested: u64::try_from(bytes).unwrap_or(u64::MAX),
+            requested,
             device: pool.device,
             kind: pool.kind,
+            cause,
             stats: Box::new(self.statistics()),
         })
     }
@@ -367,21 +375,38 @@ impl MemoryManager {
         self.pools().map(|p| p.trim_to(0)).sum()
     }
 
-    /// Frees pooled memory, largest size classes first, until at most `bytes` stay pooled.
-    /// Returns the bytes freed.
+    /// Frees pooled memory until at most `bytes` stay pooled in the whole manager, largest
+    /// size classes first across every pool of every device and memory kind (a 1 MiB
+    /// pinned block goes before a 4 KiB device one). Returns the bytes freed.
     pub fn trim_to(&self, bytes: u64) -> u64 {
-        let mut excess = self.statistics().total_pooled.saturating_sub(bytes);
-        let mut freed = 0;
-        for pool in self.pools() {
+        let mut classes: Vec<(u64, &Arc<DevicePool>, usize, u64)> = self
+            .pools()
+            .flat_map(|pool| pool.pooled_classes().into_iter().map(move |(c, size, n)| (size, pool, c, n)))
+            .collect();
+        let pooled: u64 = classes.iter().map(|&(size, _, _, n)| size.saturating_mul(n)).sum();
+        let mut excess = pooled.saturating_sub(bytes);
+        classes.sort_by_key(|&(size, ..)| std::cmp::Reverse(size));
+        let mut freed = 0u64;
+        for (size, pool, class, blocks) in classes {
             if excess == 0 {
                 break;
             }
-            let pooled = pool.statistics().pooled;
-            let done = pool.trim_to(pooled.saturating_sub(excess));
+            let done = pool.trim_class(class, blocks.min(excess.div_ceil(size)));
             excess = excess.saturating_sub(done);
-            freed += done;
+            freed = freed.saturating_add(done);
         }
         freed
+    }
+
+    /// Free memory on `device` now, asked of the driver (the host's available memory for
+    /// the CPU), or `None` where the driver cannot tell (OpenCL has no portable query).
+    /// [`DeviceInfo::free_memory`] is the same query, made when the manager was built.
+    ///
+    /// # Errors
+    /// [`Error::UnknownDevice`].
+    pub fn free_memory(&self, device: DeviceId) -> Result<Option<u64>> {
+        let device = self.device(device)?;
+        Ok(device.pools.iter().flatten().next().and_then(|pool| pool.backend().free_now()))
     }
 
     fn trim_device(&self, device: DeviceId) {

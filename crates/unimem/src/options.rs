@@ -25,7 +25,7 @@ const MAX_TRANSFERS: usize = 1024;
 /// # Ok::<(), unimem::Error>(())
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "RawOptions", into = "RawOptions")]
+#[serde(try_from = "ObjectOnly", into = "RawOptions")]
 #[non_exhaustive]
 pub struct MemoryOptions {
     enable_pooling: bool,
@@ -79,10 +79,35 @@ impl From<MemoryOptions> for RawOptions {
     }
 }
 
-impl TryFrom<RawOptions> for MemoryOptions {
+/// [`RawOptions`] read from an object with named fields only: serde's derive would also
+/// take a positional array (`[false]` meaning "pooling off"), which no one means.
+struct ObjectOnly(RawOptions);
+
+impl<'de> Deserialize<'de> for ObjectOnly {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = ObjectOnly;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object with named fields")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> std::result::Result<ObjectOnly, A::Error> {
+                RawOptions::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(ObjectOnly)
+            }
+        }
+        deserializer.deserialize_map(Fields)
+    }
+}
+
+impl TryFrom<ObjectOnly> for MemoryOptions {
     type Error = Error;
 
-    fn try_from(r: RawOptions) -> Result<Self> {
+    fn try_from(ObjectOnly(r): ObjectOnly) -> Result<Self> {
         MemoryOptions::default()
             .with_pooling(r.enable_pooling)
             .with_max_pool_bytes_per_class(r.max_pool_bytes_per_class)?

@@ -8,16 +8,20 @@ use std::fmt;
 ///
 /// Taken without stopping allocation: while other threads allocate, the fields may come from
 /// slightly different instants; when the manager is quiet they balance exactly:
-/// `total_allocated + total_pooled == total_reserved`.
+/// `total_allocated + total_pooled + pending_free == total_reserved`. Sums saturate.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 #[non_exhaustive]
 pub struct MemoryStatistics {
     /// Capacity in bytes of the live buffers (the reference's "total allocated").
     pub total_allocated: u64,
     /// Bytes held by the pools, ready for reuse.
     pub total_pooled: u64,
-    /// Bytes held from the devices: live and pooled.
+    /// Bytes held from the devices: live, pooled, and waiting to be freed.
     pub total_reserved: u64,
+    /// Bytes given up (dropped past the pool's bounds, or trimmed) whose last device use
+    /// had not completed yet: they are freed once it has, never by waiting in `Drop`.
+    pub pending_free: u64,
     /// Bytes the live buffers asked for (`len * size_of::<T>()`).
     pub requested_bytes: u64,
     /// Allocations served from a pool.
@@ -28,8 +32,9 @@ pub struct MemoryStatistics {
     pub unpooled_allocations: u64,
     /// Buffers alive now.
     pub active_buffers: u64,
-    /// Peak reserved bytes: the sum of each pool's own peak, so an upper bound of the
-    /// manager-wide peak when pools peaked at different times.
+    /// Peak reserved bytes (memory really held, never a refused request): the sum of each
+    /// pool's own peak, so an upper bound of the manager-wide peak when pools peaked at
+    /// different times.
     pub peak_usage: u64,
     /// Times a pool was trimmed (explicitly or on memory pressure).
     pub trims: u64,
@@ -45,12 +50,17 @@ pub struct MemoryStatistics {
     pub syncs_to_host: u64,
     /// Coherence copies from host mirror to device (a stale device side was used).
     pub syncs_to_device: u64,
+    /// Staging memory leaked in this process (all managers): a device copy that could be
+    /// neither tracked by a callback nor waited for may still write it, so it is never
+    /// freed. Zero unless a driver failed twice in a row.
+    pub leaked_staging_bytes: u64,
     /// One entry per (device, memory kind) pool.
     pub pools: Vec<PoolStatistics>,
 }
 
 /// The statistics of one (device, memory kind) pool.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 #[non_exhaustive]
 pub struct PoolStatistics {
     /// The device.
@@ -63,6 +73,8 @@ pub struct PoolStatistics {
     pub pooled: u64,
     /// Bytes held from the device.
     pub reserved: u64,
+    /// Bytes waiting for their last device use before they are freed.
+    pub pending_free: u64,
     /// Bytes requested by live buffers.
     pub requested: u64,
     /// Pool hits.
@@ -105,7 +117,7 @@ pub struct ClassOccupancy {
 impl MemoryStatistics {
     /// Pool hits over pooled allocations (0.0 when there were none).
     pub fn hit_rate(&self) -> f64 {
-        ratio(self.pool_hits, self.pool_hits + self.pool_misses)
+        ratio(self.pool_hits, self.pool_hits.saturating_add(self.pool_misses))
     }
 
     /// Bytes lost to rounding live requests up to their size class.
@@ -116,23 +128,26 @@ impl MemoryStatistics {
     pub(crate) fn from_pools(pools: Vec<PoolStatistics>) -> Self {
         let mut s = MemoryStatistics::default();
         for p in &pools {
-            s.total_allocated += p.allocated;
-            s.total_pooled += p.pooled;
-            s.total_reserved += p.reserved;
-            s.requested_bytes += p.requested;
-            s.pool_hits += p.hits;
-            s.pool_misses += p.misses;
-            s.unpooled_allocations += p.unpooled;
-            s.active_buffers += p.active_buffers;
-            s.peak_usage += p.peak;
-            s.trims += p.trims;
-            s.trimmed_bytes += p.trimmed_bytes;
-            s.oom_retries += p.oom_retries;
-            s.pool_overflows += p.overflows;
-            s.free_errors += p.free_errors;
-            s.syncs_to_host += p.syncs_to_host;
-            s.syncs_to_device += p.syncs_to_device;
+            let add = |total: &mut u64, n: u64| *total = total.saturating_add(n);
+            add(&mut s.total_allocated, p.allocated);
+            add(&mut s.total_pooled, p.pooled);
+            add(&mut s.total_reserved, p.reserved);
+            add(&mut s.pending_free, p.pending_free);
+            add(&mut s.requested_bytes, p.requested);
+            add(&mut s.pool_hits, p.hits);
+            add(&mut s.pool_misses, p.misses);
+            add(&mut s.unpooled_allocations, p.unpooled);
+            add(&mut s.active_buffers, p.active_buffers);
+            add(&mut s.peak_usage, p.peak);
+            add(&mut s.trims, p.trims);
+            add(&mut s.trimmed_bytes, p.trimmed_bytes);
+            add(&mut s.oom_retries, p.oom_retries);
+            add(&mut s.pool_overflows, p.overflows);
+            add(&mut s.free_errors, p.free_errors);
+            add(&mut s.syncs_to_host, p.syncs_to_host);
+            add(&mut s.syncs_to_device, p.syncs_to_device);
         }
+        s.leaked_staging_bytes = crate::backend::pending::leaked_staging_bytes();
         s.pools = pools;
         s
     }

@@ -381,7 +381,10 @@ fn bad_input_is_refused_and_nothing_is_lost() {
     assert!(matches!(err, Error::OutOfBounds { offset: 95, len: 10, buffer_len: 100 }), "{err}");
     assert!(matches!(buffer.copy_to_blocking(&mut [0.0; 101], 0), Err(Error::OutOfBounds { .. })));
     let mut cpu = manager.allocate::<f32>(10, AllocationMode::Pooled).unwrap();
-    assert!(matches!(cpu.cuda_ptr(MapMode::Read), Err(Error::UnsupportedMode { .. })));
+    assert!(matches!(
+        cpu.cuda_ptr(MapMode::Read),
+        Err(Error::WrongBackend { expected: DeviceKind::Cuda, .. })
+    ));
     assert!(matches!(manager.cuda_device(DeviceId::CPU), Err(Error::WrongDeviceKind { .. })));
     let huge = manager.allocate_on::<u8>(device, usize::MAX / 2, AllocationMode::Unpooled);
     assert!(huge.is_err(), "an absurd size is an error");

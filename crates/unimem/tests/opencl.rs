@@ -319,7 +319,12 @@ fn bad_input_is_refused_and_nothing_is_lost() {
     let mut unified = manager.allocate_on::<f32>(device, 10, AllocationMode::Unified).unwrap();
     assert!(matches!(unified.opencl_mem(MapMode::Read), Err(Error::UnsupportedMode { .. })));
     let mut cpu = manager.allocate::<f32>(10, AllocationMode::Pooled).unwrap();
-    assert!(matches!(cpu.opencl_mem(MapMode::Read), Err(Error::UnsupportedMode { .. })));
+    let err = cpu.opencl_mem(MapMode::Read).unwrap_err();
+    assert!(
+        matches!(err, Error::WrongBackend { expected: DeviceKind::OpenCl, found: DeviceKind::Cpu, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().starts_with("not an OpenCL buffer: device 0 holds CPU memory"), "{err}");
     assert!(matches!(manager.opencl_device(DeviceId::CPU), Err(Error::WrongDeviceKind { .. })));
     assert_eq!(buffer.as_slice().unwrap(), &data(100)[..], "the buffer is intact");
 }
@@ -533,4 +538,155 @@ fn a_queue_of_another_context_is_refused() {
     let mut expected = data(100);
     expected[0] = 42.0;
     assert_eq!(buffer.as_slice().unwrap(), &expected[..]);
+}
+
+/// A `Write` mapping that is never written (dropped early, or leaked) leaves the buffer as
+/// it was: before, it installed a zeroed mirror that counted as current, and the next
+/// partial host write flushed the zeros over the device's data.
+#[test]
+fn an_unwritten_write_mapping_leaves_the_buffer_as_it_was() {
+    let Some((manager, device)) = opencl() else { return };
+    let n = 1024;
+    let mut buffer = manager.allocate_on::<f32>(device, n, AllocationMode::Pooled).unwrap();
+    buffer.copy_from_blocking(&data(n), 0).unwrap();
+    drop(buffer.map(MapMode::Write).unwrap());
+    assert_eq!(buffer.location(), Location::Device);
+    assert_eq!(buffer.as_slice().unwrap(), &data(n)[..], "a dropped, unwritten mapping changed the data");
+
+    let mut buffer = manager.allocate_on::<f32>(device, n, AllocationMode::Pooled).unwrap();
+    buffer.copy_from_blocking(&data(n), 0).unwrap();
+    std::mem::forget(buffer.map(MapMode::Write).unwrap());
+    buffer.as_mut_slice().unwrap()[0] = 42.0; // a partial host write, flushed below
+    let mut copy = manager.allocate_on::<f32>(device, n, AllocationMode::Pooled).unwrap();
+    buffer.opencl_mem(MapMode::Read).unwrap(); // the host side goes to the device
+    copy.copy_from_buffer(&buffer).unwrap(); // device to device
+    let mut back = vec![0.0; n];
+    copy.copy_to_blocking(&mut back, 0).unwrap();
+    let lost = back.iter().zip(data(n)).skip(1).filter(|(a, b)| **a != *b).count();
+    assert_eq!((back[0], lost), (42.0, 0), "a leaked, unwritten mapping lost {lost} of {n} elements");
+
+    // A written mapping is the new contents, as before.
+    let mut mapping = buffer.map(MapMode::Write).unwrap();
+    mapping.fill(3.0);
+    drop(mapping);
+    assert_eq!(buffer.location(), Location::Host);
+    buffer.copy_to_blocking(&mut back, 0).unwrap();
+    assert!(back.iter().all(|&x| x == 3.0));
+}
+
+/// Every empty operation is an `Ok` no-op on the device, in every mode.
+#[test]
+fn empty_device_operations_are_no_ops() {
+    let Some((manager, device)) = opencl() else { return };
+    for mode in
+        [AllocationMode::Pooled, AllocationMode::Unpooled, AllocationMode::Pinned, AllocationMode::Unified]
+    {
+        let mut a = manager.allocate_on::<f32>(device, 0, mode).unwrap();
+        let b = manager.allocate_on::<f32>(device, 0, mode).unwrap();
+        a.copy_from_buffer(&b).unwrap_or_else(|e| panic!("{mode}: copy_from_buffer of empty buffers: {e}"));
+        a.copy_from_blocking(&[], 0).unwrap();
+        b.copy_to_blocking(&mut [], 0).unwrap();
+        pollster::block_on(a.copy_from(&[], 0)).unwrap();
+        pollster::block_on(b.copy_to(&mut [], 0)).unwrap();
+        assert!(a.as_slice().unwrap().is_empty());
+        assert!(a.as_mut_slice().unwrap().is_empty());
+        let mut full = manager.allocate_on::<f32>(device, 10, mode).unwrap();
+        full.copy_from_blocking(&[], 10).unwrap();
+        full.copy_to_blocking(&mut [], 10).unwrap();
+    }
+}
+
+/// Dropping pinned or SVM memory that is freed rather than pooled never waits for the
+/// queue: behind a closed gate (a kernel that runs for ever), `drop` returns at once.
+#[test]
+fn dropping_unpooled_pinned_and_svm_memory_never_waits_for_the_queue() {
+    let Some((_, device)) = opencl() else { return };
+    let options = unimem::MemoryOptions::default().with_pooling(false);
+    let manager = MemoryManager::builder().options(options).build();
+    for mode in [AllocationMode::Pinned, AllocationMode::Unified] {
+        let mut buffer = manager.allocate_on::<f32>(device, 1 << 20, mode).unwrap();
+        buffer.as_mut_slice().unwrap().fill(1.0);
+        let mut gate = gate(&manager, device);
+        let (done, dropped) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(buffer);
+            let _ = done.send(());
+        });
+        let returned = dropped.recv_timeout(Duration::from_secs(30));
+        gate.open();
+        assert!(returned.is_ok(), "{mode}: drop waited for the queue");
+        let _ = dropped.recv();
+    }
+    let stats = manager.statistics();
+    assert_eq!((stats.active_buffers, stats.total_pooled), (0, 0));
+}
+
+/// A request above the device's largest single allocation never fits: its own error, with
+/// the limit, and no trim or retry.
+#[test]
+fn a_request_above_the_largest_allocation_never_fits() {
+    let Some((manager, device)) = opencl() else { return };
+    let cl = manager.opencl_device(device).unwrap();
+    let largest = unimem::opencl3::device::Device::new(cl.device_id()).max_mem_alloc_size().unwrap();
+    let err = manager.allocate_on::<u8>(device, largest as usize + 1, AllocationMode::Unpooled).unwrap_err();
+    assert!(matches!(err, Error::TooLarge { largest: l, .. } if l == largest), "{err}");
+    assert!(err.to_string().contains(&format!("largest allocation {largest} bytes")), "{err}");
+    let stats = manager.statistics();
+    assert_eq!((stats.oom_retries, stats.trims), (0, 0), "never fits: no trim, no retry");
+}
+
+#[test]
+fn free_memory_is_unknown_where_the_driver_cannot_tell() {
+    let Some((manager, device)) = opencl() else { return };
+    let info = manager.devices().into_iter().find(|d| d.id == device).unwrap();
+    assert_eq!(info.free_memory, None);
+    assert_eq!(manager.free_memory(device).unwrap(), None);
+}
+
+/// Host access to a device buffer larger than the host memory left is `OutOfMemory`, not
+/// an abort. In a child process whose address space is capped (`RLIMIT_AS`) just above
+/// what the device buffer itself takes (PoCL's device memory is host memory).
+#[test]
+fn a_host_mirror_larger_than_free_host_memory_is_out_of_memory() {
+    if std::env::var_os("UNIMEM_MIRROR_OOM_CHILD").is_some() {
+        return mirror_oom_child();
+    }
+    if opencl().is_none() {
+        return;
+    }
+    let name = "a_host_mirror_larger_than_free_host_memory_is_out_of_memory";
+    let output = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture"])
+        .env("UNIMEM_MIRROR_OOM_CHILD", "1")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "child failed ({}):\n{log}", output.status);
+    assert!(log.contains("1 passed"), "{log}");
+}
+
+fn mirror_oom_child() {
+    let (manager, device) = opencl().unwrap();
+    let n = 96 << 20; // 384 MiB of f32
+    let mut buffer = manager.allocate_on::<f32>(device, n, AllocationMode::Pooled).unwrap();
+    buffer.copy_from_blocking(&[5.0; 16], 0).unwrap();
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let vm_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmSize:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    // Room for 128 MiB more: not for a 384 MiB mirror.
+    let cap = (vm_kib << 10) + (128 << 20);
+    let limit = libc::rlimit { rlim_cur: cap, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: `setrlimit` reads one `rlimit`; lowering the soft limit needs no privilege.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &raw const limit) }, 0);
+    let err = buffer.as_slice().unwrap_err();
+    assert!(matches!(err, Error::OutOfMemory { .. }), "{err}");
+    assert!(matches!(buffer.map(MapMode::Write), Err(Error::OutOfMemory { .. })));
+    // Smaller copies still work, and the buffer is intact.
+    let mut head = [0.0; 16];
+    buffer.copy_to_blocking(&mut head, 0).unwrap();
+    assert_eq!(head, [5.0; 16]);
+    assert_eq!(buffer.location(), Location::Device);
 }

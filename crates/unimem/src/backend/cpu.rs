@@ -7,7 +7,7 @@
 //! pages, which makes first touch of a fresh 256 MiB buffer several times cheaper. Pinned memory is mapped page-granular and
 //! locked with `mlock`, so that unlocking one allocation never unlocks another's pages.
 
-use super::{Backend, BackendError, Fence, RawAllocation};
+use super::{Backend, BackendError, RawAllocation};
 use crate::device::{DeviceId, DeviceInfo, DeviceKind, MemoryKind};
 use std::alloc::Layout;
 use std::ptr::NonNull;
@@ -56,7 +56,7 @@ impl Backend for CpuBackend {
             kind: DeviceKind::Cpu,
             name: os::cpu_name(),
             total_memory: total,
-            free_memory: free,
+            free_memory: (total > 0).then_some(free),
             host_addressable: true,
             supports_pinned: os::CAN_PIN,
             supports_unified: true,
@@ -115,8 +115,9 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn wait(&self, _fence: Fence) -> Result<(), BackendError> {
-        Ok(())
+    fn free_now(&self) -> Option<u64> {
+        let (total, free) = os::memory();
+        (total > 0).then_some(free)
     }
 }
 
@@ -185,13 +186,34 @@ mod os {
         }
     }
 
+    /// Locks the pages in memory. Over the lock limit (`RLIMIT_MEMLOCK`: `ENOMEM` past a
+    /// non-zero limit, `EPERM` with a zero one) this is [`BackendError::LockLimit`], which the
+    /// pool treats as out of memory: unlocking pooled pinned blocks may make room.
+    ///
     /// # Safety
     /// `ptr..ptr+len` is a live mapping made by [`map`].
     pub(super) unsafe fn lock(ptr: NonNull<u8>, len: usize) -> Result<(), BackendError> {
         // SAFETY: guaranteed by the caller; mlock does not change the contents.
-        match unsafe { libc::mlock(ptr.as_ptr().cast(), len) } {
-            0 => Ok(()),
-            _ => Err(last_error("mlock")),
+        if unsafe { libc::mlock(ptr.as_ptr().cast(), len) } == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::ENOMEM | libc::EPERM) => {
+                Err(BackendError::LockLimit { bytes: len, limit: lock_limit() })
+            }
+            Some(libc::EAGAIN) => Err(BackendError::OutOfMemory { bytes: len }),
+            _ => Err(BackendError::Driver { call: "mlock", message: err.to_string() }),
+        }
+    }
+
+    /// The soft lock limit in bytes (`u64::MAX` when unlimited or unknown).
+    fn lock_limit() -> u64 {
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: `getrlimit` writes one `rlimit` through a valid pointer.
+        match unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &raw mut limit) } {
+            0 if limit.rlim_cur != libc::RLIM_INFINITY => limit.rlim_cur,
+            _ => u64::MAX,
         }
     }
 

@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use cudarc::driver::{DriverError, result, sys};
 
 use super::pending::{Pending, Signal};
-use super::{Backend, BackendError, Fence, RawAllocation};
+use super::{Backend, BackendError, RawAllocation};
 use crate::device::{DeviceId, DeviceInfo, DeviceKind, MemoryKind};
 use crate::host_lines::{Staging, StagingHome};
 
@@ -81,8 +81,22 @@ fn name(e: DriverError) -> String {
 }
 
 fn driver(call: &'static str, e: DriverError) -> BackendError {
+    use sys::CUresult as R;
     match e.0 {
-        sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => BackendError::OutOfMemory { bytes: 0 },
+        R::CUDA_ERROR_OUT_OF_MEMORY => BackendError::OutOfMemory { bytes: 0 },
+        // Sticky errors: the context is unusable until the process ends.
+        R::CUDA_ERROR_ILLEGAL_ADDRESS
+        | R::CUDA_ERROR_LAUNCH_FAILED
+        | R::CUDA_ERROR_HARDWARE_STACK_ERROR
+        | R::CUDA_ERROR_ILLEGAL_INSTRUCTION
+        | R::CUDA_ERROR_MISALIGNED_ADDRESS
+        | R::CUDA_ERROR_INVALID_ADDRESS_SPACE
+        | R::CUDA_ERROR_INVALID_PC
+        | R::CUDA_ERROR_ECC_UNCORRECTABLE
+        | R::CUDA_ERROR_DEVICE_UNAVAILABLE
+        | R::CUDA_ERROR_CONTEXT_IS_DESTROYED => {
+            BackendError::DeviceLost { message: format!("{call}: {}", name(e)) }
+        }
         _ => BackendError::Driver { call, message: name(e) },
     }
 }
@@ -337,32 +351,42 @@ impl CudaBackend {
         Ok(unsafe { Staging::from_home(start, size, Arc::clone(&self.stash) as Arc<dyn StagingHome>) })
     }
 
-    /// Completes `staging`'s operation when the stream reaches this point.
+    /// Completes `staging`'s operation when the stream reaches this point: a stream callback
+    /// (`cuStreamAddCallback`), which, unlike a host function, the driver still calls after
+    /// a sticky context error, with the error: a future never waits forever.
     fn complete_on_stream(&self, staging: Staging) -> Result<Pending, BackendError> {
         let (pending, signal) = Pending::new(Some(staging));
         let user_data = signal.into_raw();
-        // SAFETY: the host function runs once, after the work enqueued before it, and takes
-        // the signal back.
-        match unsafe { result::stream::launch_host_function(self.stream, on_stream_reached, user_data) } {
+        // SAFETY: the callback runs once, after the work enqueued before it, and takes the
+        // signal back; flags must be 0.
+        match unsafe { sys::cuStreamAddCallback(self.stream, Some(on_stream_reached), user_data, 0) }.result()
+        {
             Ok(()) => Ok(pending),
             Err(e) => {
-                // SAFETY: the launch failed, so the host function never runs: the signal is ours.
+                // SAFETY: the call failed, so the callback never runs: the signal is ours.
                 let signal = unsafe { Signal::from_raw(user_data) };
-                // Without it, wait here: the staging memory must outlive the copy.
-                let waited = self.synchronize();
-                signal.complete(waited.and(Err(driver("cuLaunchHostFunc", e))));
+                // Without it, wait here: the staging memory must outlive the copy. If even
+                // that fails, nobody knows when the copy ends: the staging memory is leaked.
+                match self.synchronize() {
+                    Ok(()) => signal.complete(Err(driver("cuStreamAddCallback", e))),
+                    Err(waited) => signal.complete_leaking_staging(Err(waited)),
+                }
                 Ok(pending)
             }
         }
     }
 }
 
-/// Runs on a driver thread once the stream reaches it: completes the operation. It calls
-/// no CUDA function (host functions must not).
-unsafe extern "C" fn on_stream_reached(user_data: *mut c_void) {
-    // SAFETY: `user_data` is the signal leaked for this one launch in `complete_on_stream`.
+/// Runs on a driver thread once the stream reaches it (or fails): completes the operation.
+/// It calls no CUDA function (stream callbacks must not).
+unsafe extern "C" fn on_stream_reached(
+    _stream: sys::CUstream,
+    status: sys::CUresult,
+    user_data: *mut c_void,
+) {
+    // SAFETY: `user_data` is the signal leaked for this one callback in `complete_on_stream`.
     let signal = unsafe { Signal::from_raw(user_data) };
-    signal.complete(Ok(()));
+    signal.complete(status.result().map_err(|e| driver("CUDA copy", e)));
 }
 
 impl Drop for CudaBackend {
@@ -388,7 +412,7 @@ impl Backend for CudaBackend {
             kind: DeviceKind::Cuda,
             name: self.name.clone(),
             total_memory: self.total_memory,
-            free_memory: self.memory_info().map_or(self.total_memory, |(free, _)| free),
+            free_memory: self.memory_info().ok().map(|(free, _)| free),
             host_addressable: false,
             supports_pinned: true,
             supports_unified: self.managed,
@@ -453,46 +477,60 @@ impl Backend for CudaBackend {
             // SAFETY: the caller guarantees nothing else uses the memory.
             (MemoryKind::Device, Some(_)) => unsafe { result::free_async(allocation.handle, self.stream) }
                 .map_err(|e| driver("cuMemFreeAsync", e)),
+            // The pool calls these once the block's fence has completed (`free_is_ordered`).
             (MemoryKind::Device, None) => {
-                self.synchronize()?;
-                // SAFETY: as above; the stream is drained.
+                // SAFETY: as above; the memory's last use has completed.
                 unsafe { result::free_sync(allocation.handle) }.map_err(|e| driver("cuMemFree", e))
             }
             (MemoryKind::Pinned, _) => {
-                self.synchronize()?;
-                // SAFETY: page-locked memory from `cuMemHostAlloc`; the stream is drained.
+                // SAFETY: page-locked memory from `cuMemHostAlloc`, its last use completed.
                 unsafe { result::free_host(allocation.handle as *mut c_void) }
                     .map_err(|e| driver("cuMemFreeHost", e))
             }
             (MemoryKind::Unified, _) => {
-                self.synchronize()?;
-                // SAFETY: managed memory from `cuMemAllocManaged`; the stream is drained.
+                // SAFETY: managed memory from `cuMemAllocManaged`, its last use completed.
                 unsafe { result::memory_free(allocation.handle) }.map_err(|e| driver("cuMemFree", e))
             }
         }
     }
 
-    fn wait(&self, fence: Fence) -> Result<(), BackendError> {
-        let event = fence.0 as sys::CUevent;
-        self.bind()?;
-        // SAFETY: fences are events recorded by `fence_after_use`, owned by their block.
-        let waited =
-            unsafe { result::event::synchronize(event) }.map_err(|e| driver("cuEventSynchronize", e));
-        self.release_fence(fence);
-        waited
+    fn free_is_ordered(&self, kind: MemoryKind) -> bool {
+        kind == MemoryKind::Device && self.pool.is_some()
     }
 
-    fn release_fence(&self, fence: Fence) {
-        if self.bind().is_ok() {
-            // SAFETY: as in `wait`; destroyed once (the driver frees it after it completes).
-            let _ = unsafe { result::event::destroy(fence.0 as sys::CUevent) };
+    fn wait(&self, raw: u64) -> Result<(), BackendError> {
+        self.bind()?;
+        // SAFETY: fences are events recorded by this backend, owned by their `Fence`.
+        unsafe { result::event::synchronize(raw as sys::CUevent) }
+            .map_err(|e| driver("cuEventSynchronize", e))
+    }
+
+    fn query(&self, raw: u64) -> Result<bool, BackendError> {
+        self.bind()?;
+        // SAFETY: as in `wait`.
+        match unsafe { sys::cuEventQuery(raw as sys::CUevent) }.result() {
+            Ok(()) => Ok(true),
+            Err(e) if e.0 == sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+            Err(e) => Err(driver("cuEventQuery", e)),
         }
     }
 
-    fn fence_after_use(&self, kind: MemoryKind) -> Result<Option<Fence>, BackendError> {
+    unsafe fn release_fence(&self, raw: u64) {
+        if self.bind().is_ok() {
+            // SAFETY: an event of this backend, destroyed once (the caller's contract); the
+            // driver frees it after it completes.
+            let _ = unsafe { result::event::destroy(raw as sys::CUevent) };
+        }
+    }
+
+    fn fence_after_use(&self, kind: MemoryKind) -> Result<Option<u64>, BackendError> {
         if kind == MemoryKind::Device {
             return Ok(None); // reuse is stream-ordered
         }
+        self.record_fence().map(Some)
+    }
+
+    fn record_fence(&self) -> Result<u64, BackendError> {
         self.bind()?;
         let event = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
             .map_err(|e| driver("cuEventCreate", e))?;
@@ -502,7 +540,7 @@ impl Backend for CudaBackend {
             let _ = unsafe { result::event::destroy(event) };
             return Err(driver("cuEventRecord", e));
         }
-        Ok(Some(Fence(event as u64)))
+        Ok(event as u64)
     }
 
     fn needs_fences(&self) -> bool {

@@ -33,6 +33,17 @@ pub(crate) enum Foreign {
 }
 
 impl Foreign {
+    /// Blocks until the work enqueued so far on the stream or queue has finished (on the
+    /// reaper thread, never in `Drop`). Errors mean the stream is broken: nothing more runs.
+    pub(crate) fn synchronize(&self) {
+        match *self {
+            #[cfg(feature = "cuda")]
+            Foreign::Cuda(ref stream) => drop(stream.synchronize()),
+            #[cfg(feature = "opencl")]
+            Foreign::OpenCl(ref queue) => drop(opencl3::command_queue::finish(queue.handle() as usize as _)),
+        }
+    }
+
     /// The raw stream or queue, as the backend's `*_foreign` calls take it.
     pub(crate) fn handle(&self) -> u64 {
         match *self {
@@ -120,18 +131,42 @@ pub(crate) fn peers(_a: &dyn Backend, _b: &dyn Backend) -> bool {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BackendError {
-    /// The device (or the host, for host memory) has no memory left for the request.
+    /// The device (or the host, for host memory) has no memory left for the request now;
+    /// freeing memory may help.
     #[error("the device is out of memory ({bytes} bytes requested)")]
     OutOfMemory {
         /// Bytes requested from the driver.
         bytes: usize,
+    },
+    /// Page-locked memory is over the operating system's lock limit (`RLIMIT_MEMLOCK`);
+    /// unlocking memory (trimming the pinned pool) may help.
+    #[error("mlock of {bytes} bytes refused: over the lock limit of {limit} bytes (RLIMIT_MEMLOCK)")]
+    LockLimit {
+        /// Bytes asked to lock.
+        bytes: usize,
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// The request is larger than the device's largest single allocation: it never fits.
+    #[error("{bytes} bytes exceed the device's largest allocation of {largest} bytes")]
+    TooLarge {
+        /// Bytes requested.
+        bytes: usize,
+        /// The largest single allocation.
+        largest: u64,
+    },
+    /// The device is gone or its context is broken for good.
+    #[error("device lost: {message}")]
+    DeviceLost {
+        /// What the driver said.
+        message: String,
     },
     /// The driver or operating system failed.
     #[error("{call} failed: {message}")]
     Driver {
         /// The call that failed.
         call: &'static str,
-        /// What the driver said.
+        /// What the driver said, with its error code.
         message: String,
     },
 }
@@ -155,10 +190,44 @@ unsafe impl Send for RawAllocation {}
 // SAFETY: shared references to a RawAllocation only read its plain fields.
 unsafe impl Sync for RawAllocation {}
 
-/// A point in a device's queue of work. Completion means every operation recorded before it
-/// has finished with the memory it used.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Fence(pub u64);
+/// A point in a device's queue of work, owned: completion means every operation recorded
+/// before it has finished with the memory it used. Dropping the fence releases the driver's
+/// handle; nothing else can, so every fence is released exactly once on every path.
+pub(crate) struct Fence {
+    raw: u64,
+    backend: Arc<dyn Backend>,
+}
+
+impl Fence {
+    /// Takes ownership of `raw`, a fence handle that `backend` made.
+    pub(crate) fn adopt(raw: u64, backend: Arc<dyn Backend>) -> Self {
+        Fence { raw, backend }
+    }
+
+    /// Blocks until the fence has completed.
+    pub(crate) fn wait(&self) -> Result<(), BackendError> {
+        self.backend.wait(self.raw)
+    }
+
+    /// Whether the fence has completed, without waiting.
+    pub(crate) fn is_complete(&self) -> Result<bool, BackendError> {
+        self.backend.query(self.raw)
+    }
+}
+
+impl Drop for Fence {
+    fn drop(&mut self) {
+        // SAFETY: `raw` came from this backend and is owned by this fence alone, which is
+        // dropped once.
+        unsafe { self.backend.release_fence(self.raw) };
+    }
+}
+
+impl std::fmt::Debug for Fence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Fence({:#x})", self.raw)
+    }
+}
 
 /// A device API.
 pub(crate) trait Backend: Send + Sync + 'static {
@@ -172,25 +241,51 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// contents are initialised (zeroed or left from earlier use by unimem), never undefined.
     fn allocate(&self, bytes: usize, kind: MemoryKind) -> Result<RawAllocation, BackendError>;
 
-    /// Frees an allocation.
+    /// Frees an allocation, without waiting for the device.
     ///
     /// # Safety
-    /// `allocation` came from `self.allocate(_, kind)` and no host reference still uses it;
-    /// device work enqueued by unimem may, and the backend orders the free after it.
+    /// `allocation` came from `self.allocate(_, kind)` and no host reference still uses it.
+    /// Where `free_is_ordered(kind)`, device work enqueued by unimem may still use it, and
+    /// the backend orders the free after that work; otherwise the device's last use of it
+    /// has completed (or could not be fenced because the device is broken).
     unsafe fn free(&self, allocation: &RawAllocation, kind: MemoryKind) -> Result<(), BackendError>;
 
-    /// Blocks until `fence` has completed, and releases it.
-    fn wait(&self, fence: Fence) -> Result<(), BackendError>;
+    /// Blocks until the fence `raw` has completed; it stays owned by its [`Fence`].
+    fn wait(&self, _raw: u64) -> Result<(), BackendError> {
+        Ok(())
+    }
 
-    /// Releases `fence` without waiting (its block is being freed: freeing orders itself
-    /// after the device's last use).
-    fn release_fence(&self, _fence: Fence) {}
+    /// Whether the fence `raw` has completed, without waiting.
+    fn query(&self, raw: u64) -> Result<bool, BackendError> {
+        self.wait(raw).map(|()| true)
+    }
+
+    /// Releases the fence `raw`.
+    ///
+    /// # Safety
+    /// `raw` came from `fence_after_use` or `record_fence` of this backend and is released
+    /// once: only [`Fence`]'s `Drop` calls this.
+    unsafe fn release_fence(&self, _raw: u64) {}
 
     /// A fence after every operation enqueued so far, taken when a block goes back to its
     /// pool so that the next user waits for the last one (soundness rule 2), or `None` where
-    /// nothing runs asynchronously. Only called when `needs_fences` is true.
-    fn fence_after_use(&self, _kind: MemoryKind) -> Result<Option<Fence>, BackendError> {
+    /// reuse is ordered without one. Only called when `needs_fences` is true.
+    fn fence_after_use(&self, _kind: MemoryKind) -> Result<Option<u64>, BackendError> {
         Ok(None)
+    }
+
+    /// Whether `free` of `kind` memory orders itself after the device's last use of it
+    /// (a stream-ordered free, or a driver that defers deletion itself). Where it does not,
+    /// the pool frees such memory only once a fence from `record_fence`, taken when the
+    /// memory was last given up, has completed: `Drop` never waits for a device.
+    fn free_is_ordered(&self, _kind: MemoryKind) -> bool {
+        true
+    }
+
+    /// A fence after every operation enqueued so far, for deferred frees (see
+    /// `free_is_ordered`).
+    fn record_fence(&self) -> Result<u64, BackendError> {
+        Err(BackendError::Driver { call: "record_fence", message: "this device has no queue".into() })
     }
 
     /// Makes host-visible memory (pinned, unified) safe to touch from the host after device
@@ -232,6 +327,12 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// decisions use them.
     fn free_memory(&self) -> Option<(u64, u64)> {
         None
+    }
+
+    /// Free memory now, for the user's query (`MemoryManager::free_memory`), or `None` where
+    /// the driver cannot tell.
+    fn free_now(&self) -> Option<u64> {
+        self.free_memory().map(|(free, _)| free)
     }
 
     /// Returns memory the driver keeps cached for this device to the system (after the
@@ -300,7 +401,7 @@ pub(crate) trait Backend: Send + Sync + 'static {
         offset: usize,
         len: usize,
     ) -> Result<Pending, BackendError> {
-        let mut lines = HostLines::zeroed(len);
+        let mut lines = HostLines::zeroed(len)?;
         // SAFETY: forwarded from the caller.
         let outcome = unsafe { self.read(allocation, offset, lines.bytes_mut(len)) };
         Ok(Pending::ready(Some(lines), outcome))

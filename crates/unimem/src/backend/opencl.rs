@@ -41,7 +41,7 @@ use opencl3::types::{
 };
 
 use super::pending::{Pending, Signal};
-use super::{Backend, BackendError, Fence, RawAllocation};
+use super::{Backend, BackendError, RawAllocation};
 use crate::device::{DeviceId, DeviceInfo, DeviceKind, MemoryKind};
 use crate::host_lines::{HostLines, Staging};
 
@@ -134,9 +134,12 @@ fn complete_on(call: &'static str, event: cl_event, staging: Staging) -> Pending
         Err(code) => {
             // SAFETY: registration failed, so the callback never runs: the signal is ours.
             let signal = unsafe { Signal::from_raw(user_data) };
-            // Without a callback, wait here; the staging memory must outlive the command.
-            let waited = finish_event(call, event);
-            signal.complete(waited.and(Err(driver("clSetEventCallback", code))));
+            // Without a callback, wait here; the staging memory must outlive the command. If
+            // even that fails, nobody knows when the command ends: the staging is leaked.
+            match finish_event(call, event) {
+                Ok(()) => signal.complete(Err(driver("clSetEventCallback", code))),
+                Err(waited) => signal.complete_leaking_staging(Err(waited)),
+            }
             pending
         }
     }
@@ -413,7 +416,7 @@ impl Backend for OpenClBackend {
             name: self.name.clone(),
             total_memory: self.total_memory,
             // OpenCL has no portable free-memory query.
-            free_memory: self.total_memory,
+            free_memory: None,
             host_addressable: false,
             supports_pinned: true,
             supports_unified: self.svm_fine || self.svm_coarse,
@@ -431,7 +434,7 @@ impl Backend for OpenClBackend {
     fn allocate(&self, bytes: usize, kind: MemoryKind) -> Result<RawAllocation, BackendError> {
         let bytes = bytes.max(1);
         if bytes as u64 > self.max_allocation {
-            return Err(BackendError::OutOfMemory { bytes });
+            return Err(BackendError::TooLarge { bytes, largest: self.max_allocation });
         }
         match kind {
             MemoryKind::Device => self.allocate_device(bytes),
@@ -440,6 +443,9 @@ impl Backend for OpenClBackend {
         }
     }
 
+    /// Every free is queue-ordered and waits for nothing: SVM through `clEnqueueSVMFree`,
+    /// buffers by an unmap enqueued before `clReleaseMemObject` (which deletes the buffer
+    /// once the commands queued on it have finished).
     unsafe fn free(&self, allocation: &RawAllocation, kind: MemoryKind) -> Result<(), BackendError> {
         let handle = allocation.handle as usize;
         if kind == MemoryKind::Unified {
@@ -447,12 +453,24 @@ impl Backend for OpenClBackend {
                 // Blocks reach their pool (and this call) mapped: see `return_to_host`.
                 self.unmap_svm(allocation)?;
             }
-            // clSVMFree does not wait for queued work: finish first.
-            queue::finish(self.queue.get()).map_err(|c| driver("clFinish", c))?;
-            // SAFETY: the pointer came from clSVMAlloc in this context; the caller
-            // guarantees that nothing uses it, and the queue is drained.
-            return unsafe { memory::svm_free(self.context.get(), handle as *mut c_void) }
-                .map_err(|c| driver("clSVMFree", c));
+            let mut pointer = handle as *const c_void;
+            // SAFETY: the pointer came from clSVMAlloc in this context; the caller guarantees
+            // that nothing on the host uses it; the free runs after the commands queued so
+            // far, on the in-order queue (no callback: the driver calls clSVMFree).
+            let event = unsafe {
+                queue::enqueue_svm_free(
+                    self.queue.get(),
+                    1,
+                    &raw mut pointer,
+                    None,
+                    ptr::null_mut(),
+                    0,
+                    ptr::null(),
+                )
+            }
+            .map_err(|c| driver("clEnqueueSVMFree", c))?;
+            // SAFETY: our event; releasing it does not cancel the free.
+            return unsafe { event::release_event(event) }.map_err(|c| driver("clReleaseEvent", c));
         }
         let mem = Self::mem(allocation);
         if let Some(host) = allocation.host {
@@ -461,23 +479,34 @@ impl Backend for OpenClBackend {
                 queue::enqueue_unmap_mem_object(self.queue.get(), mem, host.as_ptr().cast(), 0, ptr::null())
             }
             .map_err(|c| driver("clEnqueueUnmapMemObject", c))?;
-            finish_event("clEnqueueUnmapMemObject", event)?;
+            // SAFETY: our event; releasing it does not cancel the unmap.
+            unsafe { event::release_event(event) }.map_err(|c| driver("clReleaseEvent", c))?;
         }
         // SAFETY: `mem` came from clCreateBuffer and is released once. OpenCL deletes it
         // only after the commands queued on it have finished.
         unsafe { memory::release_mem_object(mem) }.map_err(|c| driver("clReleaseMemObject", c))
     }
 
-    fn wait(&self, fence: Fence) -> Result<(), BackendError> {
-        finish_event("clWaitForEvents", fence.0 as usize as cl_event)
+    fn wait(&self, raw: u64) -> Result<(), BackendError> {
+        event::wait_for_events(&[raw as usize as cl_event]).map_err(|c| driver("clWaitForEvents", c))
     }
 
-    fn release_fence(&self, fence: Fence) {
-        // SAFETY: fences are marker events owned by the block that holds them, released once.
-        let _ = unsafe { event::release_event(fence.0 as usize as cl_event) };
+    fn query(&self, raw: u64) -> Result<bool, BackendError> {
+        let status =
+            event::get_event_info(raw as usize as cl_event, event::CL_EVENT_COMMAND_EXECUTION_STATUS)
+                .map_err(|c| driver("clGetEventInfo", c))?;
+        match cl_int::from(status) {
+            failed if failed < 0 => Err(driver("OpenCL marker", failed)),
+            status => Ok(status == CL_COMPLETE),
+        }
     }
 
-    fn fence_after_use(&self, kind: MemoryKind) -> Result<Option<Fence>, BackendError> {
+    unsafe fn release_fence(&self, raw: u64) {
+        // SAFETY: fences are marker events owned by their `Fence`, released once (the caller).
+        let _ = unsafe { event::release_event(raw as usize as cl_event) };
+    }
+
+    fn fence_after_use(&self, kind: MemoryKind) -> Result<Option<u64>, BackendError> {
         if kind == MemoryKind::Device {
             // Queue-ordered: the host reaches device memory only through commands on the
             // in-order queue, which a caller's queue is joined into before the block returns.
@@ -486,7 +515,7 @@ impl Backend for OpenClBackend {
         // SAFETY: a marker on our queue, with no wait list.
         let marker = unsafe { queue::enqueue_marker_with_wait_list(self.queue.get(), 0, ptr::null()) }
             .map_err(|c| driver("clEnqueueMarkerWithWaitList", c))?;
-        Ok(Some(Fence(marker as usize as u64)))
+        Ok(Some(marker as usize as u64))
     }
 
     fn needs_fences(&self) -> bool {
@@ -577,7 +606,7 @@ impl Backend for OpenClBackend {
         offset: usize,
         src: &[u8],
     ) -> Result<Pending, BackendError> {
-        let staging = Staging::new(HostLines::copy_of(src));
+        let staging = Staging::new(HostLines::copy_of(src)?);
         // SAFETY: the caller guarantees the range is inside the buffer; the command reads
         // `staging`, which the returned operation keeps alive until the event completes.
         let event = unsafe {
@@ -602,7 +631,7 @@ impl Backend for OpenClBackend {
         offset: usize,
         len: usize,
     ) -> Result<Pending, BackendError> {
-        let staging = Staging::new(HostLines::zeroed(len));
+        let staging = Staging::new(HostLines::zeroed(len)?);
         // SAFETY: as in `write_async`; the command writes `len` bytes of `staging`.
         let event = unsafe {
             queue::enqueue_read_buffer(

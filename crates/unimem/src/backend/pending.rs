@@ -8,11 +8,21 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
 use super::BackendError;
 use crate::host_lines::{HostLines, Staging};
+
+/// Bytes of staging memory leaked because nobody could tell when a device stopped using it.
+static LEAKED_STAGING: AtomicU64 = AtomicU64::new(0);
+
+/// Bytes of staging memory leaked so far in this process (see
+/// [`Signal::complete_leaking_staging`]).
+pub(crate) fn leaked_staging_bytes() -> u64 {
+    LEAKED_STAGING.load(Ordering::Relaxed)
+}
 
 #[derive(Default)]
 struct Inner {
@@ -102,6 +112,18 @@ impl Signal {
         }
     }
 
+    /// Completes the operation with `outcome`, leaking its staging memory instead of freeing
+    /// it: for operations whose device command may still run and can no longer be waited
+    /// for (a callback could not be registered, and waiting failed too). The bytes are
+    /// counted (`MemoryStatistics::leaked_staging_bytes`).
+    pub(crate) fn complete_leaking_staging(self, outcome: Result<(), BackendError>) {
+        if let Some(staging) = self.0.lock().staging.take() {
+            LEAKED_STAGING.fetch_add(staging.len() as u64, Ordering::Relaxed);
+            std::mem::forget(staging);
+        }
+        self.complete(outcome);
+    }
+
     /// The signal as a pointer for a C callback's user data.
     pub(crate) fn into_raw(self) -> *mut std::ffi::c_void {
         Arc::into_raw(self.0).cast_mut().cast()
@@ -133,7 +155,7 @@ mod tests {
 
     #[test]
     fn completes_from_another_thread_and_wakes_once() {
-        let staging = Staging::new(HostLines::copy_of(&[7; 100]));
+        let staging = Staging::new(HostLines::copy_of(&[7; 100]).unwrap());
         let (mut pending, signal) = Pending::new(Some(staging));
         let count = Arc::new(Count(AtomicUsize::new(0)));
         let waker = Waker::from(Arc::clone(&count));
@@ -150,7 +172,7 @@ mod tests {
 
     #[test]
     fn a_dropped_future_leaves_the_staging_to_the_signal() {
-        let (pending, signal) = Pending::new(Some(Staging::new(HostLines::zeroed(1 << 20))));
+        let (pending, signal) = Pending::new(Some(Staging::new(HostLines::zeroed(1 << 20).unwrap())));
         drop(pending);
         let raw = signal.into_raw();
         // SAFETY: `raw` came from `into_raw` just above.

@@ -4,6 +4,7 @@ use super::{Buffer, check_range, resolve_range};
 use crate::Element;
 use crate::device::MapMode;
 use crate::error::Result;
+use crate::host_lines::HostLines;
 use std::ops::{Deref, DerefMut, Range, RangeBounds};
 
 /// A read-only view of `range` of a [`Buffer`]. Offsets given to its methods count from the
@@ -122,12 +123,16 @@ pub struct Mapping<'a, T: Element> {
     buffer: &'a mut Buffer<T>,
     mode: MapMode,
     written: bool,
+    /// A [`MapMode::Write`] mapping of device memory with no host mirror: zeroed host memory
+    /// that becomes the buffer's host side only once written and the guard dropped.
+    scratch: Option<HostLines>,
 }
 
 impl<'a, T: Element> Mapping<'a, T> {
-    /// `buffer` is ready for host access (checked and synchronised by `Buffer::map`).
-    pub(super) fn new(buffer: &'a mut Buffer<T>, mode: MapMode) -> Self {
-        Mapping { buffer, mode, written: false }
+    /// `buffer` is ready for host access (checked and synchronised by `Buffer::map`), or
+    /// `scratch` stands in for it.
+    pub(super) fn new(buffer: &'a mut Buffer<T>, mode: MapMode, scratch: Option<HostLines>) -> Self {
+        Mapping { buffer, mode, written: false, scratch }
     }
 
     /// The mode the mapping was made with.
@@ -150,7 +155,10 @@ impl<T: Element> std::fmt::Debug for Mapping<'_, T> {
 impl<T: Element> Deref for Mapping<'_, T> {
     type Target = [T];
     fn deref(&self) -> &[T] {
-        self.buffer.mapped()
+        match &self.scratch {
+            Some(scratch) => bytemuck::cast_slice(scratch.bytes(self.buffer.size_in_bytes())),
+            None => self.buffer.mapped(),
+        }
     }
 }
 
@@ -158,6 +166,18 @@ impl<T: Element> DerefMut for Mapping<'_, T> {
     /// Marks the host side newer: the device sees these writes before its next use.
     fn deref_mut(&mut self) -> &mut [T] {
         self.written = true;
-        self.buffer.mapped_mut()
+        let bytes = self.buffer.size_in_bytes();
+        match &mut self.scratch {
+            Some(scratch) => bytemuck::cast_slice_mut(scratch.bytes_mut(bytes)),
+            None => self.buffer.mapped_mut(),
+        }
+    }
+}
+
+impl<T: Element> Drop for Mapping<'_, T> {
+    fn drop(&mut self) {
+        if let Some(scratch) = self.scratch.take().filter(|_| self.written) {
+            self.buffer.install_mirror(scratch);
+        }
     }
 }

@@ -13,6 +13,7 @@ pub(crate) mod size_class;
 
 use crate::backend::{Backend, BackendError, Fence, RawAllocation};
 use crate::device::{DeviceId, MemoryKind};
+use crate::error::OutOfMemoryCause;
 use crate::stats::{ClassOccupancy, PoolStatistics};
 use shard::{ShardLock, thread_slot};
 use size_class::SizeClasses;
@@ -55,7 +56,7 @@ impl Block {
             // so far, which includes this user's last device operation. Without a fence
             // (the marker failed) the block is freed instead of pooled.
             match self.pool.backend.fence_after_use(self.pool.kind) {
-                Ok(fence) => self.fence = fence,
+                Ok(raw) => self.fence = raw.map(|raw| Fence::adopt(raw, Arc::clone(&self.pool.backend))),
                 Err(_) => {
                     self.pool.counters.free_errors.fetch_add(1, Relaxed);
                     self.class = None;
@@ -69,17 +70,85 @@ impl Block {
         // the block its last access to the pool is the unlock that publishes it - the same
         // pattern as a `Mutex` in an `Arc` being unlocked by one thread while another drops
         // the last `Arc`, which touches only atomics.
-        let rejected = unsafe { DevicePool::store(pool, self, requested) };
-        drop(rejected);
+        if let Some(rejected) = unsafe { DevicePool::store(pool, self, requested) } {
+            rejected.retire();
+        }
+    }
+
+    /// Frees the block: now, if its backend orders the free after the device's last use or
+    /// that use has completed; otherwise later, once its fence has completed (deferred, so
+    /// that no caller, `Drop` least of all, waits for a device).
+    pub(crate) fn retire(mut self: Box<Self>) {
+        let pool = Arc::clone(&self.pool);
+        if pool.backend.free_is_ordered(pool.kind) || self.origin != Origin::Backend {
+            return drop(self);
+        }
+        if self.fence.is_none() {
+            match pool.backend.record_fence() {
+                Ok(raw) => self.fence = Some(Fence::adopt(raw, Arc::clone(&pool.backend))),
+                // The device is broken: no fence, and nothing more will run on it.
+                Err(_) => return drop(self),
+            }
+        }
+        pool.defer_free(self);
     }
 }
 
 impl Drop for Block {
     fn drop(&mut self) {
-        if let Some(fence) = self.fence.take() {
-            self.pool.backend.release_fence(fence);
-        }
+        // Released before the free: a fence owns nothing of the memory.
+        drop(self.fence.take());
         self.pool.free_memory(&self.mem, self.origin);
+    }
+}
+
+/// Work that waits for a device and then frees memory, run on a thread of its own so that
+/// nobody's `Drop` waits: blocks of pools whose manager is gone (nobody calls them any more
+/// to free their deferred blocks), and blocks whose last user's stream could not be ordered.
+type ReaperJob = Box<dyn FnOnce() + Send>;
+
+/// Hands `job` to the process-wide reaper thread. If there is none (it could not be
+/// started), the job is leaked, never run or dropped: what it owns stays allocated.
+fn reap(job: ReaperJob) {
+    static REAPER: std::sync::OnceLock<Option<Mutex<std::sync::mpsc::Sender<ReaperJob>>>> =
+        std::sync::OnceLock::new();
+    let reaper = REAPER.get_or_init(|| {
+        let (send, receive) = std::sync::mpsc::channel::<ReaperJob>();
+        let thread = std::thread::Builder::new().name("unimem-reaper".into());
+        thread.spawn(move || receive.into_iter().for_each(|job| job())).ok().map(|_| Mutex::new(send))
+    });
+    match reaper {
+        Some(reaper) => {
+            if let Err(unsent) = lock(reaper).send(job) {
+                std::mem::forget(unsent.0);
+            }
+        }
+        None => std::mem::forget(job),
+    }
+}
+
+impl Block {
+    /// Takes a live block out of use without pooling it (its buffer reported `requested`
+    /// bytes), and frees it once `wait` has returned, as [`free_after`](Self::free_after).
+    pub(crate) fn give_up_after(
+        self: Box<Self>,
+        requested: usize,
+        wait: impl FnOnce(&Block) + Send + 'static,
+    ) {
+        self.pool.count_live(-1, self.capacity(), requested);
+        self.free_after(wait);
+    }
+
+    /// Frees the block on the reaper thread once `wait` has returned there (`wait` blocks
+    /// until the device is done with the memory); counted as waiting to be freed until then.
+    pub(crate) fn free_after(self: Box<Self>, wait: impl FnOnce(&Block) + Send + 'static) {
+        let bytes = to_u64(self.capacity());
+        self.pool.counters.pending_free.fetch_add(bytes, Relaxed);
+        reap(Box::new(move || {
+            wait(&self);
+            self.pool.counters.pending_free.fetch_sub(bytes, Relaxed);
+            drop(self);
+        }));
     }
 }
 
@@ -98,6 +167,11 @@ struct Counters {
     syncs_to_host: AtomicU64,
     syncs_to_device: AtomicU64,
     hits: AtomicU64,
+    /// Bytes of memory really held from the backend (live, pooled, waiting to be freed):
+    /// `reserved` also counts allocations in progress, against `memory_limit`.
+    held: AtomicU64,
+    /// Bytes waiting for their last device use before they are freed.
+    pending_free: AtomicU64,
     live: AtomicI64,
     live_bytes: AtomicI64,
     requested: AtomicI64,
@@ -116,7 +190,9 @@ pub(crate) struct PoolLimits {
 /// Why a pool could not hand out memory.
 pub(crate) enum AcquireError {
     /// The backend or the pool's memory limit refused; trimming may help.
-    Exhausted,
+    Exhausted(OutOfMemoryCause),
+    /// The request never fits on the device: no trim, no retry.
+    TooLarge { largest: u64 },
     /// Anything else the backend said.
     Backend(BackendError),
 }
@@ -140,6 +216,9 @@ pub(crate) struct DevicePool {
     closed: AtomicBool,
     /// Whether returned blocks are fenced (device backends with queued work).
     fenced: bool,
+    /// Blocks to free once their fences complete (see [`Block::retire`]).
+    #[allow(clippy::vec_box, reason = "blocks move in and out of buffers as boxes")]
+    deferred: Mutex<Vec<Box<Block>>>,
     counters: Counters,
 }
 
@@ -182,6 +261,7 @@ impl DevicePool {
             limits,
             closed: AtomicBool::new(false),
             fenced,
+            deferred: Mutex::new(Vec::new()),
             counters: Counters::default(),
         }
     }
@@ -222,6 +302,7 @@ impl DevicePool {
         bytes: usize,
         class: Option<usize>,
     ) -> Result<Box<Block>, AcquireError> {
+        self.free_completed();
         let Some(class) = class else {
             let block = self.fresh(bytes.max(1), None, bytes)?;
             self.counters.unpooled.fetch_add(1, Relaxed);
@@ -242,18 +323,18 @@ impl DevicePool {
     }
 
     /// Waits for the last device use of a reused block.
-    #[cold]
     /// `requested` is what the caller asked for: already counted as live, and uncounted
     /// again if the block cannot be used.
+    #[cold]
     fn ready(&self, mut block: Box<Block>, requested: usize) -> Result<Box<Block>, AcquireError> {
-        if let Some(fence) = block.fence.take() {
-            if let Err(e) = self.backend.wait(fence) {
-                // The memory's state is unknown: keep the fence and let the block be freed.
-                block.fence = Some(fence);
-                self.count_live(-1, block.capacity(), requested);
-                return Err(AcquireError::Backend(e));
-            }
+        let waited = block.fence.as_ref().map_or(Ok(()), Fence::wait);
+        if let Err(e) = waited {
+            // The memory's state is unknown: the block is retired with its fence.
+            self.count_live(-1, block.capacity(), requested);
+            block.retire();
+            return Err(AcquireError::Backend(e));
         }
+        block.fence = None;
         Ok(block)
     }
 
@@ -264,13 +345,15 @@ impl DevicePool {
         requested: usize,
     ) -> Result<Box<Block>, AcquireError> {
         if !self.reserve(to_u64(cap)) {
-            return Err(AcquireError::Exhausted);
+            let limit = self.limits.memory_limit.unwrap_or(u64::MAX);
+            return Err(AcquireError::Exhausted(OutOfMemoryCause::MemoryLimit { limit }));
         }
         if self.limits.trim_on_pressure && self.under_pressure(cap) {
             self.trim_to(0);
         }
         match self.backend.allocate(cap, self.kind) {
             Ok(mem) => {
+                self.count_held(cap);
                 self.count_live(1, cap, requested);
                 Ok(Box::new(Block {
                     mem,
@@ -283,7 +366,11 @@ impl DevicePool {
             Err(e) => {
                 self.counters.reserved.fetch_sub(to_u64(cap), Relaxed);
                 Err(match e {
-                    BackendError::OutOfMemory { .. } => AcquireError::Exhausted,
+                    BackendError::OutOfMemory { .. } => AcquireError::Exhausted(OutOfMemoryCause::Device),
+                    BackendError::LockLimit { limit, .. } => {
+                        AcquireError::Exhausted(OutOfMemoryCause::LockLimit { limit })
+                    }
+                    BackendError::TooLarge { largest, .. } => AcquireError::TooLarge { largest },
                     e => AcquireError::Backend(e),
                 })
             }
@@ -293,8 +380,8 @@ impl DevicePool {
     /// Takes ownership of memory that did not come from the backend (an adopted `Vec`).
     pub(crate) fn adopt(self: &Arc<Self>, mem: RawAllocation, align: usize, requested: usize) -> Box<Block> {
         let cap = mem.bytes;
-        let reserved = self.counters.reserved.fetch_add(to_u64(cap), Relaxed) + to_u64(cap);
-        self.counters.peak.fetch_max(reserved, Relaxed);
+        self.counters.reserved.fetch_add(to_u64(cap), Relaxed);
+        self.count_held(cap);
         self.counters.unpooled.fetch_add(1, Relaxed);
         self.count_live(1, cap, requested);
         Box::new(Block {
@@ -316,13 +403,65 @@ impl DevicePool {
                 return false;
             };
             match reserved.compare_exchange_weak(current, next, Relaxed, Relaxed) {
-                Ok(_) => {
-                    self.counters.peak.fetch_max(next, Relaxed);
-                    return true;
-                }
+                Ok(_) => return true,
                 Err(now) => current = now,
             }
         }
+    }
+
+    /// Counts `bytes` more held from the backend, raising the peak: only memory really held
+    /// counts towards it, never a reservation that the backend then refused.
+    fn count_held(&self, bytes: usize) {
+        let held = self.counters.held.fetch_add(to_u64(bytes), Relaxed).saturating_add(to_u64(bytes));
+        self.counters.peak.fetch_max(held, Relaxed);
+    }
+
+    /// Keeps `block` until its fence completes (see [`Block::retire`]); frees it now if it
+    /// already has. Once the manager is gone nobody would look again, so the process-wide
+    /// reaper thread waits for it instead.
+    fn defer_free(&self, block: Box<Block>) {
+        if block.fence.as_ref().is_none_or(|fence| fence.is_complete().unwrap_or(true)) {
+            return drop(block);
+        }
+        let block = {
+            let mut deferred = lock(&self.deferred);
+            if !self.closed.load(Relaxed) {
+                self.counters.pending_free.fetch_add(to_u64(block.capacity()), Relaxed);
+                deferred.push(block);
+                return;
+            }
+            block
+        };
+        // An error means the device is broken: nothing more runs on it.
+        block.free_after(|block| drop(block.fence.as_ref().map(Fence::wait)));
+    }
+
+    /// Frees deferred blocks whose fences have completed; with `wait`, waits for the rest
+    /// first (only when the manager is dropped).
+    pub(crate) fn free_completed_or_wait(&self, wait: bool) {
+        let done: Vec<Box<Block>> = {
+            let mut deferred = lock(&self.deferred);
+            if deferred.is_empty() {
+                return;
+            }
+            let (done, keep) = std::mem::take(&mut *deferred).into_iter().partition(|block| {
+                block.fence.as_ref().is_none_or(|fence| {
+                    let complete = if wait { fence.wait().map(|()| true) } else { fence.is_complete() };
+                    // A fence that cannot be asked belongs to a broken device: free.
+                    complete.unwrap_or(true)
+                })
+            });
+            *deferred = keep;
+            done
+        };
+        for block in done {
+            self.counters.pending_free.fetch_sub(to_u64(block.capacity()), Relaxed);
+            drop(block);
+        }
+    }
+
+    fn free_completed(&self) {
+        self.free_completed_or_wait(false);
     }
 
     fn count_live(&self, buffers: i64, cap: usize, requested: usize) {
@@ -428,6 +567,18 @@ impl DevicePool {
         Some(block)
     }
 
+    /// The out-of-memory error for `bytes` of host memory that a buffer of this pool needed
+    /// (a host mirror, staging), with this pool's statistics.
+    pub(crate) fn host_out_of_memory(&self, bytes: usize) -> crate::Error {
+        crate::Error::OutOfMemory {
+            requested: to_u64(bytes),
+            device: DeviceId::CPU,
+            kind: MemoryKind::Device,
+            cause: OutOfMemoryCause::Device,
+            stats: Box::new(crate::stats::MemoryStatistics::from_pools(vec![self.statistics()])),
+        }
+    }
+
     /// Counts a coherence copy of a buffer of this pool.
     pub(crate) fn count_sync(&self, to_host: bool) {
         let counter = if to_host { &self.counters.syncs_to_host } else { &self.counters.syncs_to_device };
@@ -453,6 +604,7 @@ impl DevicePool {
             self.counters.free_errors.fetch_add(1, Relaxed);
         }
         self.counters.reserved.fetch_sub(to_u64(mem.bytes), Relaxed);
+        self.counters.held.fetch_sub(to_u64(mem.bytes), Relaxed);
     }
 
     /// Frees pooled blocks, largest classes first, until at most `keep` bytes stay pooled.
@@ -465,40 +617,69 @@ impl DevicePool {
                 break;
             }
             let size = to_u64(self.classes.size_of(class));
-            let mut take = pooled.saturating_sub(keep).div_ceil(size);
-            for shard in self.shards.iter() {
-                let mut shard = shard.lock();
-                let Some(slot) = shard.classes.get_mut(class) else { break };
-                while take > 0 {
-                    let Some(block) = slot.pop() else { break };
-                    freed.push(block);
-                    take -= 1;
-                    pooled = pooled.saturating_sub(size);
-                }
-                // Give back the credit that no pooled block uses any more.
-                let unused = slot.credit.saturating_sub(slot.len() as u8);
-                slot.credit -= unused;
-                self.release_budget(class, u64::from(unused));
+            let taken = self.take_class(class, pooled.saturating_sub(keep).div_ceil(size), &mut freed);
+            pooled = pooled.saturating_sub(taken * size);
+        }
+        self.retire_trimmed(freed)
+    }
+
+    /// Frees up to `blocks` pooled blocks of `class`. Returns the bytes freed.
+    pub(crate) fn trim_class(&self, class: usize, blocks: u64) -> u64 {
+        let mut freed = Vec::new();
+        self.take_class(class, blocks, &mut freed);
+        self.retire_trimmed(freed)
+    }
+
+    /// Moves up to `take` pooled blocks of `class` into `freed`, giving back the budget they
+    /// held. Returns how many it moved.
+    #[allow(clippy::vec_box, reason = "blocks move in and out of buffers as boxes")]
+    fn take_class(&self, class: usize, take: u64, freed: &mut Vec<Box<Block>>) -> u64 {
+        let mut left = take;
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock();
+            let Some(slot) = shard.classes.get_mut(class) else { break };
+            while left > 0 {
+                let Some(block) = slot.pop() else { break };
+                freed.push(block);
+                left -= 1;
             }
-            if let Some(shared) = self.shared.get(class) {
-                let mut shared = lock(shared);
-                while take > 0 {
-                    let Some(block) = shared.pop() else { break };
-                    self.release_budget(class, 1);
-                    freed.push(block);
-                    take -= 1;
-                    pooled = pooled.saturating_sub(size);
-                }
+            // Give back the credit that no pooled block uses any more.
+            let unused = slot.credit.saturating_sub(slot.len() as u8);
+            slot.credit -= unused;
+            self.release_budget(class, u64::from(unused));
+        }
+        if let Some(shared) = self.shared.get(class) {
+            let mut shared = lock(shared);
+            while left > 0 {
+                let Some(block) = shared.pop() else { break };
+                self.release_budget(class, 1);
+                freed.push(block);
+                left -= 1;
             }
         }
+        take - left
+    }
+
+    /// Frees trimmed blocks (deferred where their last use may still run) and counts the
+    /// trim. Returns the bytes trimmed.
+    #[allow(clippy::vec_box, reason = "blocks move in and out of buffers as boxes")]
+    fn retire_trimmed(&self, freed: Vec<Box<Block>>) -> u64 {
         let bytes: u64 = freed.iter().map(|b| to_u64(b.capacity())).sum();
-        drop(freed);
+        for block in freed {
+            block.retire();
+        }
         if bytes > 0 {
             self.backend.release_cached();
         }
         self.counters.trims.fetch_add(1, Relaxed);
         self.counters.trimmed_bytes.fetch_add(bytes, Relaxed);
         bytes
+    }
+
+    /// The pooled blocks per class: `(class index, class bytes, blocks)`, occupied classes
+    /// only.
+    pub(crate) fn pooled_classes(&self) -> Vec<(usize, u64, u64)> {
+        self.occupancy().into_iter().map(|(class, o)| (class, o.class_bytes, o.buffers)).collect()
     }
 
     /// Whether the device, asked for `bytes` more, would have less than 1/16 of its memory
@@ -512,10 +693,17 @@ impl DevicePool {
         free.saturating_sub(to_u64(bytes)) < total / 16
     }
 
-    /// Marks the pool closed (its manager is gone) and frees everything it holds.
+    /// Marks the pool closed (its manager is gone) and frees everything it holds, waiting
+    /// for the last device use of blocks whose frees were deferred.
     pub(crate) fn close(&self) {
-        self.closed.store(true, Relaxed);
+        {
+            // Under the lock that `defer_free` checks `closed` under: no block is deferred
+            // into the list after this.
+            let _deferred = lock(&self.deferred);
+            self.closed.store(true, Relaxed);
+        }
         self.trim_to(0);
+        self.free_completed_or_wait(true);
     }
 
     pub(crate) fn count_oom_retry(&self) {
@@ -523,10 +711,11 @@ impl DevicePool {
     }
 
     fn pooled_bytes(&self) -> u64 {
-        self.occupancy().iter().map(|c| c.class_bytes * c.buffers).sum()
+        self.occupancy().iter().map(|(_, c)| c.class_bytes * c.buffers).sum()
     }
 
-    fn occupancy(&self) -> Vec<ClassOccupancy> {
+    /// Occupied classes, with their indices.
+    fn occupancy(&self) -> Vec<(usize, ClassOccupancy)> {
         let mut buffers = vec![0u64; self.classes.count()];
         for shard in self.shards.iter() {
             let shard = shard.lock();
@@ -541,11 +730,14 @@ impl DevicePool {
             .into_iter()
             .enumerate()
             .filter(|&(_, n)| n > 0)
-            .map(|(class, n)| ClassOccupancy { class_bytes: to_u64(self.classes.size_of(class)), buffers: n })
+            .map(|(class, n)| {
+                (class, ClassOccupancy { class_bytes: to_u64(self.classes.size_of(class)), buffers: n })
+            })
             .collect()
     }
 
     pub(crate) fn statistics(&self) -> PoolStatistics {
+        self.free_completed();
         let c = &self.counters;
         let mut sum = shard::ShardCounters {
             hits: c.hits.load(Relaxed),
@@ -555,19 +747,20 @@ impl DevicePool {
         };
         for shard in self.shards.iter() {
             let s = shard.lock().counters;
-            sum.hits += s.hits;
-            sum.live += s.live;
-            sum.live_bytes += s.live_bytes;
-            sum.requested += s.requested;
+            sum.hits = sum.hits.saturating_add(s.hits);
+            sum.live = sum.live.saturating_add(s.live);
+            sum.live_bytes = sum.live_bytes.saturating_add(s.live_bytes);
+            sum.requested = sum.requested.saturating_add(s.requested);
         }
-        let classes = self.occupancy();
+        let classes: Vec<ClassOccupancy> = self.occupancy().into_iter().map(|(_, o)| o).collect();
         let nonneg = |v: i64| u64::try_from(v).unwrap_or(0);
         PoolStatistics {
             device: Some(self.device),
             kind: Some(self.kind),
             allocated: nonneg(sum.live_bytes),
             pooled: classes.iter().map(|o| o.class_bytes * o.buffers).sum(),
-            reserved: c.reserved.load(Relaxed),
+            reserved: c.held.load(Relaxed),
+            pending_free: c.pending_free.load(Relaxed),
             requested: nonneg(sum.requested),
             hits: sum.hits,
             misses: c.misses.load(Relaxed),
