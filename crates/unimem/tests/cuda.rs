@@ -114,20 +114,39 @@ fn the_device_tests_pass_on_a_model_driver() {
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/model_cuda.c");
     build_stub(&source, &dir.join("libcuda.so"));
     std::fs::copy(dir.join("libcuda.so"), dir.join("libcuda.so.1")).unwrap();
-    let output = Command::new(std::env::current_exe().unwrap())
-        .args(["--skip", "without_a_driver", "--skip", "a_driver_with_no_device", "--skip", "model_driver"])
-        .env("UNIMEM_CUDA_CHILD", "1")
-        .env("UNIMEM_REQUIRE_CUDA", "1")
-        .env("UNIMEM_MODEL_CUDA_DEVICES", "2")
-        .env("LD_LIBRARY_PATH", &dir)
-        .output()
-        .unwrap();
+    let run = |args: &[&str], faults: bool| {
+        let mut command = Command::new(std::env::current_exe().unwrap());
+        command
+            .args([
+                "--skip",
+                "without_a_driver",
+                "--skip",
+                "a_driver_with_no_device",
+                "--skip",
+                "model_driver",
+            ])
+            .args(args)
+            .env("UNIMEM_CUDA_CHILD", "1")
+            .env("UNIMEM_REQUIRE_CUDA", "1")
+            .env("UNIMEM_MODEL_CUDA_DEVICES", "2")
+            .env("LD_LIBRARY_PATH", &dir);
+        if faults {
+            command.env("UNIMEM_MODEL_FAULTS", "1");
+        }
+        let output = command.output().unwrap();
+        let log =
+            String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "the device tests failed on the model driver:\n{log}");
+        let summary = log.lines().find(|l| l.starts_with("test result: ok")).unwrap_or_default().to_string();
+        assert!(!summary.contains(" 0 passed"), "{log}");
+        summary
+    };
+    // The device tests in parallel; then the fault-injection tests one at a time (faults
+    // are process-wide), with the faults enabled.
+    let device_tests = run(&["--skip", "faults_"], false);
+    let fault_tests = run(&["faults_", "--test-threads=1"], true);
     let _ = std::fs::remove_dir_all(&dir);
-    let log = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "the device tests failed on the model driver:\n{log}");
-    let summary = log.lines().find(|l| l.starts_with("test result: ok")).unwrap_or_default();
-    eprintln!("on the model driver: {summary}");
-    assert!(!summary.contains(" 0 passed"), "{log}");
+    eprintln!("on the model driver: {device_tests}; fault injection: {fault_tests}");
 }
 
 fn build_stub(source: &Path, library: &Path) {
@@ -488,4 +507,288 @@ fn the_callers_stream_is_ordered_after_unimems_writes() {
         let err = output.cuda_ptr_on(&elsewhere, MapMode::Read).unwrap_err();
         assert!(matches!(err, Error::ForeignQueue { .. }), "{err}");
     }
+}
+
+/// Pinned and managed memory freed rather than pooled is freed once its last use on the
+/// stream has completed, never by waiting in `Drop`: behind a closed stream, `drop` returns
+/// at once, the memory counts as waiting to be freed, and it is freed after the stream moves.
+#[test]
+fn dropping_unpooled_pinned_and_managed_memory_never_waits_for_the_stream() {
+    let Some((_, device)) = cuda() else { return };
+    let options = unimem::MemoryOptions::default().with_pooling(false);
+    let manager = MemoryManager::builder().options(options).build();
+    let stream = manager.cuda_device(device).unwrap().stream();
+    for mode in [AllocationMode::Pinned, AllocationMode::Unified] {
+        let mut buffer = manager.allocate_on::<f32>(device, 1 << 20, mode).unwrap();
+        buffer.as_mut_slice().unwrap().fill(1.0);
+        let gate = StreamGate::close(stream);
+        let (done, dropped) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(buffer);
+            let _ = done.send(());
+        });
+        let returned = dropped.recv_timeout(Duration::from_secs(30));
+        let waiting = manager.statistics().pending_free;
+        gate.open();
+        assert!(returned.is_ok(), "{mode}: drop waited for the stream");
+        assert_eq!(waiting, 4 << 20, "{mode}: the memory waits to be freed");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while manager.statistics().pending_free > 0 {
+            assert!(Instant::now() < deadline, "{mode}: the deferred free never happened");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let stats = manager.statistics();
+        assert_eq!((stats.total_reserved, stats.active_buffers), (0, 0), "{mode}");
+    }
+}
+
+/// A `Write` mapping that is never written leaves device memory as it was.
+#[test]
+fn an_unwritten_write_mapping_leaves_the_buffer_as_it_was() {
+    let Some((manager, device)) = cuda() else { return };
+    let n = 1024;
+    let mut buffer = manager.allocate_on::<f32>(device, n, AllocationMode::Pooled).unwrap();
+    buffer.copy_from_blocking(&data(n), 0).unwrap();
+    std::mem::forget(buffer.map(MapMode::Write).unwrap());
+    drop(buffer.map(MapMode::Write).unwrap());
+    buffer.as_mut_slice().unwrap()[0] = 42.0;
+    buffer.cuda_ptr(MapMode::Read).unwrap(); // the host side goes to the device
+    let mut copy = manager.allocate_on::<f32>(device, n, AllocationMode::Pooled).unwrap();
+    copy.copy_from_buffer(&buffer).unwrap();
+    let mut back = vec![0.0; n];
+    copy.copy_to_blocking(&mut back, 0).unwrap();
+    assert_eq!(back[0], 42.0);
+    assert_eq!(&back[1..], &data(n)[1..], "an unwritten mapping overwrote the device's data");
+}
+
+#[path = "support/model_faults.rs"]
+mod model_faults;
+
+/// Fault injection on the model driver: tests named `faults_*` run one at a time in their
+/// own child (see `the_device_tests_pass_on_a_model_driver`), each clearing its faults when
+/// done; elsewhere (a GPU, or the other tests' child) they skip.
+fn faults() -> Option<(MemoryManager, DeviceId, FaultGuard)> {
+    if std::env::var_os("UNIMEM_MODEL_FAULTS").is_none() || !model_faults::available() {
+        eprintln!("skipping: fault injection needs the model driver (UNIMEM_MODEL_FAULTS)");
+        return None;
+    }
+    model_faults::clear();
+    let (manager, device) = cuda()?;
+    Some((manager, device, FaultGuard))
+}
+
+/// Clears every injected fault when the test ends, passed or failed.
+struct FaultGuard;
+
+impl Drop for FaultGuard {
+    fn drop(&mut self) {
+        model_faults::clear();
+    }
+}
+
+const INVALID_VALUE: i32 = 1;
+const OUT_OF_MEMORY: i32 = 2;
+const ILLEGAL_ADDRESS: i32 = 700;
+
+/// After a fault: the manager still allocates, copies and frees on the device.
+fn still_works(manager: &MemoryManager, device: DeviceId) {
+    for mode in [AllocationMode::Pooled, AllocationMode::Pinned, AllocationMode::Unified] {
+        let mut buffer = manager.allocate_on::<f32>(device, 1000, mode).unwrap();
+        buffer.copy_from_blocking(&data(1000), 0).unwrap();
+        let mut back = vec![0.0; 1000];
+        buffer.copy_to_blocking(&mut back, 0).unwrap();
+        assert_eq!(back, data(1000), "{mode}");
+    }
+}
+
+#[test]
+fn faults_in_allocation_are_clear_errors_and_leak_nothing() {
+    let Some((manager, device, _guard)) = faults() else { return };
+    for (call, mode) in [
+        ("cuMemAllocFromPoolAsync", AllocationMode::Pooled),
+        ("cuMemHostAlloc", AllocationMode::Pinned),
+        ("cuMemAllocManaged", AllocationMode::Unified),
+    ] {
+        model_faults::fail(call, 1, OUT_OF_MEMORY);
+        let err = manager.allocate_on::<u8>(device, 4096, mode).unwrap_err();
+        assert!(matches!(err, Error::OutOfMemory { .. }), "{call}: {err}");
+        model_faults::fail(call, 1, INVALID_VALUE);
+        let err = manager.allocate_on::<u8>(device, 4096, mode).unwrap_err();
+        assert!(matches!(err, Error::Backend { .. }) && err.to_string().contains(call), "{call}: {err}");
+        model_faults::clear();
+    }
+    // A refused zeroing frees the allocation it was for.
+    model_faults::fail("cuMemsetD8Async", 1, INVALID_VALUE);
+    let frees = model_faults::calls("cuMemFreeAsync");
+    assert!(manager.allocate_on::<u8>(device, 4096, AllocationMode::Pooled).is_err());
+    assert_eq!(model_faults::calls("cuMemFreeAsync"), frees + 1, "the unzeroed allocation was leaked");
+    model_faults::clear();
+    let stats = manager.statistics();
+    assert_eq!((stats.active_buffers, stats.total_reserved), (0, 0));
+    still_works(&manager, device);
+}
+
+/// A failed wait for a pooled block's fence: a clear error, and the fence is destroyed once
+/// (the model aborts on a second `cuEventDestroy`).
+#[test]
+fn faults_in_the_fence_wait_of_pooled_reuse_release_the_fence_once() {
+    let Some((manager, device, _guard)) = faults() else { return };
+    drop(manager.allocate_on::<u8>(device, 4096, AllocationMode::Pinned).unwrap()); // pooled, fenced
+    model_faults::fail("cuEventSynchronize", 1, INVALID_VALUE);
+    let err = manager.allocate_on::<u8>(device, 4096, AllocationMode::Pinned).unwrap_err();
+    assert!(err.to_string().contains("cuEventSynchronize"), "{err}");
+    model_faults::clear();
+    let stats = manager.statistics();
+    assert_eq!((stats.active_buffers, stats.total_pooled), (0, 0), "the block was retired");
+    still_works(&manager, device);
+    drop(manager); // frees everything: no second release of the fence
+}
+
+#[test]
+fn faults_in_copies_are_clear_errors_and_change_nothing() {
+    let Some((manager, device, _guard)) = faults() else { return };
+    let mut buffer = manager.allocate_on::<f32>(device, 1000, AllocationMode::Pooled).unwrap();
+    buffer.copy_from_blocking(&data(1000), 0).unwrap();
+    let other = manager.allocate_on::<f32>(device, 1000, AllocationMode::Pooled).unwrap();
+    model_faults::fail("cuMemcpyHtoDAsync_v2", 1, INVALID_VALUE);
+    assert!(buffer.copy_from_blocking(&[9.0; 10], 0).is_err());
+    assert!(pollster::block_on(buffer.copy_from(&[9.0; 10], 0)).is_err());
+    model_faults::fail("cuMemcpyDtoHAsync_v2", 1, INVALID_VALUE);
+    let mut dst = vec![7.0; 1000];
+    assert!(buffer.copy_to_blocking(&mut dst, 0).is_err());
+    assert!(pollster::block_on(buffer.copy_to(&mut dst, 0)).is_err());
+    assert!(dst.iter().all(|&x| x == 7.0), "a failed read wrote its destination");
+    model_faults::fail("cuMemcpyDtoDAsync_v2", 1, INVALID_VALUE);
+    let mut copy = manager.allocate_on::<f32>(device, 1000, AllocationMode::Pooled).unwrap();
+    assert!(copy.copy_from_buffer(&other).is_err());
+    model_faults::clear();
+    buffer.copy_to_blocking(&mut dst, 0).unwrap();
+    assert_eq!(dst, data(1000), "the buffer is intact");
+    still_works(&manager, device);
+}
+
+/// Recording the fence of a returned block fails: the block is freed, not pooled unfenced.
+#[test]
+fn faults_in_event_record_free_the_block_instead_of_pooling_it() {
+    let Some((manager, device, _guard)) = faults() else { return };
+    let buffer = manager.allocate_on::<u8>(device, 4096, AllocationMode::Pinned).unwrap();
+    model_faults::fail("cuEventRecord", 1, INVALID_VALUE);
+    drop(buffer);
+    model_faults::clear();
+    let stats = manager.statistics();
+    assert_eq!((stats.total_pooled, stats.total_reserved, stats.active_buffers), (0, 0, 0));
+    assert!(stats.free_errors >= 1);
+    // Creating the event fails instead: the same.
+    let buffer = manager.allocate_on::<u8>(device, 4096, AllocationMode::Unified).unwrap();
+    model_faults::fail("cuEventCreate", 1, OUT_OF_MEMORY);
+    drop(buffer);
+    model_faults::clear();
+    assert_eq!(manager.statistics().total_reserved, 0);
+    still_works(&manager, device);
+}
+
+/// Ordering the caller's stream fails: a clear error and the buffer unchanged; ordering
+/// unimem's queue after it fails at drop: the block is not pooled, and is freed once the
+/// caller's stream has drained.
+#[test]
+fn faults_in_stream_waits_never_pool_unordered_memory() {
+    let Some((manager, device, _guard)) = faults() else { return };
+    let stream = callers_stream(&manager, device);
+    let mut buffer = manager.allocate_on::<f32>(device, 1000, AllocationMode::Pooled).unwrap();
+    buffer.copy_from_blocking(&data(1000), 0).unwrap();
+    model_faults::fail("cuStreamWaitEvent", 1, INVALID_VALUE);
+    assert!(buffer.cuda_ptr_on(&stream, MapMode::ReadWrite).is_err());
+    model_faults::clear();
+    assert_eq!(buffer.as_slice().unwrap(), &data(1000)[..]);
+    buffer.cuda_ptr_on(&stream, MapMode::ReadWrite).unwrap();
+    model_faults::fail("cuStreamWaitEvent", 1, INVALID_VALUE);
+    drop(buffer); // unimem's stream cannot be ordered after the caller's
+    model_faults::clear();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while manager.statistics().pending_free > 0 {
+        assert!(Instant::now() < deadline, "the deferred free never happened");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let stats = manager.statistics();
+    assert_eq!((stats.total_pooled, stats.active_buffers, stats.total_reserved), (0, 0, 0), "{stats:?}");
+    still_works(&manager, device);
+}
+
+/// The completion callback cannot be added: the copy waits for the stream instead and says
+/// why; if that wait fails too, the staging memory (which the copy may still write) is
+/// leaked and counted, never freed.
+#[test]
+fn faults_in_the_completion_callback_never_free_staging_under_a_copy() {
+    let Some((manager, device, _guard)) = faults() else { return };
+    let mut buffer = manager.allocate_on::<f32>(device, 1000, AllocationMode::Pooled).unwrap();
+    model_faults::fail("cuStreamAddCallback", 1, INVALID_VALUE);
+    let err = pollster::block_on(buffer.copy_from(&data(1000), 0)).unwrap_err();
+    assert!(err.to_string().contains("cuStreamAddCallback"), "{err}");
+    let leaked = manager.statistics().leaked_staging_bytes;
+    model_faults::fail("cuStreamSynchronize", 1, INVALID_VALUE);
+    let err = pollster::block_on(buffer.copy_from(&data(1000), 0)).unwrap_err();
+    assert!(err.to_string().contains("cuStreamSynchronize"), "{err}");
+    model_faults::clear();
+    assert!(manager.statistics().leaked_staging_bytes >= leaked + 4000);
+    still_works(&manager, device);
+}
+
+#[test]
+fn faults_in_frees_are_counted_never_panicked_on() {
+    let Some((manager, device, _guard)) = faults() else { return };
+    let options = unimem::MemoryOptions::default().with_pooling(false);
+    let unpooled = MemoryManager::builder().options(options).build();
+    for (call, mode) in [
+        ("cuMemFreeAsync", AllocationMode::Pooled),
+        ("cuMemFreeHost", AllocationMode::Pinned),
+        ("cuMemFree_v2", AllocationMode::Unified),
+    ] {
+        let buffer = unpooled.allocate_on::<u8>(device, 4096, mode).unwrap();
+        let errors = unpooled.statistics().free_errors;
+        model_faults::fail(call, 1, INVALID_VALUE);
+        drop(buffer);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while unpooled.statistics().free_errors == errors {
+            assert!(Instant::now() < deadline, "{call}: the free never ran");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        model_faults::clear();
+    }
+    still_works(&manager, device);
+}
+
+/// A sticky context error: the device is lost. A copy in flight completes with the error
+/// instead of waiting for ever (the stream callback still runs; a host function would not),
+/// later calls say the device is lost, drops neither panic nor release anything twice, and
+/// CPU memory still works.
+#[test]
+fn faults_sticky_errors_lose_the_device_and_complete_pending_copies() {
+    let Some((manager, device, _guard)) = faults() else { return };
+    let stream = manager.cuda_device(device).unwrap().stream();
+    let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+    let waker = Waker::from(Arc::clone(&wakes));
+    let mut cx = Context::from_waker(&waker);
+    let buffer = manager.allocate_on::<f32>(device, 1000, AllocationMode::Pooled).unwrap();
+    let pinned = manager.allocate_on::<f32>(device, 1000, AllocationMode::Pinned).unwrap();
+    let mut dst = vec![0.0; 1000];
+    let gate = StreamGate::close(stream);
+    let mut read = Box::pin(buffer.copy_to(&mut dst, 0));
+    assert!(read.as_mut().poll(&mut cx).is_pending());
+    model_faults::fail_sticky("cuMemsetD8Async", 1, ILLEGAL_ADDRESS);
+    let err = manager.allocate_on::<f32>(device, 1000, AllocationMode::Unpooled).unwrap_err();
+    assert!(matches!(err, Error::DeviceLost { .. }), "{err}");
+    gate.open();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while wakes.0.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the copy in flight never completed after the sticky error");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(matches!(read.as_mut().poll(&mut cx), Poll::Ready(Err(_))));
+    drop(read);
+    let err = buffer.copy_to_blocking(&mut dst, 0).unwrap_err();
+    assert!(matches!(err, Error::DeviceLost { .. }), "{err}");
+    drop(buffer);
+    drop(pinned);
+    let cpu = manager.create_buffer_on(DeviceId::CPU, &data(10), AllocationMode::Pooled).unwrap();
+    assert_eq!(cpu.as_slice().unwrap(), &data(10)[..]);
 }

@@ -442,10 +442,14 @@ impl Backend for CudaBackend {
                             .map_err(|e| allocation_error("cuMemAlloc", e, bytes))?,
                     }
                 };
+                let allocation = RawAllocation { handle: ptr, host: None, bytes };
                 // SAFETY: the allocation just made, whole.
-                unsafe { result::memset_d8_async(ptr, 0, bytes, self.stream) }
-                    .map_err(|e| driver("cuMemsetD8Async", e))?;
-                Ok(RawAllocation { handle: ptr, host: None, bytes })
+                if let Err(e) = unsafe { result::memset_d8_async(ptr, 0, bytes, self.stream) } {
+                    // SAFETY: ours, and nothing is enqueued on it (the memset was refused).
+                    let _ = unsafe { self.free(&allocation, MemoryKind::Device) };
+                    return Err(driver("cuMemsetD8Async", e));
+                }
+                Ok(allocation)
             }
             MemoryKind::Pinned => {
                 let flags = sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP;
