@@ -21,9 +21,13 @@
 //!   supports concurrent managed access.
 //!
 //! Host-visible blocks returned to a pool carry an event recorded on the stream; their next
-//! user waits for it. Asynchronous copies go through page-locked staging chunks (cached per
-//! device) that the operation owns, and complete from a host function on the stream
-//! (`cuLaunchHostFunc`), never by polling.
+//! user waits for it. Frees of pinned and managed memory (and of device memory where there
+//! are no memory pools) are not stream-ordered, so the pool frees such blocks only once an
+//! event recorded at their last use has completed (`cuEventQuery`), never by waiting.
+//! Asynchronous copies go through page-locked staging chunks (cached per device) that the
+//! operation owns, and complete from a stream callback (`cuStreamAddCallback`, which the
+//! driver still calls, with the error, after a sticky context error), never by polling.
+//! Sticky errors are `DeviceLost`.
 
 use std::ffi::c_void;
 use std::ptr::NonNull;
@@ -126,7 +130,7 @@ const MAX_IDLE_STAGING: usize = 256 << 20;
 /// Page-locked staging chunks not in use, by address and size. Asynchronous copies stage
 /// through page-locked memory: from pageable memory the driver would copy synchronously (or
 /// wait for the stream), which defeats the future. Chunks come back here from `Staging`'s
-/// drop, which may run in a host function, so giving back only records the chunk.
+/// drop, which may run in a stream callback, so giving back only records the chunk.
 #[derive(Default)]
 struct PinnedStash(Mutex<Vec<(usize, usize)>>);
 
@@ -319,7 +323,7 @@ impl CudaBackend {
     }
 
     /// `bytes` of page-locked staging: the smallest idle chunk that fits, or a new one. Idle
-    /// chunks past the cache bound are freed here (never in a host function).
+    /// chunks past the cache bound are freed here (never in a stream callback).
     fn staging(&self, bytes: usize) -> Result<Staging, BackendError> {
         let (found, excess) = {
             let mut idle = self.stash.0.lock().unwrap_or_else(PoisonError::into_inner);
@@ -626,7 +630,7 @@ impl Backend for CudaBackend {
         // SAFETY: the chunk holds at least `src.len()` bytes and nothing else uses it yet.
         unsafe { staging.as_ptr().copy_from_nonoverlapping(src.as_ptr(), src.len()) };
         // SAFETY: in bounds (the caller); the copy reads `src.len()` bytes of `staging`, which
-        // the operation keeps alive until the stream passes its host function.
+        // the operation keeps alive until the stream passes its callback.
         unsafe {
             sys::cuMemcpyHtoDAsync_v2(
                 allocation.handle + offset as u64,

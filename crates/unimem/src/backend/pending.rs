@@ -1,6 +1,6 @@
 //! Device operations that finish after the call that started them: a [`Pending`] future on
 //! the caller's side, a [`Signal`] on the driver's side, completed from a driver callback
-//! (an OpenCL event callback, a CUDA host function), never by polling.
+//! (an OpenCL event callback, a CUDA stream callback), never by polling.
 //!
 //! The staging memory that the device reads or writes belongs to the shared state, not to
 //! the future: dropping or leaking a `Pending` leaves the memory alive until the signal
