@@ -792,3 +792,67 @@ fn faults_sticky_errors_lose_the_device_and_complete_pending_copies() {
     let cpu = manager.create_buffer_on(DeviceId::CPU, &data(10), AllocationMode::Pooled).unwrap();
     assert_eq!(cpu.as_slice().unwrap(), &data(10)[..]);
 }
+
+/// The remaining calls on the allocation, copy, fence and free paths: binding the context,
+/// peer copies, managed-memory prefetches, the fence query of a deferred free, destroying a
+/// fence, and the free-memory query.
+#[test]
+fn faults_in_binding_peer_copies_prefetch_fence_query_and_destroy() {
+    let Some((manager, device, _guard)) = faults() else { return };
+    model_faults::fail("cuCtxSetCurrent", 1, INVALID_VALUE);
+    let err = manager.allocate_on::<u8>(device, 4096, AllocationMode::Pooled).unwrap_err();
+    assert!(err.to_string().contains("cuCtxSetCurrent"), "{err}");
+    model_faults::clear();
+
+    // Peer copies, where there is a second device.
+    let devices: Vec<_> = manager.devices().into_iter().filter(|d| d.kind == DeviceKind::Cuda).collect();
+    if let [_, peer, ..] = &devices[..] {
+        let src = manager.create_buffer_on(peer.id, &data(1000), AllocationMode::Pooled).unwrap();
+        let mut dst = manager.allocate_on::<f32>(device, 1000, AllocationMode::Pooled).unwrap();
+        model_faults::fail("cuMemcpyPeerAsync", 1, INVALID_VALUE);
+        let err = dst.copy_from_buffer(&src).unwrap_err();
+        assert!(err.to_string().contains("cuMemcpyPeerAsync"), "{err}");
+        model_faults::clear();
+        dst.copy_from_buffer(&src).unwrap();
+        assert_eq!(dst.as_slice().unwrap(), &data(1000)[..]);
+    }
+
+    // Prefetching managed memory back for the host.
+    let mut unified = manager.allocate_on::<f32>(device, 1000, AllocationMode::Unified).unwrap();
+    unified.cuda_ptr(MapMode::ReadWrite).unwrap();
+    model_faults::fail("cuMemPrefetchAsync_v2", 1, INVALID_VALUE);
+    let err = unified.as_slice().unwrap_err();
+    assert!(err.to_string().contains("cuMemPrefetchAsync"), "{err}");
+    model_faults::clear();
+    assert_eq!(unified.as_slice().unwrap().len(), 1000);
+    drop(unified);
+
+    // A deferred free whose fence cannot be queried is kept, not freed under the stream.
+    let options = unimem::MemoryOptions::default().with_pooling(false);
+    let unpooled = MemoryManager::builder().options(options).build();
+    let stream = unpooled.cuda_device(device).unwrap().stream();
+    let pinned = unpooled.allocate_on::<u8>(device, 4096, AllocationMode::Pinned).unwrap();
+    let gate = StreamGate::close(stream);
+    model_faults::fail("cuEventQuery", 1, INVALID_VALUE);
+    drop(pinned);
+    assert_eq!(unpooled.statistics().pending_free, 4096, "freed with its last use unknown");
+    gate.open();
+    model_faults::clear();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while unpooled.statistics().pending_free > 0 {
+        assert!(Instant::now() < deadline, "the deferred free never happened");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+
+    // Destroying a fence fails: nothing panics, and the pool goes on.
+    drop(manager.allocate_on::<u8>(device, 4096, AllocationMode::Pinned).unwrap());
+    model_faults::fail("cuEventDestroy_v2", 1, INVALID_VALUE);
+    drop(manager.allocate_on::<u8>(device, 4096, AllocationMode::Pinned).unwrap());
+    model_faults::clear();
+
+    // The free-memory query fails: unknown, not a panic.
+    model_faults::fail("cuMemGetInfo_v2", 1, INVALID_VALUE);
+    assert_eq!(manager.free_memory(device).unwrap(), None);
+    model_faults::clear();
+    still_works(&manager, device);
+}

@@ -420,7 +420,9 @@ impl DevicePool {
     /// already has. Once the manager is gone nobody would look again, so the process-wide
     /// reaper thread waits for it instead.
     fn defer_free(&self, block: Box<Block>) {
-        if block.fence.as_ref().is_none_or(|fence| fence.is_complete().unwrap_or(true)) {
+        // A fence that cannot be asked keeps its block: freeing it could free memory a copy
+        // still uses. The manager's drop waits for it (and frees it if even that fails).
+        if block.fence.as_ref().is_none_or(|fence| fence.is_complete().unwrap_or(false)) {
             return drop(block);
         }
         let block = {
@@ -445,10 +447,13 @@ impl DevicePool {
                 return;
             }
             let (done, keep) = std::mem::take(&mut *deferred).into_iter().partition(|block| {
-                block.fence.as_ref().is_none_or(|fence| {
-                    let complete = if wait { fence.wait().map(|()| true) } else { fence.is_complete() };
-                    // A fence that cannot be asked belongs to a broken device: free.
-                    complete.unwrap_or(true)
+                block.fence.as_ref().is_none_or(|fence| match wait {
+                    // A failed wait means a broken device: nothing more runs on it.
+                    true => {
+                        let _ = fence.wait();
+                        true
+                    }
+                    false => fence.is_complete().unwrap_or(false),
                 })
             });
             *deferred = keep;
