@@ -79,18 +79,17 @@ impl Block {
     /// that use has completed; otherwise later, once its fence has completed (deferred, so
     /// that no caller, `Drop` least of all, waits for a device).
     pub(crate) fn retire(mut self: Box<Self>) {
-        let pool = Arc::clone(&self.pool);
-        if pool.backend.free_is_ordered(pool.kind) || self.origin != Origin::Backend {
+        if self.pool.backend.free_is_ordered(self.pool.kind) || self.origin != Origin::Backend {
             return drop(self);
         }
         if self.fence.is_none() {
-            match pool.backend.record_fence() {
-                Ok(raw) => self.fence = Some(Fence::adopt(raw, Arc::clone(&pool.backend))),
+            match self.pool.backend.record_fence() {
+                Ok(raw) => self.fence = Some(Fence::adopt(raw, Arc::clone(&self.pool.backend))),
                 // The device is broken: no fence, and nothing more will run on it.
                 Err(_) => return drop(self),
             }
         }
-        pool.defer_free(self);
+        Arc::clone(&self.pool).defer_free(self);
     }
 }
 
