@@ -856,3 +856,22 @@ fn faults_in_binding_peer_copies_prefetch_fence_query_and_destroy() {
     model_faults::clear();
     still_works(&manager, device);
 }
+
+/// A buffer that outlives its manager, dropped while the stream still runs: `drop` returns
+/// at once and the reaper thread frees the memory after the stream's work.
+#[test]
+fn a_buffer_dropped_after_its_manager_never_waits_for_the_stream() {
+    let Some((manager, device)) = cuda() else { return };
+    let stream = manager.cuda_device(device).unwrap().stream();
+    let buffer = manager.allocate_on::<f32>(device, 1 << 20, AllocationMode::Pinned).unwrap();
+    drop(manager);
+    let gate = StreamGate::close(stream);
+    let (done, dropped) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(buffer);
+        let _ = done.send(());
+    });
+    let returned = dropped.recv_timeout(Duration::from_secs(30));
+    gate.open();
+    assert!(returned.is_ok(), "drop waited for the stream");
+}
