@@ -287,11 +287,7 @@ fn async_copies_complete_from_the_stream_and_survive_drop_and_leak() {
         let mut copy = Box::pin(buffer.copy_to(&mut dst, 0));
         assert!(copy.as_mut().poll(&mut cx).is_pending());
         gate.open();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while wakes.0.load(Ordering::SeqCst) == 0 {
-            assert!(Instant::now() < deadline, "the completion never came");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_for_wake(&wakes);
         assert!(matches!(copy.as_mut().poll(&mut cx), Poll::Ready(Ok(()))));
     }
     assert_eq!(dst, data(n));
@@ -417,11 +413,7 @@ fn callers_stream(manager: &MemoryManager, device: DeviceId) -> Arc<CudaStream> 
 }
 
 fn wait_for_wake(wakes: &Wakes) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while wakes.0.load(Ordering::SeqCst) == 0 {
-        assert!(Instant::now() < deadline, "the completion never came");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_until(|| wakes.0.load(Ordering::SeqCst) > 0, "the completion never came");
 }
 
 #[test]
@@ -522,21 +514,15 @@ fn dropping_unpooled_pinned_and_managed_memory_never_waits_for_the_stream() {
         let mut buffer = manager.allocate_on::<f32>(device, 1 << 20, mode).unwrap();
         buffer.as_mut_slice().unwrap().fill(1.0);
         let gate = StreamGate::close(stream);
-        let (done, dropped) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            drop(buffer);
-            let _ = done.send(());
-        });
-        let returned = dropped.recv_timeout(Duration::from_secs(30));
+        let returned = drops_in_time(buffer);
         let waiting = manager.statistics().pending_free;
         gate.open();
-        assert!(returned.is_ok(), "{mode}: drop waited for the stream");
+        assert!(returned, "{mode}: drop waited for the stream");
         assert_eq!(waiting, 4 << 20, "{mode}: the memory waits to be freed");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while manager.statistics().pending_free > 0 {
-            assert!(Instant::now() < deadline, "{mode}: the deferred free never happened");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_until(
+            || manager.statistics().pending_free == 0,
+            format!("{mode}: the deferred free never happened"),
+        );
         let stats = manager.statistics();
         assert_eq!((stats.total_reserved, stats.active_buffers), (0, 0), "{mode}");
     }
@@ -563,6 +549,19 @@ fn an_unwritten_write_mapping_leaves_the_buffer_as_it_was() {
 
 #[path = "support/model_faults.rs"]
 mod model_faults;
+
+#[path = "support/drop_in_time.rs"]
+mod drop_in_time;
+use drop_in_time::drops_in_time;
+
+/// Waits (up to 60 s) until `done`, else fails with `what`.
+fn wait_until(mut done: impl FnMut() -> bool, what: impl std::fmt::Display) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
 
 /// Fault injection on the model driver: tests named `faults_*` run one at a time in their
 /// own child (see `the_device_tests_pass_on_a_model_driver`), each clearing its faults when
@@ -704,11 +703,7 @@ fn faults_in_stream_waits_never_pool_unordered_memory() {
     model_faults::fail("cuStreamWaitEvent", 1, INVALID_VALUE);
     drop(buffer); // unimem's stream cannot be ordered after the caller's
     model_faults::clear();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while manager.statistics().pending_free > 0 {
-        assert!(Instant::now() < deadline, "the deferred free never happened");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_until(|| manager.statistics().pending_free == 0, "the deferred free never happened");
     let stats = manager.statistics();
     assert_eq!((stats.total_pooled, stats.active_buffers, stats.total_reserved), (0, 0, 0), "{stats:?}");
     still_works(&manager, device);
@@ -747,11 +742,7 @@ fn faults_in_frees_are_counted_never_panicked_on() {
         let errors = unpooled.statistics().free_errors;
         model_faults::fail(call, 1, INVALID_VALUE);
         drop(buffer);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while unpooled.statistics().free_errors == errors {
-            assert!(Instant::now() < deadline, "{call}: the free never ran");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_until(|| unpooled.statistics().free_errors != errors, format!("{call}: the free never ran"));
         model_faults::clear();
     }
     still_works(&manager, device);
@@ -778,11 +769,10 @@ fn faults_sticky_errors_lose_the_device_and_complete_pending_copies() {
     let err = manager.allocate_on::<f32>(device, 1000, AllocationMode::Unpooled).unwrap_err();
     assert!(matches!(err, Error::DeviceLost { .. }), "{err}");
     gate.open();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while wakes.0.load(Ordering::SeqCst) == 0 {
-        assert!(Instant::now() < deadline, "the copy in flight never completed after the sticky error");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_until(
+        || wakes.0.load(Ordering::SeqCst) > 0,
+        "the copy in flight never completed after the sticky error",
+    );
     assert!(matches!(read.as_mut().poll(&mut cx), Poll::Ready(Err(_))));
     drop(read);
     let err = buffer.copy_to_blocking(&mut dst, 0).unwrap_err();
@@ -838,11 +828,7 @@ fn faults_in_binding_peer_copies_prefetch_fence_query_and_destroy() {
     assert_eq!(unpooled.statistics().pending_free, 4096, "freed with its last use unknown");
     gate.open();
     model_faults::clear();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while unpooled.statistics().pending_free > 0 {
-        assert!(Instant::now() < deadline, "the deferred free never happened");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_until(|| unpooled.statistics().pending_free == 0, "the deferred free never happened");
 
     // Destroying a fence fails: nothing panics, and the pool goes on.
     drop(manager.allocate_on::<u8>(device, 4096, AllocationMode::Pinned).unwrap());
@@ -866,12 +852,7 @@ fn a_buffer_dropped_after_its_manager_never_waits_for_the_stream() {
     let buffer = manager.allocate_on::<f32>(device, 1 << 20, AllocationMode::Pinned).unwrap();
     drop(manager);
     let gate = StreamGate::close(stream);
-    let (done, dropped) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        drop(buffer);
-        let _ = done.send(());
-    });
-    let returned = dropped.recv_timeout(Duration::from_secs(30));
+    let returned = drops_in_time(buffer);
     gate.open();
-    assert!(returned.is_ok(), "drop waited for the stream");
+    assert!(returned, "drop waited for the stream");
 }

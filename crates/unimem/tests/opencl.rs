@@ -6,6 +6,8 @@
 mod cl_gate;
 #[path = "support/cl_kernel.rs"]
 mod cl_kernel;
+#[path = "support/drop_in_time.rs"]
+mod drop_in_time;
 
 use std::future::Future;
 use std::pin::pin;
@@ -17,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use cl_gate::Gate;
 use cl_kernel::Kernel;
+use drop_in_time::drops_in_time;
 use unimem::opencl3::command_queue::CommandQueue;
 use unimem::{AllocationMode, DeviceId, DeviceKind, Error, Location, MapMode, MemoryManager};
 
@@ -607,15 +610,9 @@ fn dropping_unpooled_pinned_and_svm_memory_never_waits_for_the_queue() {
         let mut buffer = manager.allocate_on::<f32>(device, 1 << 20, mode).unwrap();
         buffer.as_mut_slice().unwrap().fill(1.0);
         let mut gate = gate(&manager, device);
-        let (done, dropped) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            drop(buffer);
-            let _ = done.send(());
-        });
-        let returned = dropped.recv_timeout(Duration::from_secs(30));
+        let returned = drops_in_time(buffer);
         gate.open();
-        assert!(returned.is_ok(), "{mode}: drop waited for the queue");
-        let _ = dropped.recv();
+        assert!(returned, "{mode}: drop waited for the queue");
     }
     let stats = manager.statistics();
     assert_eq!((stats.active_buffers, stats.total_pooled), (0, 0));

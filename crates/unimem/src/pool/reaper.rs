@@ -3,8 +3,7 @@
 //! any more to free their deferred blocks), and blocks whose last user's stream could not
 //! be ordered before unimem's.
 
-use super::{Block, lock, to_u64};
-use std::sync::Mutex;
+use super::{Block, to_u64};
 use std::sync::atomic::Ordering::Relaxed;
 
 /// Work that waits for a device and then frees memory.
@@ -13,16 +12,16 @@ type ReaperJob = Box<dyn FnOnce() + Send>;
 /// Hands `job` to the process-wide reaper thread. If there is none (it could not be
 /// started), the job is leaked, never run or dropped: what it owns stays allocated.
 fn reap(job: ReaperJob) {
-    static REAPER: std::sync::OnceLock<Option<Mutex<std::sync::mpsc::Sender<ReaperJob>>>> =
+    static REAPER: std::sync::OnceLock<Option<std::sync::mpsc::Sender<ReaperJob>>> =
         std::sync::OnceLock::new();
     let reaper = REAPER.get_or_init(|| {
         let (send, receive) = std::sync::mpsc::channel::<ReaperJob>();
         let thread = std::thread::Builder::new().name("unimem-reaper".into());
-        thread.spawn(move || receive.into_iter().for_each(|job| job())).ok().map(|_| Mutex::new(send))
+        thread.spawn(move || receive.into_iter().for_each(|job| job())).ok().map(|_| send)
     });
     match reaper {
         Some(reaper) => {
-            if let Err(unsent) = lock(reaper).send(job) {
+            if let Err(unsent) = reaper.send(job) {
                 std::mem::forget(unsent.0);
             }
         }
