@@ -5,7 +5,7 @@ mod view;
 pub use view::{BufferView, BufferViewMut, Mapping};
 
 use crate::Element;
-use crate::backend::{Backend, Foreign};
+use crate::backend::{Backend, Fence, Queue, RawAllocation};
 use crate::device::{AllocationMode, DeviceId, Location, MapMode, MemoryKind};
 use crate::error::{Error, Result};
 use crate::host_lines::HostLines;
@@ -63,12 +63,12 @@ pub struct Buffer<T: Element> {
     /// Host-visible device memory (pinned, unified) only: a raw handle was given out, so
     /// device work may use the memory; the next host access waits for it first.
     device_pending: AtomicBool,
-    /// The caller's stream or queue that was last handed the memory (`cuda_ptr_on`,
-    /// `opencl_mem_on`): unimem's queue is ordered after its work before unimem next uses
-    /// the memory, and before the memory goes back to its pool.
-    foreign: Option<Foreign>,
-    /// `foreign` has work that unimem's queue is not yet ordered after.
-    foreign_pending: AtomicBool,
+    /// The last use of the memory by a caller's queue, recorded when its raw-access guard
+    /// dropped: unimem's queue is ordered after it before unimem next uses the memory, and
+    /// before the memory goes back to its pool.
+    last_use: Option<Fence>,
+    /// `last_use` is a fence that unimem's queue is not yet ordered after.
+    last_use_pending: AtomicBool,
     _element: PhantomData<T>,
 }
 
@@ -112,8 +112,8 @@ impl<T: Element> Buffer<T> {
             mirror: OnceLock::new(),
             host_newer: false,
             device_pending: AtomicBool::new(false),
-            foreign: None,
-            foreign_pending: AtomicBool::new(false),
+            last_use: None,
+            last_use_pending: AtomicBool::new(false),
             _element: PhantomData,
         }
     }
@@ -173,17 +173,23 @@ impl<T: Element> Buffer<T> {
     }
 
     /// The backend, for an operation on the memory. Unimem's queue is first ordered after
-    /// the work of the caller's stream or queue that was handed the memory (enqueued, not
-    /// waited for).
+    /// the last use of the memory by a caller's queue (enqueued, not waited for).
     fn ops(&self) -> Result<&dyn Backend> {
         let pool = &self.block.pool;
-        if self.foreign_pending.load(Ordering::Acquire) {
-            if let Some(foreign) = &self.foreign {
-                pool.backend().after_foreign(foreign.handle()).map_err(Error::on(pool.device))?;
+        if self.last_use_pending.load(Ordering::Acquire) {
+            if let (Some(fence), Some(queue)) = (&self.last_use, pool.queue()) {
+                queue.order_after(fence).map_err(Error::on(pool.device))?;
             }
-            self.foreign_pending.store(false, Ordering::Release);
+            self.last_use_pending.store(false, Ordering::Release);
         }
         Ok(pool.backend())
+    }
+
+    /// The device's queue, for an operation that completes asynchronously or orders itself
+    /// (ordered after a caller's last use first, as in `ops`).
+    fn queue(&self) -> Result<Option<&dyn Queue>> {
+        self.ops()?;
+        Ok(self.block.pool.queue())
     }
 
     /// Zeroed host memory for a mirror of this buffer, or out of memory.
@@ -234,164 +240,38 @@ impl<T: Element> Buffer<T> {
         self.host_newer = false;
     }
 
-    /// The raw `cl_mem` of an OpenCL device or pinned buffer, for the caller's kernels, with
-    /// the buffer made ready for `access` on the device: host changes are written to the
-    /// device first (except for [`MapMode::Write`], which promises the kernel overwrites
-    /// every element), and unless `access` is [`MapMode::Read`] the host mirror is dropped,
-    /// so the next host access reads the device's result.
-    ///
-    /// Enqueue the kernel on [`OpenClBackend::queue`](crate::OpenClBackend::queue): unimem
-    /// orders its own transfers and the reuse of pooled memory after it.
-    ///
-    /// # Errors
-    /// [`Error::UnsupportedMode`] for buffers that are not OpenCL `cl_mem` buffers (CPU
-    /// memory, or SVM, whose host pointer is also its device pointer); transfer errors.
-    #[cfg(feature = "opencl")]
-    pub fn opencl_mem(&mut self, access: MapMode) -> Result<opencl3::types::cl_mem> {
-        self.check_opencl(false)?;
-        self.prepare_device_access(access)?;
-        Ok(self.block.mem.handle as usize as opencl3::types::cl_mem)
+    /// The memory, for the backend's own interop code.
+    pub(crate) fn raw(&self) -> &RawAllocation {
+        &self.block.mem
     }
 
-    /// As [`opencl_mem`](Self::opencl_mem), for kernels enqueued on `queue`, a queue of the
-    /// caller's on the buffer's context, instead of unimem's. `queue` is ordered after
-    /// unimem's work on the buffer so far (a marker and a barrier: nothing waits), and
-    /// unimem's next use of the buffer (a transfer, host access, or the pool's next user
-    /// once the buffer is dropped) is ordered after the work enqueued on `queue` until
-    /// then. The queue is retained until that ordering is in place.
-    ///
-    /// Call it before each batch of kernels on `queue`: work enqueued there after unimem's
-    /// next use of the buffer is not ordered.
-    ///
-    /// # Errors
-    /// As for [`opencl_mem`](Self::opencl_mem), and [`Error::ForeignQueue`] if `queue`
-    /// belongs to another context; the buffer is unchanged then.
-    #[cfg(feature = "opencl")]
-    pub fn opencl_mem_on(
-        &mut self,
-        queue: &opencl3::command_queue::CommandQueue,
-        access: MapMode,
-    ) -> Result<opencl3::types::cl_mem> {
-        let foreign = self.check_opencl(false)?.retain_foreign(queue);
-        self.hand_to(foreign.map(Foreign::OpenCl), access)?;
-        Ok(self.block.mem.handle as usize as opencl3::types::cl_mem)
+    /// The backend that owns the memory, for its own interop code.
+    pub(crate) fn backend(&self) -> &dyn Backend {
+        self.block.pool.backend()
     }
 
-    /// The OpenCL backend of a `cl_mem` buffer (`svm: false`) or an SVM one (`svm: true`).
-    #[cfg(feature = "opencl")]
-    fn check_opencl(&self, svm: bool) -> Result<&crate::OpenClBackend> {
-        let pool = &self.block.pool;
-        match pool.backend().opencl() {
-            Some(cl) if (pool.kind == MemoryKind::Unified) == svm => Ok(cl),
-            Some(_) => Err(Error::UnsupportedMode { device: pool.device, mode: self.mode }),
-            None => Err(self.wrong_backend(crate::DeviceKind::OpenCl)),
-        }
-    }
-
-    /// The error for a call of the `expected` backend on this buffer of another one.
-    fn wrong_backend(&self, expected: crate::DeviceKind) -> Error {
-        let pool = &self.block.pool;
+    /// The error for a raw-access call of the `expected` backend on this buffer of another.
+    pub(crate) fn wrong_backend(&self, expected: crate::DeviceKind) -> Error {
         Error::WrongBackend {
-            device: pool.device,
+            device: self.device(),
             expected,
-            found: pool.backend().info().kind,
+            found: self.backend().info().kind,
             mode: self.mode,
         }
     }
 
-    /// The shared-virtual-memory pointer of an OpenCL `Unified` buffer, for the caller's
-    /// kernels (`clSetKernelArgSVMPointer`). Coarse-grained SVM is unmapped for the device
-    /// until the next host access, which maps it back after the kernels queued before it.
-    ///
-    /// Enqueue the kernel on [`OpenClBackend::queue`](crate::OpenClBackend::queue).
-    ///
-    /// # Errors
-    /// [`Error::UnsupportedMode`] for buffers that are not OpenCL SVM.
-    #[cfg(feature = "opencl")]
-    pub fn opencl_svm(&mut self, access: MapMode) -> Result<*mut std::ffi::c_void> {
-        self.check_opencl(true)?;
-        self.prepare_device_access(access)?;
-        Ok(self.block.mem.handle as usize as *mut std::ffi::c_void)
+    /// The error for a raw-access call of the right backend but another kind of memory.
+    #[allow(dead_code, reason = "for backends whose raw access depends on the kind of memory")]
+    pub(crate) fn unsupported_mode(&self) -> Error {
+        Error::UnsupportedMode { device: self.device(), mode: self.mode }
     }
 
-    /// As [`opencl_svm`](Self::opencl_svm), for kernels enqueued on `queue`, a queue of the
-    /// caller's on the buffer's context, ordered as for [`opencl_mem_on`](Self::opencl_mem_on).
-    ///
-    /// # Errors
-    /// As for [`opencl_svm`](Self::opencl_svm), and [`Error::ForeignQueue`] if `queue`
-    /// belongs to another context; the buffer is unchanged then.
-    #[cfg(feature = "opencl")]
-    pub fn opencl_svm_on(
-        &mut self,
-        queue: &opencl3::command_queue::CommandQueue,
-        access: MapMode,
-    ) -> Result<*mut std::ffi::c_void> {
-        let foreign = self.check_opencl(true)?.retain_foreign(queue);
-        self.hand_to(foreign.map(Foreign::OpenCl), access)?;
-        Ok(self.block.mem.handle as usize as *mut std::ffi::c_void)
-    }
-
-    /// The device pointer of a CUDA buffer (device, pinned or managed memory), for the
-    /// caller's kernels, with the buffer made ready for `access` on the device as for
-    /// [`opencl_mem`](Self::opencl_mem); managed memory is prefetched to the device.
-    ///
-    /// Launch on [`CudaBackend::stream`](crate::CudaBackend::stream): unimem orders its own
-    /// transfers and the reuse of pooled memory after it, and the next host access to
-    /// pinned or managed memory waits for the stream.
-    ///
-    /// # Errors
-    /// [`Error::UnsupportedMode`] for buffers that are not CUDA memory; transfer errors.
-    #[cfg(feature = "cuda")]
-    pub fn cuda_ptr(&mut self, access: MapMode) -> Result<cudarc::driver::sys::CUdeviceptr> {
-        self.check_cuda()?;
-        self.prepare_device_access(access)?;
-        Ok(self.block.mem.handle)
-    }
-
-    /// As [`cuda_ptr`](Self::cuda_ptr), for kernels launched on `stream`, a stream of the
-    /// caller's on the buffer's device (its primary context, as `CudaContext::new` gives),
-    /// instead of unimem's. `stream` is ordered after unimem's work on the buffer so far
-    /// (an event and `cuStreamWaitEvent`: nothing waits), and unimem's next use of the
-    /// buffer (a transfer, host access, or the pool's next user once the buffer is dropped)
-    /// is ordered after the work launched on `stream` until then. Pooled reuse across
-    /// streams is thus ordered on the device, never by synchronising it. The stream is kept
-    /// alive until that ordering is in place.
-    ///
-    /// Call it before each batch of kernels on `stream`: work launched there after unimem's
-    /// next use of the buffer is not ordered.
-    ///
-    /// # Errors
-    /// As for [`cuda_ptr`](Self::cuda_ptr), and [`Error::ForeignQueue`] if `stream` belongs
-    /// to another context; the buffer is unchanged then.
-    #[cfg(feature = "cuda")]
-    pub fn cuda_ptr_on(
-        &mut self,
-        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
-        access: MapMode,
-    ) -> Result<cudarc::driver::sys::CUdeviceptr> {
-        let owned = self.check_cuda()?.owns_stream(stream);
-        self.hand_to(owned.then(|| Foreign::Cuda(std::sync::Arc::clone(stream))), access)?;
-        Ok(self.block.mem.handle)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn check_cuda(&self) -> Result<&crate::CudaBackend> {
-        let pool = &self.block.pool;
-        pool.backend().cuda().ok_or_else(|| self.wrong_backend(crate::DeviceKind::Cuda))
-    }
-
-    /// Makes the buffer ready for a caller's kernels on `foreign` (`None`: a stream or queue
-    /// of another context) as `prepare_device_access` does, then orders `foreign` after
-    /// unimem's work so far, and records it so that unimem's next use waits for it.
-    fn hand_to(&mut self, foreign: Option<Foreign>, access: MapMode) -> Result<()> {
-        let device = self.device();
-        let foreign = foreign.ok_or(Error::ForeignQueue { device })?;
-        self.prepare_device_access(access)?;
-        let pool = &self.block.pool;
-        pool.backend().foreign_after_ours(foreign.handle()).map_err(Error::on(device))?;
-        self.foreign = Some(foreign);
-        *self.foreign_pending.get_mut() = true;
-        Ok(())
+    /// Records `fence`, after a caller's queue's last use of the memory (its raw-access guard
+    /// dropped): unimem's next use of the memory, and the pool's next user of it once the
+    /// buffer is dropped, are ordered after it.
+    pub(crate) fn record_last_use(&mut self, fence: Fence) {
+        self.last_use = Some(fence);
+        *self.last_use_pending.get_mut() = true;
     }
 
     pub(crate) fn manager_id(&self) -> u64 {
@@ -409,7 +289,9 @@ impl<T: Element> Buffer<T> {
             .ok_or(Error::NotHostAddressable { device: self.device() })?;
         if self.device_pending.load(Ordering::Acquire) {
             let pool = &self.block.pool;
-            self.ops()?.before_host_access(&self.block.mem, pool.kind).map_err(Error::on(pool.device))?;
+            if let Some(queue) = self.queue()? {
+                queue.before_host_access(&self.block.mem, pool.kind).map_err(Error::on(pool.device))?;
+            }
             self.device_pending.store(false, Ordering::Release);
         }
         Ok(host)
@@ -420,10 +302,10 @@ impl<T: Element> Buffer<T> {
     /// promises the kernel overwrites every element), and unless `access` is
     /// [`MapMode::Read`] the host mirror is dropped, so the next host access reads the
     /// device's result. Host-visible memory is waited for before the next host access.
-    fn prepare_device_access(&mut self, access: MapMode) -> Result<()> {
+    pub(crate) fn prepare_device_access(&mut self, access: MapMode) -> Result<()> {
         self.ops()?;
-        // Unimem's queue is now ordered after the stream the memory was last handed to.
-        self.foreign = None;
+        // Unimem's queue is now ordered after the caller's last use.
+        self.last_use = None;
         if self.is_device_only() {
             match access {
                 MapMode::Read => self.flush()?,
@@ -436,7 +318,9 @@ impl<T: Element> Buffer<T> {
             return Ok(());
         }
         let pool = &self.block.pool;
-        pool.backend().before_device_access(&self.block.mem, pool.kind).map_err(Error::on(pool.device))?;
+        if let Some(queue) = pool.queue() {
+            queue.before_device_access(&self.block.mem, pool.kind).map_err(Error::on(pool.device))?;
+        }
         *self.device_pending.get_mut() = true;
         Ok(())
     }
@@ -485,11 +369,11 @@ impl<T: Element> Buffer<T> {
         if src.is_empty() || !self.is_device_only() || self.host_newer {
             return self.copy_from_blocking(src, offset);
         }
-        let pool = &self.block.pool;
-        let device = pool.device;
+        let device = self.device();
+        let Some(queue) = self.queue()? else { return self.copy_from_blocking(src, offset) };
         // SAFETY: device memory of this pool's backend; `check_range` bounds the range.
         let pending = unsafe {
-            self.ops()?.write_async(&self.block.mem, offset * size_of::<T>(), bytemuck::cast_slice(src))
+            queue.write_async(&self.block.mem, offset * size_of::<T>(), bytemuck::cast_slice(src))
         }
         .map_err(Error::on(device))?;
         self.write_mirror(src, offset);
@@ -531,11 +415,11 @@ impl<T: Element> Buffer<T> {
         if dst.is_empty() || !self.is_device_only() || self.mirror.get().is_some() {
             return self.copy_to_blocking(dst, offset);
         }
-        let pool = &self.block.pool;
-        let device = pool.device;
+        let device = self.device();
         let bytes = size_of_val(dst);
+        let Some(queue) = self.queue()? else { return self.copy_to_blocking(dst, offset) };
         // SAFETY: device memory of this pool's backend; `check_range` bounds the range.
-        let pending = unsafe { self.ops()?.read_async(&self.block.mem, offset * size_of::<T>(), bytes) }
+        let pending = unsafe { queue.read_async(&self.block.mem, offset * size_of::<T>(), bytes) }
             .map_err(Error::on(device))?;
         let staged = pending.await.map_err(Error::on(device))?;
         bytemuck::cast_slice_mut::<T, u8>(dst).copy_from_slice(staged.bytes(bytes));
@@ -594,12 +478,16 @@ impl<T: Element> Buffer<T> {
         }
         if !same_device && src.is_device_only() && self.is_device_only() && !src.host_newer {
             // Peer-to-peer, where the devices have a direct path.
-            let pool = &self.block.pool;
+            let device = self.device();
+            let source = src.ops()?;
             // SAFETY: device allocations of their own backends, both `size_in_bytes` long.
-            let copied = unsafe {
-                self.ops()?.copy_from_peer(src.ops()?, &src.block.mem, &self.block.mem, self.size_in_bytes())
+            let copied = match self.queue()? {
+                Some(queue) => unsafe {
+                    queue.copy_from_peer(source, &src.block.mem, &self.block.mem, self.size_in_bytes())
+                },
+                None => Ok(false),
             }
-            .map_err(Error::on(pool.device))?;
+            .map_err(Error::on(device))?;
             if copied {
                 self.invalidate_mirror();
                 return Ok(());
@@ -672,19 +560,19 @@ impl<T: Element> Drop for Buffer<T> {
     fn drop(&mut self) {
         // Enqueued, not waited for: the block's fence (or the stream order) then keeps its
         // next user after the caller's streams.
-        let unordered = *self.foreign_pending.get_mut() && self.ops().is_err();
+        let unordered = *self.last_use_pending.get_mut() && self.ops().is_err();
         if *self.device_pending.get_mut() {
             let pool = &self.block.pool;
             // An error leaves the memory with the device; freeing it still works.
-            let _ = pool.backend().return_to_host(&self.block.mem, pool.kind);
+            let _ = pool.queue().map(|queue| queue.return_to_host(&self.block.mem, pool.kind));
         }
         // SAFETY: `drop` runs once and `block` is not used after it is taken.
         let block = unsafe { ManuallyDrop::take(&mut self.block) };
-        match self.foreign.take().filter(|_| unordered) {
-            // Unimem's queue could not be ordered after the caller's stream, whose work may
-            // still use the memory: not pooled, and freed once that stream has drained
-            // (waited for on the reaper thread, not here).
-            Some(foreign) => block.give_up_after(self.size_in_bytes(), move |_| foreign.synchronize()),
+        match self.last_use.take().filter(|_| unordered) {
+            // Unimem's queue could not be ordered after the caller's last use, which may
+            // still run: not pooled, and freed once that use has completed (waited for on
+            // the reaper thread, not here).
+            Some(fence) => block.give_up_after(self.size_in_bytes(), move |_| drop(fence.wait())),
             None => block.recycle(self.size_in_bytes()),
         }
     }

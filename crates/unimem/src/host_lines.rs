@@ -3,7 +3,6 @@
 
 use crate::backend::BackendError;
 use std::ptr::NonNull;
-#[cfg(feature = "cuda")]
 use std::sync::Arc;
 
 /// 64 bytes, 64-aligned.
@@ -25,7 +24,7 @@ impl HostLines {
     }
 
     /// A copy of `src`.
-    #[cfg(any(test, feature = "opencl"))]
+    #[allow(dead_code, reason = "for the device backends that stage through the heap")]
     pub(crate) fn copy_of(src: &[u8]) -> Result<Self, BackendError> {
         let mut lines = Self::zeroed(src.len())?;
         lines.bytes_mut(src.len()).copy_from_slice(src);
@@ -46,15 +45,17 @@ impl HostLines {
 /// Where staging memory that did not come from the heap goes back to (a backend's cache of
 /// page-locked chunks). `take_back` may run on a driver thread, where driver calls are not
 /// allowed: it only records the chunk.
-#[cfg(feature = "cuda")]
+#[allow(dead_code, reason = "for the device backends that cache staging memory")]
 pub(crate) trait StagingHome: Send + Sync {
     fn take_back(&self, start: NonNull<u8>, bytes: usize);
 }
 
 enum Owner {
     /// A `Box<[Line]>` of this many lines.
+    #[allow(dead_code, reason = "made by the device backends that stage through the heap")]
     Heap(usize),
-    #[cfg(feature = "cuda")]
+    /// Memory of a backend's staging cache, which takes it back.
+    #[allow(dead_code, reason = "made by the device backends that cache staging memory")]
     Home(Arc<dyn StagingHome>),
 }
 
@@ -76,6 +77,7 @@ unsafe impl Sync for Staging {}
 
 impl Staging {
     /// Heap memory.
+    #[allow(dead_code, reason = "for the device backends that stage through the heap")]
     pub(crate) fn new(lines: HostLines) -> Self {
         let count = lines.0.len();
         let bytes = count * 64;
@@ -83,11 +85,11 @@ impl Staging {
         Staging { start, bytes, owner: Owner::Heap(count) }
     }
 
-    #[cfg(feature = "cuda")]
     /// `bytes` at `start`, owned by `home` (which gets them back on drop).
     ///
     /// # Safety
     /// `start..start + bytes` is host memory that nobody else uses until `home` takes it back.
+    #[allow(dead_code, reason = "for the device backends that cache staging memory")]
     pub(crate) unsafe fn from_home(start: NonNull<u8>, bytes: usize, home: Arc<dyn StagingHome>) -> Self {
         Staging { start, bytes, owner: Owner::Home(home) }
     }
@@ -124,7 +126,6 @@ impl Drop for Staging {
                 // operation (or one that never started), so no device uses the memory.
                 drop(unsafe { Box::from_raw(slice) });
             }
-            #[cfg(feature = "cuda")]
             Owner::Home(home) => home.take_back(self.start, self.bytes),
         }
     }

@@ -40,9 +40,10 @@ mod stats;
 
 pub use backend::BackendError;
 #[cfg(feature = "cuda")]
-pub use backend::cuda::CudaBackend;
+pub use backend::cuda::{CudaAccess, CudaBackend};
 #[cfg(feature = "opencl")]
-pub use backend::opencl::OpenClBackend;
+pub use backend::opencl::{OpenClBackend, OpenClMem, OpenClSvm};
+pub use bytemuck;
 pub use buffer::{Buffer, BufferView, BufferViewMut, Mapping};
 #[cfg(feature = "cuda")]
 pub use cudarc;

@@ -4,7 +4,7 @@ use crate::Element;
 use crate::backend::cpu::{ALIGN, CpuBackend};
 use crate::backend::{Backend, RawAllocation};
 use crate::buffer::Buffer;
-use crate::device::{AllocationMode, DeviceId, DeviceInfo, MemoryKind};
+use crate::device::{AllocationMode, DeviceId, DeviceInfo, DeviceKind, MemoryKind};
 use crate::error::{Error, Result};
 use crate::options::MemoryOptions;
 use crate::pool::{AcquireError, Block, DevicePool, PoolLimits};
@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// One device and its pools, one per memory kind it supports.
 struct Device {
     info: DeviceInfo,
+    backend: Arc<dyn Backend>,
     pools: [Option<Arc<DevicePool>>; 3],
 }
 
@@ -64,6 +65,8 @@ pub struct MemoryManager {
 #[derive(Debug, Default)]
 pub struct MemoryManagerBuilder {
     options: MemoryOptions,
+    /// The accelerator backends to open; `None`: every one compiled in.
+    backends: Option<Vec<DeviceKind>>,
 }
 
 /// A buffer handed to [`MemoryManager::return_to_pool`] that could not be taken back; the
@@ -85,15 +88,27 @@ impl MemoryManagerBuilder {
         self
     }
 
-    /// Builds the manager: the CPU device, then every accelerator its backends find. A
-    /// backend that finds no device (no driver, no hardware) adds none; building never fails.
+    /// Opens only the backends of these kinds (the CPU is always device 0, whether listed
+    /// or not): `backends([DeviceKind::Cpu])` makes a manager of the CPU alone, and
+    /// `backends([DeviceKind::OpenCl])` one of the CPU and the OpenCL devices. By default
+    /// every backend compiled in is opened. A kind whose backend is not compiled in (its
+    /// cargo feature is off) adds no devices and a line to
+    /// [`MemoryManager::backend_notes`].
+    pub fn backends(mut self, kinds: impl IntoIterator<Item = DeviceKind>) -> Self {
+        self.backends = Some(kinds.into_iter().collect());
+        self
+    }
+
+    /// Builds the manager: the CPU device, then every accelerator the chosen backends find.
+    /// A backend that finds no device (no driver, no hardware) adds none, and says why in
+    /// [`MemoryManager::backend_notes`]; building never fails.
     pub fn build(self) -> MemoryManager {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let options = self.options;
         let cpu: Arc<dyn Backend> = Arc::new(CpuBackend::new(options.huge_pages()));
         let mut devices = vec![make_device(id, DeviceId::CPU, cpu, &options)];
-        let (accelerators, mut notes) = crate::backend::accelerators();
+        let (accelerators, mut notes) = crate::backend::accelerators(self.backends.as_deref());
         if options.p2p() {
             crate::backend::enable_peer_access(&accelerators, &mut notes);
         }
@@ -120,7 +135,7 @@ fn make_device(manager_id: u64, id: DeviceId, backend: Arc<dyn Backend>, options
             Arc::new(DevicePool::new(manager_id, id, kind, Arc::clone(&backend), divisions, limits))
         })
     });
-    Device { info, pools }
+    Device { info, backend, pools }
 }
 
 /// `len` elements of `T` in bytes, or why that is impossible.
@@ -153,7 +168,9 @@ impl Default for MemoryManager {
 }
 
 impl MemoryManager {
-    /// A manager of the CPU alone, with default options.
+    /// A manager with default options, of the CPU (device 0) and every device that the
+    /// backends compiled in (cargo features `opencl`, `cuda`) find; see
+    /// [`MemoryManagerBuilder::backends`] to choose.
     pub fn new() -> Self {
         MemoryManagerBuilder::default().build()
     }
@@ -179,55 +196,47 @@ impl MemoryManager {
         &self.inner.notes
     }
 
-    /// The OpenCL handles of device `id` (context, device, queue), for running kernels on
-    /// unimem memory.
+    /// The devices of one kind, in [`DeviceId`] order.
     ///
-    /// # Errors
-    /// [`Error::UnknownDevice`] when `id` is not a device of this manager,
-    /// [`Error::WrongDeviceKind`] when it is not an OpenCL device.
-    #[cfg(feature = "opencl")]
-    pub fn opencl_device(&self, id: DeviceId) -> Result<&crate::OpenClBackend> {
-        let device = self.device(id)?;
-        device.pools.iter().flatten().find_map(|pool| pool.backend().opencl()).ok_or(Error::WrongDeviceKind {
-            device: id,
-            expected: crate::DeviceKind::OpenCl,
-            found: device.info.kind,
-        })
+    /// ```
+    /// # use unimem::{DeviceKind, MemoryManager};
+    /// let manager = MemoryManager::new();
+    /// assert_eq!(manager.devices_of(DeviceKind::Cpu).len(), 1);
+    /// for gpu in manager.devices_of(DeviceKind::Cuda) {
+    ///     println!("{}: {} bytes", gpu.name, gpu.total_memory);
+    /// }
+    /// ```
+    pub fn devices_of(&self, kind: DeviceKind) -> Vec<DeviceInfo> {
+        self.inner.devices.iter().filter(|d| d.info.kind == kind).map(|d| d.info.clone()).collect()
     }
 
-    /// The CUDA handles of device `id` (context, stream, device), for launching kernels on
-    /// unimem memory and for peer access.
-    ///
-    /// # Errors
-    /// [`Error::UnknownDevice`] when `id` is not a device of this manager,
-    /// [`Error::WrongDeviceKind`] when it is not a CUDA device.
-    #[cfg(feature = "cuda")]
-    pub fn cuda_device(&self, id: DeviceId) -> Result<&crate::CudaBackend> {
-        let device = self.device(id)?;
-        device.pools.iter().flatten().find_map(|pool| pool.backend().cuda()).ok_or(Error::WrongDeviceKind {
-            device: id,
-            expected: crate::DeviceKind::Cuda,
-            found: device.info.kind,
-        })
+    /// The accelerator with the most memory (the first such, on a tie), else the CPU.
+    pub fn best_device(&self) -> DeviceInfo {
+        let devices = &self.inner.devices;
+        devices
+            .iter()
+            .skip(1)
+            .rev()
+            .max_by_key(|d| d.info.total_memory)
+            .unwrap_or(&devices[0])
+            .info
+            .clone()
+    }
+
+    /// The backend of device `id`, for the backends' interop code.
+    pub(crate) fn backend_of(&self, id: DeviceId) -> Result<&dyn Backend> {
+        Ok(&*self.device(id)?.backend)
     }
 
     /// `matrix[i][j]`: device `i` reads and writes device `j`'s memory directly (peer access,
     /// enabled when the options' `enable_p2p` is on). Indices are [`DeviceId`] indices; a
     /// device is not its own peer.
     pub fn peer_access_matrix(&self) -> Vec<Vec<bool>> {
-        let backends: Vec<_> =
-            self.inner.devices.iter().map(|d| d.pools.iter().flatten().next().map(|p| p.backend())).collect();
-        backends
+        let devices = &self.inner.devices;
+        let p2p = self.inner.options.p2p();
+        devices
             .iter()
-            .map(|a| {
-                backends
-                    .iter()
-                    .map(|b| match (a, b) {
-                        (Some(a), Some(b)) => self.inner.options.p2p() && crate::backend::peers(*a, *b),
-                        _ => false,
-                    })
-                    .collect()
-            })
+            .map(|a| devices.iter().map(|b| p2p && a.backend.peer_access(&*b.backend)).collect())
             .collect()
     }
 
@@ -406,7 +415,7 @@ impl MemoryManager {
     /// [`Error::UnknownDevice`].
     pub fn free_memory(&self, device: DeviceId) -> Result<Option<u64>> {
         let device = self.device(device)?;
-        Ok(device.pools.iter().flatten().next().and_then(|pool| pool.backend().free_now()))
+        Ok(device.backend.free_now())
     }
 
     fn trim_device(&self, device: DeviceId) {

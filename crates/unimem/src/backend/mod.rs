@@ -15,45 +15,11 @@ pub(crate) mod cuda;
 pub(crate) mod opencl;
 pub(crate) mod pending;
 
-use crate::device::{DeviceInfo, MemoryKind};
-use crate::host_lines::HostLines;
+use crate::device::{DeviceInfo, DeviceKind, MemoryKind};
 use pending::Pending;
+use std::any::Any;
 use std::ptr::NonNull;
 use std::sync::Arc;
-
-/// A caller's stream or queue that was handed a buffer's memory, kept alive (shared or
-/// retained) for as long as the buffer may have to order unimem's work after it.
-pub(crate) enum Foreign {
-    /// A CUDA stream of the buffer's context.
-    #[cfg(feature = "cuda")]
-    Cuda(Arc<cudarc::driver::CudaStream>),
-    /// An OpenCL queue of the buffer's context.
-    #[cfg(feature = "opencl")]
-    OpenCl(opencl::RetainedQueue),
-}
-
-impl Foreign {
-    /// Blocks until the work enqueued so far on the stream or queue has finished (on the
-    /// reaper thread, never in `Drop`). Errors mean the stream is broken: nothing more runs.
-    pub(crate) fn synchronize(&self) {
-        match *self {
-            #[cfg(feature = "cuda")]
-            Foreign::Cuda(ref stream) => drop(stream.synchronize()),
-            #[cfg(feature = "opencl")]
-            Foreign::OpenCl(ref queue) => drop(opencl3::command_queue::finish(queue.handle() as usize as _)),
-        }
-    }
-
-    /// The raw stream or queue, as the backend's `*_foreign` calls take it.
-    pub(crate) fn handle(&self) -> u64 {
-        match *self {
-            #[cfg(feature = "cuda")]
-            Foreign::Cuda(ref stream) => stream.cu_stream() as u64,
-            #[cfg(feature = "opencl")]
-            Foreign::OpenCl(ref queue) => queue.handle(),
-        }
-    }
-}
 
 /// What one device backend's discovery found: a backend per usable device, and a line
 /// saying why there are none, or why some device could not be used.
@@ -86,45 +52,47 @@ fn add<B: Backend>(
     discovery: &Discovery<B>,
     found: &mut Vec<Arc<dyn Backend>>,
     notes: &mut Vec<String>,
-) {
+) -> bool {
     found.extend(discovery.backends.iter().map(|b| Arc::clone(b) as Arc<dyn Backend>));
     notes.extend(discovery.note.as_ref().map(|note| format!("{label}: {note}")));
+    true
 }
 
-/// The accelerator backends compiled in, with every device they found on this machine, and
-/// for each backend that found none (or had trouble) a line saying why.
-pub(crate) fn accelerators() -> (Vec<Arc<dyn Backend>>, Vec<String>) {
+/// The accelerator backends compiled in (of the kinds in `only`, where given), with every
+/// device they found on this machine, and for each backend that found none (or had trouble,
+/// or was asked for and is not compiled in) a line saying why.
+pub(crate) fn accelerators(only: Option<&[DeviceKind]>) -> (Vec<Arc<dyn Backend>>, Vec<String>) {
+    let wanted = |kind| only.is_none_or(|kinds| kinds.contains(&kind));
     #[allow(unused_mut, reason = "filled only when a device backend is compiled in")]
     let (mut found, mut notes): (Vec<Arc<dyn Backend>>, Vec<String>) = (Vec::new(), Vec::new());
-    #[cfg(feature = "cuda")]
-    add("CUDA", cuda::discover(), &mut found, &mut notes);
-    #[cfg(feature = "opencl")]
-    add("OpenCL", opencl::discover(), &mut found, &mut notes);
+    for (kind, feature) in [(DeviceKind::Cuda, "cuda"), (DeviceKind::OpenCl, "opencl")] {
+        if !wanted(kind) {
+            continue;
+        }
+        let compiled = match kind {
+            #[cfg(feature = "cuda")]
+            DeviceKind::Cuda => add("CUDA", cuda::discover(), &mut found, &mut notes),
+            #[cfg(feature = "opencl")]
+            DeviceKind::OpenCl => add("OpenCL", opencl::discover(), &mut found, &mut notes),
+            _ => false,
+        };
+        if !compiled && only.is_some() {
+            notes.push(format!("{}: not compiled in (cargo feature `{feature}`)", kind.name()));
+        }
+    }
     (found, notes)
 }
 
 /// Enables direct access between every pair of devices that offers it (`enable_p2p`), and
 /// notes the pairs that failed.
-pub(crate) fn enable_peer_access(_backends: &[Arc<dyn Backend>], _notes: &mut Vec<String>) {
-    #[cfg(feature = "cuda")]
-    for a in _backends.iter().filter_map(|b| b.cuda()) {
-        for b in _backends.iter().filter_map(|b| b.cuda()) {
-            if a.can_access_peer(b) {
-                if let Err(e) = a.enable_peer_access(b) {
-                    _notes.push(format!("CUDA: peer access {} -> {}: {e}", a.ordinal(), b.ordinal()));
-                }
+pub(crate) fn enable_peer_access(backends: &[Arc<dyn Backend>], notes: &mut Vec<String>) {
+    for a in backends.iter() {
+        for b in backends.iter().filter(|b| a.peer_access(b.as_ref())) {
+            if let Some(Err(e)) = a.work_queue().map(|q| q.enable_peer_access(b.as_ref())) {
+                notes.push(format!("peer access {} -> {}: {e}", a.info().name, b.info().name));
             }
         }
     }
-}
-
-/// Whether `a` accesses `b`'s memory directly.
-pub(crate) fn peers(_a: &dyn Backend, _b: &dyn Backend) -> bool {
-    #[cfg(feature = "cuda")]
-    if let (Some(a), Some(b)) = (_a.cuda(), _b.cuda()) {
-        return a.can_access_peer(b);
-    }
-    false
 }
 
 /// What a backend may report.
@@ -190,47 +158,50 @@ unsafe impl Send for RawAllocation {}
 // SAFETY: shared references to a RawAllocation only read its plain fields.
 unsafe impl Sync for RawAllocation {}
 
-/// A point in a device's queue of work, owned: completion means every operation recorded
-/// before it has finished with the memory it used. Dropping the fence releases the driver's
-/// handle; nothing else can, so every fence is released exactly once on every path.
-pub(crate) struct Fence {
-    raw: u64,
-    backend: Arc<dyn Backend>,
+/// A fence of one backend: a point in a device queue's work. It owns the driver's handle and
+/// releases it when dropped, so every fence is released exactly once on every path.
+pub(crate) trait DeviceFence: Any + Send + Sync {
+    /// Blocks until the fence has completed.
+    fn wait(&self) -> Result<(), BackendError>;
+
+    /// Whether the fence has completed, without waiting.
+    fn is_complete(&self) -> Result<bool, BackendError>;
 }
 
+/// A point in a device's queue of work, owned: completion means every operation enqueued
+/// before it has finished with the memory it used.
+pub(crate) struct Fence(Box<dyn DeviceFence>);
+
 impl Fence {
-    /// Takes ownership of `raw`, a fence handle that `backend` made.
-    pub(crate) fn adopt(raw: u64, backend: Arc<dyn Backend>) -> Self {
-        Fence { raw, backend }
+    pub(crate) fn new(fence: impl DeviceFence) -> Self {
+        Fence(Box::new(fence))
     }
 
     /// Blocks until the fence has completed.
     pub(crate) fn wait(&self) -> Result<(), BackendError> {
-        self.backend.wait(self.raw)
+        self.0.wait()
     }
 
     /// Whether the fence has completed, without waiting.
     pub(crate) fn is_complete(&self) -> Result<bool, BackendError> {
-        self.backend.query(self.raw)
+        self.0.is_complete()
     }
-}
 
-impl Drop for Fence {
-    fn drop(&mut self) {
-        // SAFETY: `raw` came from this backend and is owned by this fence alone, which is
-        // dropped once.
-        unsafe { self.backend.release_fence(self.raw) };
+    /// The backend's own fence type, for the backend that made it.
+    pub(crate) fn downcast_ref<F: DeviceFence>(&self) -> Option<&F> {
+        (self.0.as_ref() as &dyn Any).downcast_ref()
     }
 }
 
 impl std::fmt::Debug for Fence {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Fence({:#x})", self.raw)
+        f.write_str("Fence")
     }
 }
 
-/// A device API.
-pub(crate) trait Backend: Send + Sync + 'static {
+/// A device API: what every backend does. Backends with a queue of work (accelerators) add
+/// [`Queue`] for completion and ordering.
+pub(crate) trait Backend: Any + Send + Sync {
     /// The device this backend drives.
     fn info(&self) -> DeviceInfo;
 
@@ -239,6 +210,13 @@ pub(crate) trait Backend: Send + Sync + 'static {
 
     /// Allocates `bytes` (at least 1) of `kind` memory, aligned to at least 64 bytes. The
     /// contents are initialised (zeroed or left from earlier use by unimem), never undefined.
+    ///
+    /// # Errors
+    /// The error contract every backend keeps: [`BackendError::TooLarge`] when the request
+    /// never fits (no trim, no retry), [`BackendError::OutOfMemory`] or
+    /// [`BackendError::LockLimit`] when it does not fit now (the pool trims and retries),
+    /// [`BackendError::DeviceLost`] when the device is gone, and [`BackendError::Driver`]
+    /// with the driver's code otherwise.
     fn allocate(&self, bytes: usize, kind: MemoryKind) -> Result<RawAllocation, BackendError>;
 
     /// Frees an allocation, without waiting for the device.
@@ -249,101 +227,6 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// the backend orders the free after that work; otherwise the device's last use of it
     /// has completed (or could not be fenced because the device is broken).
     unsafe fn free(&self, allocation: &RawAllocation, kind: MemoryKind) -> Result<(), BackendError>;
-
-    /// Blocks until the fence `raw` has completed; it stays owned by its [`Fence`].
-    fn wait(&self, _raw: u64) -> Result<(), BackendError> {
-        Ok(())
-    }
-
-    /// Whether the fence `raw` has completed, without waiting.
-    fn query(&self, raw: u64) -> Result<bool, BackendError> {
-        self.wait(raw).map(|()| true)
-    }
-
-    /// Releases the fence `raw`.
-    ///
-    /// # Safety
-    /// `raw` came from `fence_after_use` or `record_fence` of this backend and is released
-    /// once: only [`Fence`]'s `Drop` calls this.
-    unsafe fn release_fence(&self, _raw: u64) {}
-
-    /// A fence after every operation enqueued so far, taken when a block goes back to its
-    /// pool so that the next user waits for the last one (soundness rule 2), or `None` where
-    /// reuse is ordered without one. Only called when `needs_fences` is true.
-    fn fence_after_use(&self, _kind: MemoryKind) -> Result<Option<u64>, BackendError> {
-        Ok(None)
-    }
-
-    /// Whether `free` of `kind` memory orders itself after the device's last use of it
-    /// (a stream-ordered free, or a driver that defers deletion itself). Where it does not,
-    /// the pool frees such memory only once a fence from `record_fence`, taken when the
-    /// memory was last given up, has completed: `Drop` never waits for a device.
-    fn free_is_ordered(&self, _kind: MemoryKind) -> bool {
-        true
-    }
-
-    /// A fence after every operation enqueued so far, for deferred frees (see
-    /// `free_is_ordered`).
-    fn record_fence(&self) -> Result<u64, BackendError> {
-        Err(BackendError::Driver { call: "record_fence", message: "this device has no queue".into() })
-    }
-
-    /// Makes host-visible memory (pinned, unified) safe to touch from the host after device
-    /// work that may use it: waits for that work, and migrates managed memory to the host.
-    fn before_host_access(&self, _allocation: &RawAllocation, _kind: MemoryKind) -> Result<(), BackendError> {
-        Ok(())
-    }
-
-    /// Prepares memory for a user's kernels (migrates managed memory to the device).
-    fn before_device_access(
-        &self,
-        _allocation: &RawAllocation,
-        _kind: MemoryKind,
-    ) -> Result<(), BackendError> {
-        Ok(())
-    }
-
-    /// Gives memory that a user's kernels held back to the host without waiting (the buffer
-    /// is being dropped after `before_device_access`): the block's fence, taken next,
-    /// orders its next user after this.
-    fn return_to_host(&self, _allocation: &RawAllocation, _kind: MemoryKind) -> Result<(), BackendError> {
-        Ok(())
-    }
-
-    /// Orders everything unimem enqueues on this device from now on after everything
-    /// enqueued so far on `foreign`, a caller's stream or queue that was handed the memory
-    /// of a buffer. Enqueues the dependency; never waits.
-    fn after_foreign(&self, _foreign: u64) -> Result<(), BackendError> {
-        Ok(())
-    }
-
-    /// Orders everything enqueued on `foreign` from now on after everything unimem has
-    /// enqueued on this device so far (copies, zeroing, migrations). Never waits.
-    fn foreign_after_ours(&self, _foreign: u64) -> Result<(), BackendError> {
-        Ok(())
-    }
-
-    /// Free and total device memory, where the device reports them: memory-pressure
-    /// decisions use them.
-    fn free_memory(&self) -> Option<(u64, u64)> {
-        None
-    }
-
-    /// Free memory now, for the user's query (`MemoryManager::free_memory`), or `None` where
-    /// the driver cannot tell.
-    fn free_now(&self) -> Option<u64> {
-        self.free_memory().map(|(free, _)| free)
-    }
-
-    /// Returns memory the driver keeps cached for this device to the system (after the
-    /// pools were trimmed).
-    fn release_cached(&self) {}
-
-    /// Whether `fence_after_use` can return a fence (checked once per pool, so that host
-    /// pools pay nothing on their hit path).
-    fn needs_fences(&self) -> bool {
-        false
-    }
 
     /// Copies `src` into device memory at byte `offset`, returning when done.
     ///
@@ -356,7 +239,7 @@ pub(crate) trait Backend: Send + Sync + 'static {
         _offset: usize,
         _src: &[u8],
     ) -> Result<(), BackendError> {
-        Err(BackendError::Driver { call: "write", message: "this device has only host memory".into() })
+        Err(host_only("write"))
     }
 
     /// Copies device memory from byte `offset` into `dst`, returning when done.
@@ -369,42 +252,7 @@ pub(crate) trait Backend: Send + Sync + 'static {
         _offset: usize,
         _dst: &mut [u8],
     ) -> Result<(), BackendError> {
-        Err(BackendError::Driver { call: "read", message: "this device has only host memory".into() })
-    }
-
-    /// Starts copying `src` into device memory at byte `offset`. `src` is copied into
-    /// staging memory owned by the returned operation before this returns, so the caller's
-    /// slice is free at once; the device memory is written in queue order (later transfers,
-    /// fences and frees are ordered after it) whether or not anyone awaits the operation.
-    ///
-    /// # Safety
-    /// As for `write`.
-    unsafe fn write_async(
-        &self,
-        allocation: &RawAllocation,
-        offset: usize,
-        src: &[u8],
-    ) -> Result<Pending, BackendError> {
-        // SAFETY: forwarded from the caller.
-        let outcome = unsafe { self.write(allocation, offset, src) };
-        Ok(Pending::ready(None, outcome))
-    }
-
-    /// Starts copying `len` bytes of device memory from byte `offset` into staging memory
-    /// owned by the operation, which the operation yields when done.
-    ///
-    /// # Safety
-    /// As for `write`, with `offset + len <= allocation.bytes`.
-    unsafe fn read_async(
-        &self,
-        allocation: &RawAllocation,
-        offset: usize,
-        len: usize,
-    ) -> Result<Pending, BackendError> {
-        let mut lines = HostLines::zeroed(len)?;
-        // SAFETY: forwarded from the caller.
-        let outcome = unsafe { self.read(allocation, offset, lines.bytes_mut(len)) };
-        Ok(Pending::ready(Some(lines), outcome))
+        Err(host_only("read"))
     }
 
     /// Copies `bytes` between two device allocations of this backend, returning when done.
@@ -418,15 +266,110 @@ pub(crate) trait Backend: Send + Sync + 'static {
         _dst: &RawAllocation,
         _bytes: usize,
     ) -> Result<(), BackendError> {
-        Err(BackendError::Driver { call: "copy", message: "this device has only host memory".into() })
+        Err(host_only("copy"))
     }
+
+    /// Free memory now, for the user's query (`MemoryManager::free_memory`), or `None` where
+    /// the driver cannot tell.
+    fn free_now(&self) -> Option<u64> {
+        None
+    }
+
+    /// The device's queue of work, for backends whose operations complete asynchronously.
+    fn work_queue(&self) -> Option<&dyn Queue> {
+        None
+    }
+
+    /// Whether this device reads and writes `peer`'s memory directly.
+    fn peer_access(&self, _peer: &dyn Backend) -> bool {
+        false
+    }
+}
+
+impl dyn Backend {
+    /// The concrete backend, for its own module's interop code.
+    pub(crate) fn downcast_ref<B: Backend>(&self) -> Option<&B> {
+        (self as &dyn Any).downcast_ref()
+    }
+}
+
+fn host_only(call: &'static str) -> BackendError {
+    BackendError::Driver { call, message: "this device has only host memory".into() }
+}
+
+/// Completion and ordering on a device's queue: fences, frees ordered after the device's
+/// last use, a caller's work joined before unimem's, asynchronous transfers.
+pub(crate) trait Queue: Send + Sync {
+    /// A fence after every operation enqueued so far, taken when a block goes back to its
+    /// pool so that the next user waits for the last one (soundness rule 2), or `None` where
+    /// reuse of `kind` memory is queue-ordered without one.
+    fn fence_after_use(&self, kind: MemoryKind) -> Result<Option<Fence>, BackendError>;
+
+    /// A fence after every operation enqueued so far, for deferred frees (see
+    /// `free_is_ordered`).
+    fn record_fence(&self) -> Result<Fence, BackendError>;
+
+    /// Whether `free` of `kind` memory orders itself after the device's last use of it
+    /// (a stream-ordered free, or a driver that defers deletion itself). Where it does not,
+    /// the pool frees such memory only once a fence from `record_fence`, taken when the
+    /// memory was last given up, has completed: `Drop` never waits for a device.
+    fn free_is_ordered(&self, _kind: MemoryKind) -> bool {
+        true
+    }
+
+    /// Orders everything unimem enqueues on this device from now on after `fence`, the last
+    /// use of a buffer by a caller's queue (recorded when its raw-access guard dropped).
+    /// Enqueues the dependency; never waits.
+    fn order_after(&self, fence: &Fence) -> Result<(), BackendError>;
+
+    /// Makes host-visible memory (pinned, unified) safe to touch from the host after device
+    /// work that may use it: waits for that work, and migrates managed memory to the host.
+    fn before_host_access(&self, allocation: &RawAllocation, kind: MemoryKind) -> Result<(), BackendError>;
+
+    /// Prepares memory for a user's kernels (migrates managed memory to the device).
+    fn before_device_access(&self, _allocation: &RawAllocation, _kind: MemoryKind) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    /// Gives memory that a user's kernels held back to the host without waiting (the buffer
+    /// is being dropped after `before_device_access`): the block's fence, taken next,
+    /// orders its next user after this.
+    fn return_to_host(&self, _allocation: &RawAllocation, _kind: MemoryKind) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    /// Starts copying `src` into device memory at byte `offset`. `src` is copied into
+    /// staging memory owned by the returned operation before this returns, so the caller's
+    /// slice is free at once; the device memory is written in queue order (later transfers,
+    /// fences and frees are ordered after it) whether or not anyone awaits the operation.
+    ///
+    /// # Safety
+    /// As for [`Backend::write`].
+    unsafe fn write_async(
+        &self,
+        allocation: &RawAllocation,
+        offset: usize,
+        src: &[u8],
+    ) -> Result<Pending, BackendError>;
+
+    /// Starts copying `len` bytes of device memory from byte `offset` into staging memory
+    /// owned by the operation, which the operation yields when done.
+    ///
+    /// # Safety
+    /// As for [`Backend::write`], with `offset + len <= allocation.bytes`.
+    unsafe fn read_async(
+        &self,
+        allocation: &RawAllocation,
+        offset: usize,
+        len: usize,
+    ) -> Result<Pending, BackendError>;
 
     /// Copies `bytes` from `src`, an allocation of the device `source`, straight into `dst`
     /// of this device, returning `Ok(false)` when the two devices have no direct path.
     ///
     /// # Safety
-    /// `src` came from `source.allocate`, `dst` from `self.allocate`, neither has a host
-    /// pointer, and both are at least `bytes` long.
+    /// `src` came from `source.allocate`, `dst` from this device's `allocate`, neither has a
+    /// host pointer, and both are at least `bytes` long.
     unsafe fn copy_from_peer(
         &self,
         _source: &dyn Backend,
@@ -437,15 +380,18 @@ pub(crate) trait Backend: Send + Sync + 'static {
         Ok(false)
     }
 
-    /// The device handles a user needs to run kernels on this device's memory.
-    #[cfg(feature = "cuda")]
-    fn cuda(&self) -> Option<&cuda::CudaBackend> {
+    /// Enables this device's direct access to `peer`'s memory.
+    fn enable_peer_access(&self, _peer: &dyn Backend) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    /// Free and total device memory, where the device reports them: memory-pressure
+    /// decisions use them.
+    fn free_and_total(&self) -> Option<(u64, u64)> {
         None
     }
 
-    /// The device handles a user needs to run kernels on this device's memory.
-    #[cfg(feature = "opencl")]
-    fn opencl(&self) -> Option<&opencl::OpenClBackend> {
-        None
-    }
+    /// Returns memory the driver keeps cached for this device to the system (after the
+    /// pools were trimmed).
+    fn release_cached(&self) {}
 }

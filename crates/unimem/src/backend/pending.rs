@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
 use super::BackendError;
-use crate::host_lines::{HostLines, Staging};
+use crate::host_lines::Staging;
 
 /// Bytes of staging memory leaked because nobody could tell when a device stopped using it.
 static LEAKED_STAGING: AtomicU64 = AtomicU64::new(0);
@@ -59,7 +59,8 @@ impl Pending {
     }
 
     /// An operation that has already finished, with the staging memory it used.
-    pub(crate) fn ready(staging: Option<HostLines>, outcome: Result<(), BackendError>) -> Pending {
+    #[cfg(test)]
+    pub(crate) fn ready(staging: Option<crate::host_lines::HostLines>, outcome: Result<(), BackendError>) -> Pending {
         let (pending, signal) = Pending::new(staging.map(Staging::new));
         signal.complete(outcome);
         pending
@@ -142,6 +143,7 @@ impl Signal {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host_lines::HostLines;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::task::Wake;
 

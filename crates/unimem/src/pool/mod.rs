@@ -12,7 +12,7 @@ mod reaper;
 pub(crate) mod shard;
 pub(crate) mod size_class;
 
-use crate::backend::{Backend, BackendError, Fence, RawAllocation};
+use crate::backend::{Backend, BackendError, Fence, Queue, RawAllocation};
 use crate::device::{DeviceId, MemoryKind};
 use crate::error::OutOfMemoryCause;
 use crate::stats::{ClassOccupancy, PoolStatistics};
@@ -56,8 +56,8 @@ impl Block {
             // Soundness rule 2: the next user of this memory waits for everything enqueued
             // so far, which includes this user's last device operation. Without a fence
             // (the marker failed) the block is freed instead of pooled.
-            match self.pool.backend.fence_after_use(self.pool.kind) {
-                Ok(raw) => self.fence = raw.map(|raw| Fence::adopt(raw, Arc::clone(&self.pool.backend))),
+            match self.pool.queue().map_or(Ok(None), |queue| queue.fence_after_use(self.pool.kind)) {
+                Ok(fence) => self.fence = fence,
                 Err(_) => {
                     self.pool.counters.free_errors.fetch_add(1, Relaxed);
                     self.class = None;
@@ -80,12 +80,15 @@ impl Block {
     /// that use has completed; otherwise later, once its fence has completed (deferred, so
     /// that no caller, `Drop` least of all, waits for a device).
     pub(crate) fn retire(mut self: Box<Self>) {
-        if self.pool.backend.free_is_ordered(self.pool.kind) || self.origin != Origin::Backend {
+        if self.origin != Origin::Backend {
             return drop(self);
         }
+        let Some(queue) = self.pool.queue().filter(|queue| !queue.free_is_ordered(self.pool.kind)) else {
+            return drop(self);
+        };
         if self.fence.is_none() {
-            match self.pool.backend.record_fence() {
-                Ok(raw) => self.fence = Some(Fence::adopt(raw, Arc::clone(&self.pool.backend))),
+            match queue.record_fence() {
+                Ok(fence) => self.fence = Some(fence),
                 // The device is broken: no fence, and nothing more will run on it.
                 Err(_) => return drop(self),
             }
@@ -197,7 +200,7 @@ impl DevicePool {
     ) -> Self {
         let classes = SizeClasses::new(divisions);
         let n = classes.count();
-        let fenced = backend.needs_fences();
+        let fenced = backend.work_queue().is_some();
         DevicePool {
             manager_id,
             device,
@@ -545,6 +548,11 @@ impl DevicePool {
         &*self.backend
     }
 
+    /// The backend's queue, for devices with one.
+    pub(crate) fn queue(&self) -> Option<&dyn Queue> {
+        self.backend.work_queue()
+    }
+
     fn free_memory(&self, mem: &RawAllocation, origin: Origin) {
         let result = match origin {
             // SAFETY: a block's memory came from this pool's backend (Origin::Backend), and a
@@ -623,8 +631,8 @@ impl DevicePool {
         for block in freed {
             block.retire();
         }
-        if bytes > 0 {
-            self.backend.release_cached();
+        if let Some(queue) = self.queue().filter(|_| bytes > 0) {
+            queue.release_cached();
         }
         self.counters.trims.fetch_add(1, Relaxed);
         self.counters.trimmed_bytes.fetch_add(bytes, Relaxed);
@@ -644,7 +652,7 @@ impl DevicePool {
         if self.pooled_bytes() == 0 {
             return false;
         }
-        let Some((free, total)) = self.backend.free_memory() else { return false };
+        let Some((free, total)) = self.queue().and_then(|queue| queue.free_and_total()) else { return false };
         free.saturating_sub(to_u64(bytes)) < total / 16
     }
 

@@ -11,9 +11,10 @@
 //!   pool across synchronisations; `cuMemAlloc` where the device has no memory pools.
 //!   Reuse is stream-ordered: every operation unimem runs, and every kernel a user enqueues
 //!   on [`CudaBackend::stream`], is ordered after the previous user's, so a pooled device
-//!   block needs no fence. Work on a caller's own stream (`Buffer::cuda_ptr_on`) is joined
-//!   into unimem's stream by an event and `cuStreamWaitEvent` before unimem next uses the
-//!   memory or the block goes back to its pool: reuse across streams waits on the device.
+//!   block needs no fence. Work on a caller's own stream (`Buffer::cuda_ptr` with another
+//!   stream) is recorded as an event when the raw-access guard drops, and unimem's stream
+//!   waits for it (`cuStreamWaitEvent`) before unimem next uses the memory or the block
+//!   goes back to its pool: reuse across streams waits on the device, never on the host.
 //! - `Pinned`: page-locked host memory (`cuMemHostAlloc`, portable and mapped, not
 //!   write-combined: host reads of write-combined memory are slow).
 //! - `Unified`: managed memory (`cuMemAllocManaged`), prefetched to the device before a
@@ -33,10 +34,14 @@ use std::ffi::c_void;
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
-use cudarc::driver::{DriverError, result, sys};
+use cudarc::driver::{CudaContext, CudaStream, DriverError, result, sys};
+
+mod interop;
+
+pub use interop::CudaAccess;
 
 use super::pending::{Pending, Signal};
-use super::{Backend, BackendError, RawAllocation};
+use super::{Backend, BackendError, DeviceFence, Fence, Queue, RawAllocation};
 use crate::device::{DeviceId, DeviceInfo, DeviceKind, MemoryKind};
 use crate::host_lines::{Staging, StagingHome};
 
@@ -140,10 +145,91 @@ impl StagingHome for PinnedStash {
     }
 }
 
+/// An event recorded on a stream: the fence of CUDA devices. Destroyed when dropped (the
+/// driver frees it once it has completed).
+struct Event {
+    event: sys::CUevent,
+    context: sys::CUcontext,
+}
+
+// SAFETY: an event handle may be used and destroyed from any thread once its context is
+// bound, which every use does first.
+unsafe impl Send for Event {}
+// SAFETY: as for Send; `&Event` only queries and waits.
+unsafe impl Sync for Event {}
+
+impl Event {
+    /// An event after everything enqueued so far on `stream`, a stream of `context`.
+    fn record(context: sys::CUcontext, stream: sys::CUstream) -> Result<Self, BackendError> {
+        // SAFETY: a live context (retained by its backend, or by the caller's `CudaContext`).
+        unsafe { result::ctx::set_current(context) }.map_err(|e| driver("cuCtxSetCurrent", e))?;
+        let event = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+            .map_err(|e| driver("cuEventCreate", e))?;
+        let event = Event { event, context };
+        // SAFETY: a new event recorded on a live stream of the bound context.
+        unsafe { result::event::record(event.event, stream) }.map_err(|e| driver("cuEventRecord", e))?;
+        Ok(event)
+    }
+
+    fn bind(&self) -> Result<(), BackendError> {
+        // SAFETY: the event's context, alive while the event is (see `record`).
+        unsafe { result::ctx::set_current(self.context) }.map_err(|e| driver("cuCtxSetCurrent", e))
+    }
+}
+
+impl DeviceFence for Event {
+    fn wait(&self) -> Result<(), BackendError> {
+        self.bind()?;
+        // SAFETY: our event.
+        unsafe { result::event::synchronize(self.event) }.map_err(|e| driver("cuEventSynchronize", e))
+    }
+
+    fn is_complete(&self) -> Result<bool, BackendError> {
+        self.bind()?;
+        // SAFETY: our event.
+        match unsafe { sys::cuEventQuery(self.event) }.result() {
+            Ok(()) => Ok(true),
+            Err(e) if e.0 == sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+            Err(e) => Err(driver("cuEventQuery", e)),
+        }
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        if self.bind().is_ok() {
+            // SAFETY: our event, destroyed once; the driver frees it after it completes.
+            let _ = unsafe { result::event::destroy(self.event) };
+        }
+    }
+}
+
+/// A caller's stream that no event could be recorded on: completion is the end of
+/// everything enqueued on it (synchronised on the reaper thread, never in `Drop`).
+struct Drained(Arc<CudaStream>);
+
+impl DeviceFence for Drained {
+    fn wait(&self) -> Result<(), BackendError> {
+        // SAFETY: the stream's context, kept alive by the stream.
+        unsafe { result::ctx::set_current(self.0.context().cu_ctx()) }
+            .map_err(|e| driver("cuCtxSetCurrent", e))?;
+        // SAFETY: a live stream (the `Arc` keeps it).
+        unsafe { result::stream::synchronize(self.0.cu_stream()) }.map_err(|e| driver("cuStreamSynchronize", e))
+    }
+
+    fn is_complete(&self) -> Result<bool, BackendError> {
+        Ok(false)
+    }
+}
+
 /// One CUDA device: its primary context and unimem's stream on it.
 pub struct CudaBackend {
     ordinal: i32,
     device: sys::CUdevice,
+    /// The primary context, as cudarc holds it (retained until the last clone is dropped).
+    cuda_context: Arc<CudaContext>,
+    /// Unimem's stream, as cudarc holds it (destroyed with the last clone).
+    cuda_stream: Arc<CudaStream>,
     context: sys::CUcontext,
     stream: sys::CUstream,
     /// The device's default memory pool, where it supports stream-ordered allocation.
@@ -165,15 +251,18 @@ unsafe impl Sync for CudaBackend {}
 
 impl CudaBackend {
     fn new(ordinal: i32) -> Result<Self, BackendError> {
-        let device = result::device::get(ordinal).map_err(|e| driver("cuDeviceGet", e))?;
-        // SAFETY: a valid device; the retained context is released in `Drop`.
-        let context = unsafe { result::primary_ctx::retain(device) }
-            .map_err(|e| driver("cuDevicePrimaryCtxRetain", e))?;
+        let index = usize::try_from(ordinal).unwrap_or_default();
+        // The primary context, retained, and a non-blocking stream on it.
+        let cuda_context = CudaContext::new(index).map_err(|e| driver("cuDevicePrimaryCtxRetain", e))?;
+        let cuda_stream = cuda_context.new_stream().map_err(|e| driver("cuStreamCreate", e))?;
+        let device = cuda_context.cu_device();
         let mut backend = CudaBackend {
             ordinal,
             device,
-            context,
-            stream: std::ptr::null_mut(),
+            context: cuda_context.cu_ctx(),
+            stream: cuda_stream.cu_stream(),
+            cuda_context,
+            cuda_stream,
             pool: None,
             name: String::new(),
             total_memory: 0,
@@ -183,8 +272,6 @@ impl CudaBackend {
             stash: Arc::default(),
         };
         backend.bind()?;
-        backend.stream = result::stream::create(result::stream::StreamKind::NonBlocking)
-            .map_err(|e| driver("cuStreamCreate", e))?;
         backend.name = result::device::get_name(device).map_err(|e| driver("cuDeviceGetName", e))?;
         // SAFETY: a valid device.
         let total =
@@ -237,25 +324,16 @@ impl CudaBackend {
         self.ordinal
     }
 
-    /// The device handle.
-    pub fn device(&self) -> sys::CUdevice {
-        self.device
+    /// The device's primary context, as cudarc's `CudaContext` (the one
+    /// `CudaContext::new(ordinal)` gives): load modules and make streams of your own here.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.cuda_context
     }
 
-    /// The device's primary context (retained by unimem).
-    pub fn context(&self) -> sys::CUcontext {
-        self.context
-    }
-
-    /// The stream unimem orders all its work on. Launch kernels on unimem memory here:
-    /// pooled reuse and unimem's transfers are then ordered after them.
-    pub fn stream(&self) -> sys::CUstream {
-        self.stream
-    }
-
-    /// Whether `stream` belongs to this device's (primary) context.
-    pub(crate) fn owns_stream(&self, stream: &cudarc::driver::CudaStream) -> bool {
-        stream.context().cu_ctx() == self.context
+    /// The stream unimem orders all its work on. Kernels launched here on unimem memory are
+    /// ordered with unimem's transfers and pooled reuse without any joining.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.cuda_stream
     }
 
     /// Free and total device memory, from `cuMemGetInfo`.
@@ -303,23 +381,17 @@ impl CudaBackend {
     /// Orders `later` after everything enqueued so far on `earlier`: an event recorded on
     /// one and waited for by the other (`cuStreamWaitEvent`). Nothing waits on the host.
     fn order_streams(&self, earlier: sys::CUstream, later: sys::CUstream) -> Result<(), BackendError> {
-        self.bind()?;
-        let event = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
-            .map_err(|e| driver("cuEventCreate", e))?;
-        // SAFETY: a new event, and two live streams (ours, or a `CudaStream` the caller lent).
-        let ordered = unsafe { result::event::record(event, earlier) }
-            .map_err(|e| driver("cuEventRecord", e))
-            .and_then(|()| {
-                // SAFETY: as above; the wait is enqueued, and it keeps what it needs of the event.
-                unsafe {
-                    result::stream::wait_event(later, event, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
-                }
-                .map_err(|e| driver("cuStreamWaitEvent", e))
-            });
-        // SAFETY: the event is ours; destroying it after the wait was enqueued is allowed (the
-        // driver frees it once the work completes).
-        let _ = unsafe { result::event::destroy(event) };
-        ordered
+        let event = Event::record(self.context, earlier)?;
+        Self::wait_for(later, &event)
+    }
+
+    /// Enqueues on `stream` a wait for `event` (`cuStreamWaitEvent`); the wait keeps what it
+    /// needs of the event, which may be destroyed at once.
+    fn wait_for(stream: sys::CUstream, event: &Event) -> Result<(), BackendError> {
+        event.bind()?;
+        // SAFETY: a live stream of the bound context and a live event.
+        unsafe { result::stream::wait_event(stream, event.event, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) }
+            .map_err(|e| driver("cuStreamWaitEvent", e))
     }
 
     /// `bytes` of page-locked staging: the smallest idle chunk that fits, or a new one. Idle
@@ -401,11 +473,8 @@ impl Drop for CudaBackend {
                 // SAFETY: idle chunks from `cuMemHostAlloc`; the stream is drained.
                 let _ = unsafe { result::free_host(start as *mut c_void) };
             }
-            // SAFETY: our stream; nothing is enqueued on it once the backend is dropped.
-            let _ = unsafe { result::stream::destroy(self.stream) };
         }
-        // SAFETY: retained in `new`, released once.
-        let _ = unsafe { result::primary_ctx::release(self.device) };
+        // The stream and the context go with their last cudarc handle.
     }
 }
 
@@ -502,96 +571,6 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn free_is_ordered(&self, kind: MemoryKind) -> bool {
-        kind == MemoryKind::Device && self.pool.is_some()
-    }
-
-    fn wait(&self, raw: u64) -> Result<(), BackendError> {
-        self.bind()?;
-        // SAFETY: fences are events recorded by this backend, owned by their `Fence`.
-        unsafe { result::event::synchronize(raw as sys::CUevent) }
-            .map_err(|e| driver("cuEventSynchronize", e))
-    }
-
-    fn query(&self, raw: u64) -> Result<bool, BackendError> {
-        self.bind()?;
-        // SAFETY: as in `wait`.
-        match unsafe { sys::cuEventQuery(raw as sys::CUevent) }.result() {
-            Ok(()) => Ok(true),
-            Err(e) if e.0 == sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
-            Err(e) => Err(driver("cuEventQuery", e)),
-        }
-    }
-
-    unsafe fn release_fence(&self, raw: u64) {
-        if self.bind().is_ok() {
-            // SAFETY: an event of this backend, destroyed once (the caller's contract); the
-            // driver frees it after it completes.
-            let _ = unsafe { result::event::destroy(raw as sys::CUevent) };
-        }
-    }
-
-    fn fence_after_use(&self, kind: MemoryKind) -> Result<Option<u64>, BackendError> {
-        if kind == MemoryKind::Device {
-            return Ok(None); // reuse is stream-ordered
-        }
-        self.record_fence().map(Some)
-    }
-
-    fn record_fence(&self) -> Result<u64, BackendError> {
-        self.bind()?;
-        let event = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
-            .map_err(|e| driver("cuEventCreate", e))?;
-        // SAFETY: a new event recorded on our stream.
-        if let Err(e) = unsafe { result::event::record(event, self.stream) } {
-            // SAFETY: the event is ours and unused.
-            let _ = unsafe { result::event::destroy(event) };
-            return Err(driver("cuEventRecord", e));
-        }
-        Ok(event as u64)
-    }
-
-    fn needs_fences(&self) -> bool {
-        true
-    }
-
-    fn before_host_access(&self, allocation: &RawAllocation, kind: MemoryKind) -> Result<(), BackendError> {
-        self.bind()?;
-        if kind == MemoryKind::Unified {
-            self.prefetch(allocation, true)?;
-        }
-        self.synchronize()
-    }
-
-    fn before_device_access(&self, allocation: &RawAllocation, kind: MemoryKind) -> Result<(), BackendError> {
-        if kind != MemoryKind::Unified {
-            return Ok(());
-        }
-        self.bind()?;
-        self.prefetch(allocation, false)
-    }
-
-    fn free_memory(&self) -> Option<(u64, u64)> {
-        self.memory_info().ok()
-    }
-
-    fn release_cached(&self) {
-        if let Some(pool) = self.pool {
-            if self.bind().is_ok() && self.synchronize().is_ok() {
-                // SAFETY: the device's pool; trimming keeps memory still in use.
-                let _ = unsafe { result::mem_pool::trim_to(pool, 0) };
-            }
-        }
-    }
-
-    fn after_foreign(&self, foreign: u64) -> Result<(), BackendError> {
-        self.order_streams(foreign as sys::CUstream, self.stream)
-    }
-
-    fn foreign_after_ours(&self, foreign: u64) -> Result<(), BackendError> {
-        self.order_streams(self.stream, foreign as sys::CUstream)
-    }
-
     unsafe fn write(
         &self,
         allocation: &RawAllocation,
@@ -617,6 +596,94 @@ impl Backend for CudaBackend {
         unsafe { result::memcpy_dtoh_async(dst, allocation.handle + offset as u64, self.stream) }
             .map_err(|e| driver("cuMemcpyDtoHAsync", e))?;
         self.synchronize()
+    }
+
+    unsafe fn copy(
+        &self,
+        src: &RawAllocation,
+        dst: &RawAllocation,
+        bytes: usize,
+    ) -> Result<(), BackendError> {
+        self.bind()?;
+        // SAFETY: both in bounds and disjoint (the caller).
+        unsafe { result::memcpy_dtod_async(dst.handle, src.handle, bytes, self.stream) }
+            .map_err(|e| driver("cuMemcpyDtoDAsync", e))?;
+        self.synchronize()
+    }
+
+    fn free_now(&self) -> Option<u64> {
+        self.memory_info().ok().map(|(free, _)| free)
+    }
+
+    fn work_queue(&self) -> Option<&dyn Queue> {
+        Some(self)
+    }
+
+    fn peer_access(&self, peer: &dyn Backend) -> bool {
+        peer.downcast_ref().is_some_and(|peer| self.can_access_peer(peer))
+    }
+}
+
+impl Queue for CudaBackend {
+    fn free_is_ordered(&self, kind: MemoryKind) -> bool {
+        kind == MemoryKind::Device && self.pool.is_some()
+    }
+
+    fn fence_after_use(&self, kind: MemoryKind) -> Result<Option<Fence>, BackendError> {
+        if kind == MemoryKind::Device {
+            return Ok(None); // reuse is stream-ordered
+        }
+        self.record_fence().map(Some)
+    }
+
+    fn record_fence(&self) -> Result<Fence, BackendError> {
+        Event::record(self.context, self.stream).map(Fence::new)
+    }
+
+    fn order_after(&self, fence: &Fence) -> Result<(), BackendError> {
+        if let Some(Drained(stream)) = fence.downcast_ref() {
+            return self.order_streams(stream.cu_stream(), self.stream);
+        }
+        match fence.downcast_ref() {
+            Some(event) => Self::wait_for(self.stream, event),
+            None => Err(BackendError::Driver { call: "order_after", message: "not a CUDA fence".into() }),
+        }
+    }
+
+    fn enable_peer_access(&self, peer: &dyn Backend) -> Result<(), BackendError> {
+        match peer.downcast_ref() {
+            Some(peer) => CudaBackend::enable_peer_access(self, peer),
+            None => Ok(()),
+        }
+    }
+
+    fn before_host_access(&self, allocation: &RawAllocation, kind: MemoryKind) -> Result<(), BackendError> {
+        self.bind()?;
+        if kind == MemoryKind::Unified {
+            self.prefetch(allocation, true)?;
+        }
+        self.synchronize()
+    }
+
+    fn before_device_access(&self, allocation: &RawAllocation, kind: MemoryKind) -> Result<(), BackendError> {
+        if kind != MemoryKind::Unified {
+            return Ok(());
+        }
+        self.bind()?;
+        self.prefetch(allocation, false)
+    }
+
+    fn free_and_total(&self) -> Option<(u64, u64)> {
+        self.memory_info().ok()
+    }
+
+    fn release_cached(&self) {
+        if let Some(pool) = self.pool {
+            if self.bind().is_ok() && self.synchronize().is_ok() {
+                // SAFETY: the device's pool; trimming keeps memory still in use.
+                let _ = unsafe { result::mem_pool::trim_to(pool, 0) };
+            }
+        }
     }
 
     unsafe fn write_async(
@@ -666,19 +733,6 @@ impl Backend for CudaBackend {
         self.complete_on_stream(staging)
     }
 
-    unsafe fn copy(
-        &self,
-        src: &RawAllocation,
-        dst: &RawAllocation,
-        bytes: usize,
-    ) -> Result<(), BackendError> {
-        self.bind()?;
-        // SAFETY: both in bounds and disjoint (the caller).
-        unsafe { result::memcpy_dtod_async(dst.handle, src.handle, bytes, self.stream) }
-            .map_err(|e| driver("cuMemcpyDtoDAsync", e))?;
-        self.synchronize()
-    }
-
     unsafe fn copy_from_peer(
         &self,
         source: &dyn Backend,
@@ -686,7 +740,7 @@ impl Backend for CudaBackend {
         dst: &RawAllocation,
         bytes: usize,
     ) -> Result<bool, BackendError> {
-        let Some(peer) = source.cuda() else { return Ok(false) };
+        let Some(peer) = source.downcast_ref::<CudaBackend>() else { return Ok(false) };
         if !self.can_access_peer(peer) {
             return Ok(false);
         }
@@ -703,7 +757,4 @@ impl Backend for CudaBackend {
         Ok(true)
     }
 
-    fn cuda(&self) -> Option<&CudaBackend> {
-        Some(self)
-    }
 }

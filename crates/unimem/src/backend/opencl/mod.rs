@@ -18,7 +18,8 @@
 //! owns and complete from an event callback (`clSetEventCallback`), so nothing polls.
 //! Reuse of pooled device memory is queue-ordered: its next user's commands queue behind
 //! the last user's, including the user's kernels (a caller's own queue is joined into
-//! unimem's first, by a marker and a barrier). Host-visible blocks (pinned, SVM), which the
+//! unimem's first: the raw-access guard leaves a marker on it when it drops, and unimem's
+//! queue gets a barrier on that marker before its next use of the buffer). Host-visible blocks (pinned, SVM), which the
 //! host touches without commands, are fenced with a marker that their next user waits for.
 
 use std::ffi::c_void;
@@ -37,11 +38,15 @@ use opencl3::memory::{
     CL_MEM_SVM_FINE_GRAIN_BUFFER,
 };
 use opencl3::types::{
-    CL_BLOCKING, CL_NON_BLOCKING, cl_command_queue, cl_context, cl_device_id, cl_event, cl_int, cl_mem,
+    CL_BLOCKING, CL_NON_BLOCKING, cl_command_queue, cl_device_id, cl_event, cl_int, cl_mem,
 };
 
+mod interop;
+
+pub use interop::{OpenClMem, OpenClSvm};
+
 use super::pending::{Pending, Signal};
-use super::{Backend, BackendError, RawAllocation};
+use super::{Backend, BackendError, DeviceFence, Fence, Queue, RawAllocation};
 use crate::device::{DeviceId, DeviceInfo, DeviceKind, MemoryKind};
 use crate::host_lines::{HostLines, Staging};
 
@@ -166,26 +171,59 @@ fn order_queues(earlier: cl_command_queue, later: cl_command_queue) -> Result<()
     ordered
 }
 
-/// A caller's queue, retained (`clRetainCommandQueue`) while a buffer may order unimem's
-/// queue after it.
-pub(crate) struct RetainedQueue(cl_command_queue);
+/// A marker event on a queue: the fence of OpenCL devices.
+struct Marker(opencl3::event::Event);
 
-// SAFETY: a command queue handle may be used and released from any thread (OpenCL objects
-// are thread-safe, except kernels).
-unsafe impl Send for RetainedQueue {}
-// SAFETY: as for Send; `&RetainedQueue` only reads the handle.
-unsafe impl Sync for RetainedQueue {}
-
-impl RetainedQueue {
-    pub(crate) fn handle(&self) -> u64 {
-        self.0 as usize as u64
+impl Marker {
+    /// A marker after everything enqueued so far on `queue`, flushed so that it reaches the
+    /// device (a barrier on another queue may wait for it).
+    fn after(queue: cl_command_queue) -> Result<Self, BackendError> {
+        // SAFETY: a marker with no wait list on a live queue (ours, or one the caller lent).
+        let marker = unsafe { queue::enqueue_marker_with_wait_list(queue, 0, ptr::null()) }
+            .map_err(|c| driver("clEnqueueMarkerWithWaitList", c))?;
+        let marker = Marker(opencl3::event::Event::new(marker));
+        queue::flush(queue).map_err(|c| driver("clFlush", c))?;
+        Ok(marker)
     }
 }
 
-impl Drop for RetainedQueue {
-    fn drop(&mut self) {
-        // SAFETY: retained once in `OpenClBackend::retain_foreign`, released once here.
-        let _ = unsafe { queue::release_command_queue(self.0) };
+impl DeviceFence for Marker {
+    fn wait(&self) -> Result<(), BackendError> {
+        self.0.wait().map_err(|e| driver("clWaitForEvents", e.0))
+    }
+
+    fn is_complete(&self) -> Result<bool, BackendError> {
+        let status = event::get_event_info(self.0.get(), event::CL_EVENT_COMMAND_EXECUTION_STATUS)
+            .map_err(|c| driver("clGetEventInfo", c))?;
+        match cl_int::from(status) {
+            failed if failed < 0 => Err(driver("OpenCL marker", failed)),
+            status => Ok(status == CL_COMPLETE),
+        }
+    }
+}
+
+/// A caller's queue, retained, that no marker could be enqueued on: completion is the end
+/// of everything enqueued on it (`clFinish`, waited for on the reaper thread, never in
+/// `Drop`).
+struct Drained(CommandQueue);
+
+impl Drained {
+    /// `queue`, retained.
+    fn retain(queue: &CommandQueue) -> Option<Self> {
+        // SAFETY: a live queue (borrowed from its owner); the `CommandQueue` made here owns
+        // the reference taken and releases it when dropped.
+        unsafe { queue::retain_command_queue(queue.get()) }.ok()?;
+        Some(Drained(CommandQueue::new(queue.get(), queue.max_work_item_dimensions())))
+    }
+}
+
+impl DeviceFence for Drained {
+    fn wait(&self) -> Result<(), BackendError> {
+        self.0.finish().map_err(|e| driver("clFinish", e.0))
+    }
+
+    fn is_complete(&self) -> Result<bool, BackendError> {
+        Ok(false)
     }
 }
 
@@ -229,20 +267,21 @@ impl OpenClBackend {
         })
     }
 
-    /// The device's `cl_device_id`.
-    pub fn device_id(&self) -> cl_device_id {
-        self.device.id()
+    /// The device.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
-    /// The context every buffer of this device belongs to.
-    pub fn context(&self) -> cl_context {
-        self.context.get()
+    /// The context every buffer of this device belongs to: build programs and make queues
+    /// of your own in it.
+    pub fn context(&self) -> &Context {
+        &self.context
     }
 
-    /// The in-order queue unimem uses. Enqueue kernels on unimem memory here: the pool then
-    /// orders reuse after them.
-    pub fn queue(&self) -> cl_command_queue {
-        self.queue.get()
+    /// The in-order queue unimem uses. Kernels enqueued here on unimem memory are ordered
+    /// with unimem's own transfers and pooled reuse without any joining.
+    pub fn queue(&self) -> &CommandQueue {
+        &self.queue
     }
 
     /// Whether `Unified` memory is coarse-grained SVM: mapped for the host, unmapped while
@@ -250,16 +289,6 @@ impl OpenClBackend {
     /// Setting `UNIMEM_OPENCL_COARSE_SVM` makes devices with both kinds use coarse-grained.
     pub fn coarse_svm_only(&self) -> bool {
         self.svm_coarse && !self.svm_fine
-    }
-
-    /// `queue`, retained, if it belongs to this device's context; `None` otherwise.
-    pub(crate) fn retain_foreign(&self, queue: &CommandQueue) -> Option<RetainedQueue> {
-        if queue.context().ok()? != self.context.get() {
-            return None;
-        }
-        // SAFETY: a live queue (borrowed from its owner); released in `RetainedQueue::drop`.
-        unsafe { queue::retain_command_queue(queue.get()) }.ok()?;
-        Some(RetainedQueue(queue.get()))
     }
 
     fn mem(allocation: &RawAllocation) -> cl_mem {
@@ -487,72 +516,6 @@ impl Backend for OpenClBackend {
         unsafe { memory::release_mem_object(mem) }.map_err(|c| driver("clReleaseMemObject", c))
     }
 
-    fn wait(&self, raw: u64) -> Result<(), BackendError> {
-        event::wait_for_events(&[raw as usize as cl_event]).map_err(|c| driver("clWaitForEvents", c))
-    }
-
-    fn query(&self, raw: u64) -> Result<bool, BackendError> {
-        let status =
-            event::get_event_info(raw as usize as cl_event, event::CL_EVENT_COMMAND_EXECUTION_STATUS)
-                .map_err(|c| driver("clGetEventInfo", c))?;
-        match cl_int::from(status) {
-            failed if failed < 0 => Err(driver("OpenCL marker", failed)),
-            status => Ok(status == CL_COMPLETE),
-        }
-    }
-
-    unsafe fn release_fence(&self, raw: u64) {
-        // SAFETY: fences are marker events owned by their `Fence`, released once (the caller).
-        let _ = unsafe { event::release_event(raw as usize as cl_event) };
-    }
-
-    fn fence_after_use(&self, kind: MemoryKind) -> Result<Option<u64>, BackendError> {
-        if kind == MemoryKind::Device {
-            // Queue-ordered: the host reaches device memory only through commands on the
-            // in-order queue, which a caller's queue is joined into before the block returns.
-            return Ok(None);
-        }
-        // SAFETY: a marker on our queue, with no wait list.
-        let marker = unsafe { queue::enqueue_marker_with_wait_list(self.queue.get(), 0, ptr::null()) }
-            .map_err(|c| driver("clEnqueueMarkerWithWaitList", c))?;
-        Ok(Some(marker as usize as u64))
-    }
-
-    fn needs_fences(&self) -> bool {
-        true
-    }
-
-    fn before_host_access(&self, allocation: &RawAllocation, kind: MemoryKind) -> Result<(), BackendError> {
-        if kind == MemoryKind::Unified && !self.svm_fine {
-            // A blocking map waits for the kernels queued before it.
-            return self.map_svm(allocation, true);
-        }
-        queue::finish(self.queue.get()).map_err(|c| driver("clFinish", c))
-    }
-
-    fn before_device_access(&self, allocation: &RawAllocation, kind: MemoryKind) -> Result<(), BackendError> {
-        if kind == MemoryKind::Unified && !self.svm_fine {
-            return self.unmap_svm(allocation);
-        }
-        Ok(())
-    }
-
-    fn return_to_host(&self, allocation: &RawAllocation, kind: MemoryKind) -> Result<(), BackendError> {
-        if kind == MemoryKind::Unified && !self.svm_fine {
-            // Queued, not waited for: the block's fence orders its next user after it.
-            return self.map_svm(allocation, false);
-        }
-        Ok(())
-    }
-
-    fn after_foreign(&self, foreign: u64) -> Result<(), BackendError> {
-        order_queues(foreign as usize as cl_command_queue, self.queue.get())
-    }
-
-    fn foreign_after_ours(&self, foreign: u64) -> Result<(), BackendError> {
-        order_queues(self.queue.get(), foreign as usize as cl_command_queue)
-    }
-
     unsafe fn write(
         &self,
         allocation: &RawAllocation,
@@ -598,6 +561,85 @@ impl Backend for OpenClBackend {
         }
         .map_err(|c| driver("clEnqueueReadBuffer", c))?;
         finish_event("clEnqueueReadBuffer", event)
+    }
+
+    unsafe fn copy(
+        &self,
+        src: &RawAllocation,
+        dst: &RawAllocation,
+        bytes: usize,
+    ) -> Result<(), BackendError> {
+        // SAFETY: the caller guarantees both ranges are in bounds and disjoint.
+        let event = unsafe {
+            queue::enqueue_copy_buffer(
+                self.queue.get(),
+                Self::mem(src),
+                Self::mem(dst),
+                0,
+                0,
+                bytes,
+                0,
+                ptr::null(),
+            )
+        }
+        .map_err(|c| driver("clEnqueueCopyBuffer", c))?;
+        finish_event("clEnqueueCopyBuffer", event)
+    }
+
+    fn work_queue(&self) -> Option<&dyn Queue> {
+        Some(self)
+    }
+}
+
+impl Queue for OpenClBackend {
+    fn fence_after_use(&self, kind: MemoryKind) -> Result<Option<Fence>, BackendError> {
+        if kind == MemoryKind::Device {
+            // Queue-ordered: the host reaches device memory only through commands on the
+            // in-order queue, which a caller's queue is joined into before the block returns.
+            return Ok(None);
+        }
+        self.record_fence().map(Some)
+    }
+
+    fn record_fence(&self) -> Result<Fence, BackendError> {
+        Marker::after(self.queue.get()).map(Fence::new)
+    }
+
+    fn order_after(&self, fence: &Fence) -> Result<(), BackendError> {
+        if let Some(Drained(queue)) = fence.downcast_ref() {
+            return order_queues(queue.get(), self.queue.get());
+        }
+        let Some(Marker(marker)) = fence.downcast_ref() else {
+            return Err(BackendError::Driver { call: "order_after", message: "not an OpenCL fence".into() });
+        };
+        // SAFETY: a barrier on our queue waiting on one live event; `&marker` outlives the call.
+        let barrier = unsafe { queue::enqueue_barrier_with_wait_list(self.queue.get(), 1, &marker.get()) }
+            .map_err(|c| driver("clEnqueueBarrierWithWaitList", c))?;
+        // SAFETY: the barrier's event is ours; releasing it does not cancel the barrier.
+        unsafe { event::release_event(barrier) }.map_err(|c| driver("clReleaseEvent", c))
+    }
+
+    fn before_host_access(&self, allocation: &RawAllocation, kind: MemoryKind) -> Result<(), BackendError> {
+        if kind == MemoryKind::Unified && !self.svm_fine {
+            // A blocking map waits for the kernels queued before it.
+            return self.map_svm(allocation, true);
+        }
+        queue::finish(self.queue.get()).map_err(|c| driver("clFinish", c))
+    }
+
+    fn before_device_access(&self, allocation: &RawAllocation, kind: MemoryKind) -> Result<(), BackendError> {
+        if kind == MemoryKind::Unified && !self.svm_fine {
+            return self.unmap_svm(allocation);
+        }
+        Ok(())
+    }
+
+    fn return_to_host(&self, allocation: &RawAllocation, kind: MemoryKind) -> Result<(), BackendError> {
+        if kind == MemoryKind::Unified && !self.svm_fine {
+            // Queued, not waited for: the block's fence orders its next user after it.
+            return self.map_svm(allocation, false);
+        }
+        Ok(())
     }
 
     unsafe fn write_async(
@@ -647,32 +689,5 @@ impl Backend for OpenClBackend {
         }
         .map_err(|c| driver("clEnqueueReadBuffer", c))?;
         Ok(complete_on("clEnqueueReadBuffer", event, staging))
-    }
-
-    unsafe fn copy(
-        &self,
-        src: &RawAllocation,
-        dst: &RawAllocation,
-        bytes: usize,
-    ) -> Result<(), BackendError> {
-        // SAFETY: the caller guarantees both ranges are in bounds and disjoint.
-        let event = unsafe {
-            queue::enqueue_copy_buffer(
-                self.queue.get(),
-                Self::mem(src),
-                Self::mem(dst),
-                0,
-                0,
-                bytes,
-                0,
-                ptr::null(),
-            )
-        }
-        .map_err(|c| driver("clEnqueueCopyBuffer", c))?;
-        finish_event("clEnqueueCopyBuffer", event)
-    }
-
-    fn opencl(&self) -> Option<&OpenClBackend> {
-        Some(self)
     }
 }
