@@ -372,10 +372,9 @@ impl<T: Element> Buffer<T> {
         let device = self.device();
         let Some(queue) = self.queue()? else { return self.copy_from_blocking(src, offset) };
         // SAFETY: device memory of this pool's backend; `check_range` bounds the range.
-        let pending = unsafe {
-            queue.write_async(&self.block.mem, offset * size_of::<T>(), bytemuck::cast_slice(src))
-        }
-        .map_err(Error::on(device))?;
+        let pending =
+            unsafe { queue.write_async(&self.block.mem, offset * size_of::<T>(), bytemuck::cast_slice(src)) }
+                .map_err(Error::on(device))?;
         self.write_mirror(src, offset);
         pending.await.map(drop).map_err(Error::on(device))
     }

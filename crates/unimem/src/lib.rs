@@ -43,8 +43,8 @@ pub use backend::BackendError;
 pub use backend::cuda::{CudaAccess, CudaBackend};
 #[cfg(feature = "opencl")]
 pub use backend::opencl::{OpenClBackend, OpenClMem, OpenClSvm};
-pub use bytemuck;
 pub use buffer::{Buffer, BufferView, BufferViewMut, Mapping};
+pub use bytemuck;
 #[cfg(feature = "cuda")]
 pub use cudarc;
 pub use device::{AllocationMode, DeviceId, DeviceInfo, DeviceKind, Location, MapMode, MemoryKind};

@@ -213,14 +213,7 @@ impl MemoryManager {
     /// The accelerator with the most memory (the first such, on a tie), else the CPU.
     pub fn best_device(&self) -> DeviceInfo {
         let devices = &self.inner.devices;
-        devices
-            .iter()
-            .skip(1)
-            .rev()
-            .max_by_key(|d| d.info.total_memory)
-            .unwrap_or(&devices[0])
-            .info
-            .clone()
+        devices.iter().skip(1).rev().max_by_key(|d| d.info.total_memory).unwrap_or(&devices[0]).info.clone()
     }
 
     /// The backend of device `id`, for the backends' interop code.

@@ -37,7 +37,7 @@ fn opencl() -> Option<(MemoryManager, DeviceId)> {
 
 fn kernel(manager: &MemoryManager, device: DeviceId, name: &std::ffi::CStr) -> Kernel {
     let cl = manager.opencl_device(device).unwrap();
-    Kernel::new(cl.context(), cl.device_id(), name).unwrap()
+    Kernel::new(cl.context().get(), cl.device().id(), name).unwrap()
 }
 
 fn data(n: usize) -> Vec<f32> {
@@ -97,7 +97,7 @@ fn wait_for_wake(wakes: &Wakes) {
 
 fn gate(manager: &MemoryManager, device: DeviceId) -> Gate {
     let cl = manager.opencl_device(device).unwrap();
-    Gate::close(cl.context(), cl.queue())
+    Gate::close(cl.context().get(), cl.queue().get())
 }
 
 #[test]
@@ -200,8 +200,8 @@ fn a_kernel_writes_and_the_host_sees_it() {
     let iota = kernel(&manager, device, c"iota");
     let mut buffer = manager.allocate_on::<f32>(device, 4096, AllocationMode::Pooled).unwrap();
     assert_eq!(buffer.location(), Location::Device);
-    iota.arg_mem(0, buffer.opencl_mem(MapMode::Write).unwrap()).unwrap();
-    iota.enqueue(cl.queue(), 4096).unwrap();
+    iota.arg_mem(0, buffer.opencl_mem(cl.queue(), MapMode::Write).unwrap().mem()).unwrap();
+    iota.enqueue(cl.queue().get(), 4096).unwrap();
     let before = manager.statistics().syncs_to_host;
     // Host access orders itself after the kernel (same in-order queue, blocking read).
     assert!(buffer.as_slice().unwrap().iter().enumerate().all(|(i, &x)| x == i as f32));
@@ -221,12 +221,12 @@ fn the_host_writes_and_a_kernel_reads_it() {
     input.map(MapMode::Write).unwrap().copy_from_slice(&data(1024));
     assert_eq!(input.location(), Location::Host, "host writes make the host side newer");
     let to_device = manager.statistics().syncs_to_device;
-    scale.arg_mem(0, input.opencl_mem(MapMode::Read).unwrap()).unwrap();
+    scale.arg_mem(0, input.opencl_mem(cl.queue(), MapMode::Read).unwrap().mem()).unwrap();
     assert_eq!(input.location(), Location::Both, "flushed for the kernel, mirror still current");
     assert_eq!(manager.statistics().syncs_to_device, to_device + 1);
-    scale.arg_mem(1, output.opencl_mem(MapMode::Write).unwrap()).unwrap();
+    scale.arg_mem(1, output.opencl_mem(cl.queue(), MapMode::Write).unwrap().mem()).unwrap();
     scale.arg_f32(2, 3.0).unwrap();
-    scale.enqueue(cl.queue(), 1024).unwrap();
+    scale.enqueue(cl.queue().get(), 1024).unwrap();
     let mut result = vec![0.0; 1024];
     output.copy_to_blocking(&mut result, 0).unwrap();
     let expected: Vec<f32> = data(1024).iter().enumerate().map(|(i, x)| x * 3.0 + i as f32).collect();
@@ -254,7 +254,7 @@ fn copies_that_are_not_needed_are_skipped() {
     assert_eq!((end.syncs_to_host, end.syncs_to_device), (start.syncs_to_host, start.syncs_to_device));
     // A device-side copy into another buffer flushes once, then is device-local.
     let mut other = manager.allocate_on::<u32>(device, 1 << 16, AllocationMode::Pooled).unwrap();
-    buffer.opencl_mem(MapMode::Read).unwrap();
+    buffer.opencl_mem(manager.opencl_device(device).unwrap().queue(), MapMode::Read).unwrap().mem();
     other.copy_from_buffer(&buffer).unwrap();
     assert_eq!(other.location(), Location::Device);
     assert_eq!(other.as_slice().unwrap()[0], 1);
@@ -271,8 +271,8 @@ fn pooled_reuse_waits_for_the_last_use() {
         let mut pinned = manager.allocate_on::<f32>(device, n, AllocationMode::Pinned).unwrap();
         pinned.as_mut_slice().unwrap().fill(-1.0);
         let address = pinned.as_slice().unwrap().as_ptr();
-        iota.arg_mem(0, pinned.opencl_mem(MapMode::Write).unwrap()).unwrap();
-        iota.enqueue(cl.queue(), n).unwrap();
+        iota.arg_mem(0, pinned.opencl_mem(cl.queue(), MapMode::Write).unwrap().mem()).unwrap();
+        iota.enqueue(cl.queue().get(), n).unwrap();
         drop(pinned); // the kernel may still run
         let reused = manager.allocate_on::<f32>(device, n, AllocationMode::Pinned).unwrap();
         let seen = reused.as_slice().unwrap();
@@ -320,9 +320,12 @@ fn bad_input_is_refused_and_nothing_is_lost() {
     let small = manager.allocate_on::<f32>(device, 99, AllocationMode::Pooled).unwrap();
     assert!(matches!(buffer.copy_from_buffer(&small), Err(Error::LengthMismatch { .. })));
     let mut unified = manager.allocate_on::<f32>(device, 10, AllocationMode::Unified).unwrap();
-    assert!(matches!(unified.opencl_mem(MapMode::Read), Err(Error::UnsupportedMode { .. })));
+    assert!(matches!(
+        unified.opencl_mem(manager.opencl_device(device).unwrap().queue(), MapMode::Read),
+        Err(Error::UnsupportedMode { .. })
+    ));
     let mut cpu = manager.allocate::<f32>(10, AllocationMode::Pooled).unwrap();
-    let err = cpu.opencl_mem(MapMode::Read).unwrap_err();
+    let err = cpu.opencl_mem(manager.opencl_device(device).unwrap().queue(), MapMode::Read).unwrap_err();
     assert!(
         matches!(err, Error::WrongBackend { expected: DeviceKind::OpenCl, found: DeviceKind::Cpu, .. }),
         "{err}"
@@ -342,10 +345,10 @@ fn svm_with_kernels(manager: &MemoryManager, device: DeviceId) {
     let mut input = manager.allocate_on::<f32>(device, n, AllocationMode::Unified).unwrap();
     let mut output = manager.allocate_on::<f32>(device, n, AllocationMode::Unified).unwrap();
     input.as_mut_slice().unwrap().copy_from_slice(&data(n));
-    scale.arg_svm(0, input.opencl_svm(MapMode::Read).unwrap()).unwrap();
-    scale.arg_svm(1, output.opencl_svm(MapMode::Write).unwrap()).unwrap();
+    scale.arg_svm(0, input.opencl_svm(cl.queue(), MapMode::Read).unwrap().pointer()).unwrap();
+    scale.arg_svm(1, output.opencl_svm(cl.queue(), MapMode::Write).unwrap().pointer()).unwrap();
     scale.arg_f32(2, 2.0).unwrap();
-    scale.enqueue(cl.queue(), n).unwrap();
+    scale.enqueue(cl.queue().get(), n).unwrap();
     let expected: Vec<f32> = data(n).iter().enumerate().map(|(i, x)| x * 2.0 + i as f32).collect();
     assert_eq!(output.as_slice().unwrap(), &expected[..]);
     assert_eq!(input.as_slice().unwrap(), &data(n)[..]);
@@ -357,8 +360,8 @@ fn svm_with_kernels(manager: &MemoryManager, device: DeviceId) {
     for _ in 0..3 {
         let mut held = manager.allocate_on::<f32>(device, 1 << 22, AllocationMode::Unified).unwrap();
         held.as_mut_slice().unwrap().fill(-1.0);
-        iota.arg_svm(0, held.opencl_svm(MapMode::Write).unwrap()).unwrap();
-        iota.enqueue(cl.queue(), 1 << 22).unwrap();
+        iota.arg_svm(0, held.opencl_svm(cl.queue(), MapMode::Write).unwrap().pointer()).unwrap();
+        iota.enqueue(cl.queue().get(), 1 << 22).unwrap();
         drop(held); // the kernel may still run, and the memory is the device's
         let reused = manager.allocate_on::<f32>(device, 1 << 22, AllocationMode::Unified).unwrap();
         assert!(reused.as_slice().unwrap().iter().enumerate().all(|(i, &x)| x == i as f32));
@@ -435,7 +438,7 @@ fn callers_queue(manager: &MemoryManager, device: DeviceId) -> CommandQueue {
     let cl = manager.opencl_device(device).unwrap();
     #[allow(deprecated, reason = "clCreateCommandQueue is the call that every OpenCL version has")]
     // SAFETY: a live context and one of its devices, no properties.
-    let raw = unsafe { cl3::command_queue::create_command_queue(cl.context(), cl.device_id(), 0) }
+    let raw = unsafe { cl3::command_queue::create_command_queue(cl.context().get(), cl.device().id(), 0) }
         .expect("clCreateCommandQueue");
     CommandQueue::new(raw, 3)
 }
@@ -448,10 +451,11 @@ fn reuse_after_a_kernel_on_the_callers_queue_is_ordered_on_the_device() {
     let iota = kernel(&manager, device, c"iota");
     let n = 1 << 20;
     let mut first = manager.allocate_on::<f32>(device, n, AllocationMode::Pooled).unwrap();
-    let mut gate = Gate::close(cl.context(), theirs.get());
-    let mem = first.opencl_mem_on(&theirs, MapMode::Write).unwrap();
-    iota.arg_mem(0, mem).unwrap();
+    let mut gate = Gate::close(cl.context().get(), theirs.get());
+    let access = first.opencl_mem(&theirs, MapMode::Write).unwrap();
+    iota.arg_mem(0, access.mem()).unwrap();
     iota.enqueue(theirs.get(), n).unwrap(); // held behind the gate
+    drop(access); // records the kernel as the buffer's last use
     drop(first); // enqueues the ordering, waits for nothing (the kernel is still gated)
 
     let mut second = manager.allocate_on::<f32>(device, n, AllocationMode::Pooled).unwrap();
@@ -483,9 +487,11 @@ fn host_access_waits_for_kernels_on_the_callers_queue() {
     let n = 1 << 20;
     for mode in [AllocationMode::Pooled, AllocationMode::Pinned] {
         let mut buffer = manager.allocate_on::<f32>(device, n, mode).unwrap();
-        let mut gate = Gate::close(cl.context(), theirs.get());
-        iota.arg_mem(0, buffer.opencl_mem_on(&theirs, MapMode::Write).unwrap()).unwrap();
+        let mut gate = Gate::close(cl.context().get(), theirs.get());
+        let access = buffer.opencl_mem(&theirs, MapMode::Write).unwrap();
+        iota.arg_mem(0, access.mem()).unwrap();
         iota.enqueue(theirs.get(), n).unwrap();
+        drop(access);
         std::thread::scope(|scope| {
             let reader = scope.spawn(|| buffer.as_slice().unwrap().to_vec());
             std::thread::sleep(Duration::from_millis(50));
@@ -512,10 +518,15 @@ fn the_callers_queue_is_ordered_after_unimems_writes() {
         let mut write = Box::pin(input.copy_from(&src, 0));
         assert!(write.as_mut().poll(&mut Context::from_waker(&waker)).is_pending());
     } // dropped: the write stays queued behind the gate
-    scale.arg_mem(0, input.opencl_mem_on(&theirs, MapMode::Read).unwrap()).unwrap();
-    scale.arg_mem(1, output.opencl_mem_on(&theirs, MapMode::Write).unwrap()).unwrap();
+    let (read, write) = (
+        input.opencl_mem(&theirs, MapMode::Read).unwrap(),
+        output.opencl_mem(&theirs, MapMode::Write).unwrap(),
+    );
+    scale.arg_mem(0, read.mem()).unwrap();
+    scale.arg_mem(1, write.mem()).unwrap();
     scale.arg_f32(2, 2.0).unwrap();
     scale.enqueue(theirs.get(), n).unwrap(); // must not run before unimem's write
+    drop((read, write));
     gate.open();
     let expected: Vec<f32> = data(n).iter().enumerate().map(|(i, x)| x * 2.0 + i as f32).collect();
     assert_eq!(output.as_slice().unwrap(), &expected[..], "the kernel read the input before it was written");
@@ -525,18 +536,19 @@ fn the_callers_queue_is_ordered_after_unimems_writes() {
 fn a_queue_of_another_context_is_refused() {
     let Some((manager, device)) = opencl() else { return };
     let cl = manager.opencl_device(device).unwrap();
-    let other =
-        unimem::opencl3::context::Context::from_device(&unimem::opencl3::device::Device::new(cl.device_id()))
-            .unwrap();
+    let other = unimem::opencl3::context::Context::from_device(&unimem::opencl3::device::Device::new(
+        cl.device().id(),
+    ))
+    .unwrap();
     #[allow(deprecated, reason = "clCreateCommandQueue is the call that every OpenCL version has")]
     let foreign = CommandQueue::create_default(&other, 0).unwrap();
     let mut buffer = manager.allocate_on::<f32>(device, 100, AllocationMode::Pooled).unwrap();
     buffer.copy_from_blocking(&data(100), 0).unwrap();
     buffer.as_mut_slice().unwrap()[0] = 42.0; // host side newer: a refused call must not flush
-    let err = buffer.opencl_mem_on(&foreign, MapMode::ReadWrite).unwrap_err();
+    let err = buffer.opencl_mem(&foreign, MapMode::ReadWrite).unwrap_err();
     assert!(matches!(err, Error::ForeignQueue { .. }), "{err}");
     assert_eq!(buffer.location(), Location::Host, "unchanged");
-    let err = buffer.opencl_svm_on(&callers_queue(&manager, device), MapMode::Read).unwrap_err();
+    let err = buffer.opencl_svm(&callers_queue(&manager, device), MapMode::Read).unwrap_err();
     assert!(matches!(err, Error::UnsupportedMode { .. }), "{err}");
     let mut expected = data(100);
     expected[0] = 42.0;
@@ -561,7 +573,7 @@ fn an_unwritten_write_mapping_leaves_the_buffer_as_it_was() {
     std::mem::forget(buffer.map(MapMode::Write).unwrap());
     buffer.as_mut_slice().unwrap()[0] = 42.0; // a partial host write, flushed below
     let mut copy = manager.allocate_on::<f32>(device, n, AllocationMode::Pooled).unwrap();
-    buffer.opencl_mem(MapMode::Read).unwrap(); // the host side goes to the device
+    buffer.opencl_mem(manager.opencl_device(device).unwrap().queue(), MapMode::Read).unwrap().mem(); // the host side goes to the device
     copy.copy_from_buffer(&buffer).unwrap(); // device to device
     let mut back = vec![0.0; n];
     copy.copy_to_blocking(&mut back, 0).unwrap();
@@ -624,7 +636,7 @@ fn dropping_unpooled_pinned_and_svm_memory_never_waits_for_the_queue() {
 fn a_request_above_the_largest_allocation_never_fits() {
     let Some((manager, device)) = opencl() else { return };
     let cl = manager.opencl_device(device).unwrap();
-    let largest = unimem::opencl3::device::Device::new(cl.device_id()).max_mem_alloc_size().unwrap();
+    let largest = unimem::opencl3::device::Device::new(cl.device().id()).max_mem_alloc_size().unwrap();
     let err = manager.allocate_on::<u8>(device, largest as usize + 1, AllocationMode::Unpooled).unwrap_err();
     assert!(matches!(err, Error::TooLarge { largest: l, .. } if l == largest), "{err}");
     assert!(err.to_string().contains(&format!("largest allocation {largest} bytes")), "{err}");

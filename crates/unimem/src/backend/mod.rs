@@ -327,7 +327,11 @@ pub(crate) trait Queue: Send + Sync {
     fn before_host_access(&self, allocation: &RawAllocation, kind: MemoryKind) -> Result<(), BackendError>;
 
     /// Prepares memory for a user's kernels (migrates managed memory to the device).
-    fn before_device_access(&self, _allocation: &RawAllocation, _kind: MemoryKind) -> Result<(), BackendError> {
+    fn before_device_access(
+        &self,
+        _allocation: &RawAllocation,
+        _kind: MemoryKind,
+    ) -> Result<(), BackendError> {
         Ok(())
     }
 

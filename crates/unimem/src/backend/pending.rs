@@ -60,7 +60,10 @@ impl Pending {
 
     /// An operation that has already finished, with the staging memory it used.
     #[cfg(test)]
-    pub(crate) fn ready(staging: Option<crate::host_lines::HostLines>, outcome: Result<(), BackendError>) -> Pending {
+    pub(crate) fn ready(
+        staging: Option<crate::host_lines::HostLines>,
+        outcome: Result<(), BackendError>,
+    ) -> Pending {
         let (pending, signal) = Pending::new(staging.map(Staging::new));
         signal.complete(outcome);
         pending

@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, LaunchArgs, PushKernelArg, SyncOnDrop, sys};
+use cudarc::driver::{
+    CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, LaunchArgs, PushKernelArg, SyncOnDrop, sys,
+};
 
 use super::{CudaBackend, Drained, Event};
 use crate::backend::Fence;
@@ -54,7 +56,11 @@ impl<T: Element> Buffer<T> {
     /// [`Error::WrongBackend`] for buffers that are not CUDA memory, [`Error::ForeignQueue`]
     /// if `stream` belongs to another context; transfer errors. The buffer is unchanged on
     /// error.
-    pub fn cuda_ptr<'a>(&'a mut self, stream: &Arc<CudaStream>, access: MapMode) -> Result<CudaAccess<'a, T>> {
+    pub fn cuda_ptr<'a>(
+        &'a mut self,
+        stream: &Arc<CudaStream>,
+        access: MapMode,
+    ) -> Result<CudaAccess<'a, T>> {
         let backend: &CudaBackend =
             self.backend().downcast_ref().ok_or_else(|| self.wrong_backend(DeviceKind::Cuda))?;
         let foreign = stream.cu_stream() != backend.stream;

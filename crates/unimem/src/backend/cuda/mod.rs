@@ -214,7 +214,8 @@ impl DeviceFence for Drained {
         unsafe { result::ctx::set_current(self.0.context().cu_ctx()) }
             .map_err(|e| driver("cuCtxSetCurrent", e))?;
         // SAFETY: a live stream (the `Arc` keeps it).
-        unsafe { result::stream::synchronize(self.0.cu_stream()) }.map_err(|e| driver("cuStreamSynchronize", e))
+        unsafe { result::stream::synchronize(self.0.cu_stream()) }
+            .map_err(|e| driver("cuStreamSynchronize", e))
     }
 
     fn is_complete(&self) -> Result<bool, BackendError> {
@@ -390,8 +391,10 @@ impl CudaBackend {
     fn wait_for(stream: sys::CUstream, event: &Event) -> Result<(), BackendError> {
         event.bind()?;
         // SAFETY: a live stream of the bound context and a live event.
-        unsafe { result::stream::wait_event(stream, event.event, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) }
-            .map_err(|e| driver("cuStreamWaitEvent", e))
+        unsafe {
+            result::stream::wait_event(stream, event.event, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
+        }
+        .map_err(|e| driver("cuStreamWaitEvent", e))
     }
 
     /// `bytes` of page-locked staging: the smallest idle chunk that fits, or a new one. Idle
@@ -756,5 +759,4 @@ impl Queue for CudaBackend {
         self.synchronize()?;
         Ok(true)
     }
-
 }

@@ -64,7 +64,11 @@ impl<T: Element> Buffer<T> {
     /// [`Error::UnsupportedMode`] for OpenCL shared virtual memory (use
     /// [`opencl_svm`](Self::opencl_svm)), [`Error::ForeignQueue`] if `queue` belongs to
     /// another context; transfer errors. The buffer is unchanged on error.
-    pub fn opencl_mem<'a>(&'a mut self, queue: &'a CommandQueue, access: MapMode) -> Result<OpenClMem<'a, T>> {
+    pub fn opencl_mem<'a>(
+        &'a mut self,
+        queue: &'a CommandQueue,
+        access: MapMode,
+    ) -> Result<OpenClMem<'a, T>> {
         Access::begin(self, queue, access, false).map(OpenClMem)
     }
 
@@ -77,7 +81,11 @@ impl<T: Element> Buffer<T> {
     /// # Errors
     /// As for [`opencl_mem`](Self::opencl_mem); [`Error::UnsupportedMode`] for buffers that
     /// are not OpenCL SVM.
-    pub fn opencl_svm<'a>(&'a mut self, queue: &'a CommandQueue, access: MapMode) -> Result<OpenClSvm<'a, T>> {
+    pub fn opencl_svm<'a>(
+        &'a mut self,
+        queue: &'a CommandQueue,
+        access: MapMode,
+    ) -> Result<OpenClSvm<'a, T>> {
         Access::begin(self, queue, access, true).map(OpenClSvm)
     }
 }
