@@ -50,7 +50,7 @@ fn allocation(c: &mut Criterion, manager: &MemoryManager, device: DeviceId, cuda
             b.iter(|| drop(black_box(manager.allocate_on::<u8>(device, bytes, AllocationMode::Pooled))))
         });
         // SAFETY: the device's context, current on this thread for the driver calls below.
-        unsafe { result::ctx::set_current(cuda.context()) }.expect("context");
+        unsafe { result::ctx::set_current(cuda.context().cu_ctx()) }.expect("context");
         group.bench_function(BenchmarkId::new("cuMemAlloc_cuMemFree", label(bytes)), |b| {
             b.iter(|| {
                 // SAFETY: a plain allocation, freed at once.
@@ -64,13 +64,14 @@ fn allocation(c: &mut Criterion, manager: &MemoryManager, device: DeviceId, cuda
             b.iter(|| {
                 // SAFETY: a stream-ordered allocation on unimem's stream, freed at once.
                 unsafe {
-                    let ptr = result::malloc_async(cuda.stream(), bytes).expect("cuMemAllocAsync");
-                    result::free_async(black_box(ptr), cuda.stream()).expect("cuMemFreeAsync");
+                    let ptr =
+                        result::malloc_async(cuda.stream().cu_stream(), bytes).expect("cuMemAllocAsync");
+                    result::free_async(black_box(ptr), cuda.stream().cu_stream()).expect("cuMemFreeAsync");
                 }
             })
         });
         // SAFETY: our stream.
-        unsafe { result::stream::synchronize(cuda.stream()) }.expect("sync");
+        unsafe { result::stream::synchronize(cuda.stream().cu_stream()) }.expect("sync");
         group.finish();
     }
 }
@@ -99,9 +100,9 @@ fn transfers(c: &mut Criterion, manager: &MemoryManager, device: DeviceId, cuda:
         pinned.as_mut_slice().expect("host").fill(1);
         let mut pageable = vec![1u8; bytes];
         // SAFETY: the device's context, current on this thread.
-        unsafe { result::ctx::set_current(cuda.context()) }.expect("context");
+        unsafe { result::ctx::set_current(cuda.context().cu_ctx()) }.expect("context");
         let driver_pinned = DriverPinned::new(bytes);
-        let dptr = target.cuda_ptr(MapMode::ReadWrite).expect("pointer");
+        let dptr = target.cuda_ptr(cuda.stream(), MapMode::ReadWrite).expect("pointer").ptr();
 
         let mut group = new_group(c, "cuda_h2d", bytes);
         group.throughput(Throughput::Bytes(bytes as u64));
@@ -140,7 +141,7 @@ fn transfers(c: &mut Criterion, manager: &MemoryManager, device: DeviceId, cuda:
         group.finish();
 
         let mut source = manager.allocate_on::<u8>(device, bytes, AllocationMode::Pooled).expect("device");
-        let sptr = source.cuda_ptr(MapMode::Read).expect("pointer");
+        let sptr = source.cuda_ptr(cuda.stream(), MapMode::Read).expect("pointer").ptr();
         let mut group = new_group(c, "cuda_d2d", bytes);
         group.throughput(Throughput::Bytes(bytes as u64));
         group.bench_function(BenchmarkId::new("unimem_copy_from_buffer", label(bytes)), |b| {

@@ -195,9 +195,9 @@ fn a_device_write_through_the_raw_pointer_is_seen_by_the_host() {
         let n = 1 << 20;
         let mut buffer = manager.allocate_on::<u32>(device, n, mode).unwrap();
         buffer.as_mut_slice().unwrap().fill(1);
-        let ptr = buffer.cuda_ptr(MapMode::ReadWrite).unwrap();
+        let ptr = buffer.cuda_ptr(cuda.stream(), MapMode::ReadWrite).unwrap().ptr();
         // SAFETY: `n` u32s of our buffer, on unimem's stream.
-        unsafe { sys::cuMemsetD32Async(ptr, 7, n, cuda.stream()) }.result().unwrap();
+        unsafe { sys::cuMemsetD32Async(ptr, 7, n, cuda.stream().cu_stream()) }.result().unwrap();
         let before = manager.statistics().syncs_to_host;
         assert!(buffer.as_slice().unwrap().iter().all(|&x| x == 7), "{mode:?}");
         if mode == AllocationMode::Pooled {
@@ -215,9 +215,9 @@ fn pooled_pinned_reuse_waits_for_the_last_use() {
     for round in 0..3u32 {
         let mut pinned = manager.allocate_on::<u32>(device, n, AllocationMode::Pinned).unwrap();
         let address = pinned.as_slice().unwrap().as_ptr();
-        let ptr = pinned.cuda_ptr(MapMode::Write).unwrap();
+        let ptr = pinned.cuda_ptr(cuda.stream(), MapMode::Write).unwrap().ptr();
         // SAFETY: `n` u32s of our buffer, on unimem's stream.
-        unsafe { sys::cuMemsetD32Async(ptr, round + 10, n, cuda.stream()) }.result().unwrap();
+        unsafe { sys::cuMemsetD32Async(ptr, round + 10, n, cuda.stream().cu_stream()) }.result().unwrap();
         drop(pinned); // the memset may still run
         let reused = manager.allocate_on::<u32>(device, n, AllocationMode::Pinned).unwrap();
         assert_eq!(reused.as_slice().unwrap().as_ptr(), address, "the same pooled memory");
@@ -272,7 +272,7 @@ impl Wake for Wakes {
 #[test]
 fn async_copies_complete_from_the_stream_and_survive_drop_and_leak() {
     let Some((manager, device)) = cuda() else { return };
-    let stream = manager.cuda_device(device).unwrap().stream();
+    let stream = manager.cuda_device(device).unwrap().stream().cu_stream();
     let n = 1 << 22;
     let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
     let waker = Waker::from(Arc::clone(&wakes));
@@ -397,7 +397,7 @@ fn bad_input_is_refused_and_nothing_is_lost() {
     assert!(matches!(buffer.copy_to_blocking(&mut [0.0; 101], 0), Err(Error::OutOfBounds { .. })));
     let mut cpu = manager.allocate::<f32>(10, AllocationMode::Pooled).unwrap();
     assert!(matches!(
-        cpu.cuda_ptr(MapMode::Read),
+        cpu.cuda_ptr(manager.cuda_device(device).unwrap().stream(), MapMode::Read),
         Err(Error::WrongBackend { expected: DeviceKind::Cuda, .. })
     ));
     assert!(matches!(manager.cuda_device(DeviceId::CPU), Err(Error::WrongDeviceKind { .. })));
@@ -423,9 +423,10 @@ fn reuse_after_work_on_the_callers_stream_is_ordered_on_the_device() {
     let n = 1 << 22;
     let mut first = manager.allocate_on::<u32>(device, n, AllocationMode::Pooled).unwrap();
     let gate = StreamGate::close(theirs.cu_stream());
-    let ptr = first.cuda_ptr_on(&theirs, MapMode::Write).unwrap();
+    let access = first.cuda_ptr(&theirs, MapMode::Write).unwrap();
     // SAFETY: `n` u32s of our buffer, on the caller's stream (held behind the gate).
-    unsafe { sys::cuMemsetD32Async(ptr, 7, n, theirs.cu_stream()) }.result().unwrap();
+    unsafe { sys::cuMemsetD32Async(access.ptr(), 7, n, theirs.cu_stream()) }.result().unwrap();
+    drop(access); // records the memset as the buffer's last use
     drop(first); // enqueues the ordering (an event and a stream wait); waits for nothing
 
     let mut second = manager.allocate_on::<u32>(device, n, AllocationMode::Pooled).unwrap();
@@ -456,9 +457,10 @@ fn host_access_waits_for_work_on_the_callers_stream() {
     for mode in [AllocationMode::Pooled, AllocationMode::Pinned, AllocationMode::Unified] {
         let mut buffer = manager.allocate_on::<u32>(device, n, mode).unwrap();
         let gate = StreamGate::close(theirs.cu_stream());
-        let ptr = buffer.cuda_ptr_on(&theirs, MapMode::Write).unwrap();
+        let access = buffer.cuda_ptr(&theirs, MapMode::Write).unwrap();
         // SAFETY: as above.
-        unsafe { sys::cuMemsetD32Async(ptr, 9, n, theirs.cu_stream()) }.result().unwrap();
+        unsafe { sys::cuMemsetD32Async(access.ptr(), 9, n, theirs.cu_stream()) }.result().unwrap();
+        drop(access);
         std::thread::scope(|scope| {
             let reader = scope.spawn(|| buffer.as_slice().unwrap().to_vec());
             std::thread::sleep(Duration::from_millis(50));
@@ -472,7 +474,7 @@ fn host_access_waits_for_work_on_the_callers_stream() {
 #[test]
 fn the_callers_stream_is_ordered_after_unimems_writes() {
     let Some((manager, device)) = cuda() else { return };
-    let ours = manager.cuda_device(device).unwrap().stream();
+    let ours = manager.cuda_device(device).unwrap().stream().cu_stream();
     let theirs = callers_stream(&manager, device);
     let n = 1 << 22;
     let mut input = manager.allocate_on::<u32>(device, n, AllocationMode::Pooled).unwrap();
@@ -485,10 +487,11 @@ fn the_callers_stream_is_ordered_after_unimems_writes() {
         let mut write = Box::pin(input.copy_from(&src, 0));
         assert!(write.as_mut().poll(&mut Context::from_waker(&waker)).is_pending());
     } // dropped: the write stays queued behind the gate
-    let from = input.cuda_ptr_on(&theirs, MapMode::Read).unwrap();
-    let to = output.cuda_ptr_on(&theirs, MapMode::Write).unwrap();
+    let from = input.cuda_ptr(&theirs, MapMode::Read).unwrap();
+    let to = output.cuda_ptr(&theirs, MapMode::Write).unwrap();
     // SAFETY: two buffers of `n` u32s, on the caller's stream; must run after unimem's write.
-    unsafe { sys::cuMemcpyDtoDAsync_v2(to, from, n * 4, theirs.cu_stream()) }.result().unwrap();
+    unsafe { sys::cuMemcpyDtoDAsync_v2(to.ptr(), from.ptr(), n * 4, theirs.cu_stream()) }.result().unwrap();
+    drop((from, to));
     gate.open();
     assert_eq!(output.as_slice().unwrap(), &src[..], "the caller's copy ran before unimem's write");
     // A stream of another device's context is refused, the buffer unchanged.
@@ -496,7 +499,7 @@ fn the_callers_stream_is_ordered_after_unimems_writes() {
         manager.devices().into_iter().filter(|d| d.kind == DeviceKind::Cuda).map(|d| d.id).collect();
     if let [_, other, ..] = cudas[..] {
         let elsewhere = callers_stream(&manager, other);
-        let err = output.cuda_ptr_on(&elsewhere, MapMode::Read).unwrap_err();
+        let err = output.cuda_ptr(&elsewhere, MapMode::Read).unwrap_err();
         assert!(matches!(err, Error::ForeignQueue { .. }), "{err}");
     }
 }
@@ -509,7 +512,7 @@ fn dropping_unpooled_pinned_and_managed_memory_never_waits_for_the_stream() {
     let Some((_, device)) = cuda() else { return };
     let options = unimem::MemoryOptions::default().with_pooling(false);
     let manager = MemoryManager::builder().options(options).build();
-    let stream = manager.cuda_device(device).unwrap().stream();
+    let stream = manager.cuda_device(device).unwrap().stream().cu_stream();
     for mode in [AllocationMode::Pinned, AllocationMode::Unified] {
         let mut buffer = manager.allocate_on::<f32>(device, 1 << 20, mode).unwrap();
         buffer.as_mut_slice().unwrap().fill(1.0);
@@ -538,7 +541,7 @@ fn an_unwritten_write_mapping_leaves_the_buffer_as_it_was() {
     std::mem::forget(buffer.map(MapMode::Write).unwrap());
     drop(buffer.map(MapMode::Write).unwrap());
     buffer.as_mut_slice().unwrap()[0] = 42.0;
-    buffer.cuda_ptr(MapMode::Read).unwrap(); // the host side goes to the device
+    buffer.cuda_ptr(manager.cuda_device(device).unwrap().stream(), MapMode::Read).unwrap(); // the host side goes to the device
     let mut copy = manager.allocate_on::<f32>(device, n, AllocationMode::Pooled).unwrap();
     copy.copy_from_buffer(&buffer).unwrap();
     let mut back = vec![0.0; n];
@@ -696,10 +699,10 @@ fn faults_in_stream_waits_never_pool_unordered_memory() {
     let mut buffer = manager.allocate_on::<f32>(device, 1000, AllocationMode::Pooled).unwrap();
     buffer.copy_from_blocking(&data(1000), 0).unwrap();
     model_faults::fail("cuStreamWaitEvent", 1, INVALID_VALUE);
-    assert!(buffer.cuda_ptr_on(&stream, MapMode::ReadWrite).is_err());
+    assert!(buffer.cuda_ptr(&stream, MapMode::ReadWrite).is_err());
     model_faults::clear();
     assert_eq!(buffer.as_slice().unwrap(), &data(1000)[..]);
-    buffer.cuda_ptr_on(&stream, MapMode::ReadWrite).unwrap();
+    buffer.cuda_ptr(&stream, MapMode::ReadWrite).unwrap();
     model_faults::fail("cuStreamWaitEvent", 1, INVALID_VALUE);
     drop(buffer); // unimem's stream cannot be ordered after the caller's
     model_faults::clear();
@@ -755,7 +758,7 @@ fn faults_in_frees_are_counted_never_panicked_on() {
 #[test]
 fn faults_sticky_errors_lose_the_device_and_complete_pending_copies() {
     let Some((manager, device, _guard)) = faults() else { return };
-    let stream = manager.cuda_device(device).unwrap().stream();
+    let stream = manager.cuda_device(device).unwrap().stream().cu_stream();
     let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
     let waker = Waker::from(Arc::clone(&wakes));
     let mut cx = Context::from_waker(&waker);
@@ -809,7 +812,7 @@ fn faults_in_binding_peer_copies_prefetch_fence_query_and_destroy() {
 
     // Prefetching managed memory back for the host.
     let mut unified = manager.allocate_on::<f32>(device, 1000, AllocationMode::Unified).unwrap();
-    unified.cuda_ptr(MapMode::ReadWrite).unwrap();
+    unified.cuda_ptr(manager.cuda_device(device).unwrap().stream(), MapMode::ReadWrite).unwrap();
     model_faults::fail("cuMemPrefetchAsync_v2", 1, INVALID_VALUE);
     let err = unified.as_slice().unwrap_err();
     assert!(err.to_string().contains("cuMemPrefetchAsync"), "{err}");
@@ -820,7 +823,7 @@ fn faults_in_binding_peer_copies_prefetch_fence_query_and_destroy() {
     // A deferred free whose fence cannot be queried is kept, not freed under the stream.
     let options = unimem::MemoryOptions::default().with_pooling(false);
     let unpooled = MemoryManager::builder().options(options).build();
-    let stream = unpooled.cuda_device(device).unwrap().stream();
+    let stream = unpooled.cuda_device(device).unwrap().stream().cu_stream();
     let pinned = unpooled.allocate_on::<u8>(device, 4096, AllocationMode::Pinned).unwrap();
     let gate = StreamGate::close(stream);
     model_faults::fail("cuEventQuery", 1, INVALID_VALUE);
@@ -848,7 +851,7 @@ fn faults_in_binding_peer_copies_prefetch_fence_query_and_destroy() {
 #[test]
 fn a_buffer_dropped_after_its_manager_never_waits_for_the_stream() {
     let Some((manager, device)) = cuda() else { return };
-    let stream = manager.cuda_device(device).unwrap().stream();
+    let stream = manager.cuda_device(device).unwrap().stream().cu_stream();
     let buffer = manager.allocate_on::<f32>(device, 1 << 20, AllocationMode::Pinned).unwrap();
     drop(manager);
     let gate = StreamGate::close(stream);
