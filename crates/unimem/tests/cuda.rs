@@ -8,6 +8,9 @@
 //! (not CUDA, and no evidence about a GPU): it checks unimem's own logic against the
 //! API's ordering rules, and aborts on device commands outside live memory.
 
+#[path = "../examples/cuda_kernel.rs"]
+mod cuda_kernel_example;
+
 use std::ffi::c_void;
 use std::future::Future;
 use std::path::Path;
@@ -858,4 +861,12 @@ fn a_buffer_dropped_after_its_manager_never_waits_for_the_stream() {
     let returned = drops_in_time(buffer);
     gate.open();
     assert!(returned, "drop waited for the stream");
+}
+
+/// The CUDA example, on this process's driver: on a GPU all of it, on the model driver (which
+/// loads no modules) everything but the kernel.
+#[test]
+fn the_cuda_example_runs() {
+    let Some(_) = cuda() else { return };
+    cuda_kernel_example::main().unwrap();
 }

@@ -81,6 +81,7 @@ enum {
     INVALID_HANDLE = 400,
     NOT_READY = 600,
     PEER_ACCESS_ALREADY_ENABLED = 704,
+    NOT_SUPPORTED = 801,
 };
 
 #define MAX_DEVICES 4
@@ -846,5 +847,27 @@ CUresult cuMemsetD32Async(CUdeviceptr p, unsigned value, size_t n, struct stream
     check_range(__func__, (uintptr_t)p, n * 4, 0);
     enqueue(s, (struct op){ .kind = SET32, .dst = (void *)(uintptr_t)p, .value = value, .n = n,
                             .call = __func__, .check_dst = 1 });
+    return OK;
+}
+
+/* The model runs no kernels: loading a module is refused, so that code that would launch
+ * one (the `cuda_kernel` example) takes its kernel-free path. */
+CUresult cuModuleLoadData(void **module, const void *image) {
+    (void)module;
+    (void)image;
+    ENTER();
+    return NOT_SUPPORTED;
+}
+
+/* Error strings, as cudarc's `DriverError` formats them. */
+CUresult cuGetErrorString(int error, const char **text) {
+    switch (error) {
+    case OK: *text = "no error"; break;
+    case INVALID_VALUE: *text = "invalid argument"; break;
+    case OUT_OF_MEMORY: *text = "out of memory"; break;
+    case INVALID_CONTEXT: *text = "invalid device context"; break;
+    case NOT_SUPPORTED: *text = "operation not supported (the unimem model driver runs no kernels)"; break;
+    default: *text = "error (unimem model driver)"; break;
+    }
     return OK;
 }
