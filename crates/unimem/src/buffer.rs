@@ -496,6 +496,53 @@ impl<T: Element> Buffer<T> {
         self.copy_from_blocking(src, 0)
     }
 
+    /// Sets every element to `value`: on the device, without a host copy, where the
+    /// backend fills memory with a pattern of the element's size (OpenCL: 1 to 128 bytes, a
+    /// power of two; CUDA: 4-byte elements, or any element whose bytes are all equal);
+    /// through the host otherwise.
+    pub fn fill(&mut self, value: T) -> Result<()> {
+        self.fill_range(0..self.len, value)
+    }
+
+    /// Sets the elements of `range` (checked by the caller) to `value`, as `fill` does.
+    pub(crate) fn fill_range(&mut self, range: Range<usize>, value: T) -> Result<()> {
+        if range.is_empty() {
+            return Ok(());
+        }
+        if self.is_device_only() {
+            let (at, bytes) = (range.start * size_of::<T>(), range.len() * size_of::<T>());
+            // The host's changes outside the range must reach the device first.
+            if range.len() < self.len {
+                self.flush()?;
+            }
+            // SAFETY: device memory of this pool's backend; the range is the buffer's own.
+            let filled = unsafe { self.ops()?.fill(&self.block.mem, at, bytes, bytemuck::bytes_of(&value)) }
+                .map_err(Error::on(self.device()))?;
+            if filled {
+                let size = self.size_in_bytes();
+                if let Some(mirror) = self.mirror.get_mut() {
+                    bytemuck::cast_slice_mut::<u8, T>(mirror.bytes_mut(size))[range].fill(value);
+                }
+                self.host_newer = false;
+                return Ok(());
+            }
+            if range.len() == self.len {
+                // Nothing of the device's contents survives: no copy from it.
+                self.map(MapMode::Write)?.fill(value);
+                return Ok(());
+            }
+        }
+        self.as_mut_slice()?[range].fill(value);
+        Ok(())
+    }
+
+    /// The elements, copied into a new vector.
+    pub fn to_vec(&self) -> Result<Vec<T>> {
+        let mut out = vec![T::zeroed(); self.len];
+        self.copy_to_blocking(&mut out, 0)?;
+        Ok(out)
+    }
+
     /// A read-only view of `range`, whose offsets count from the range's start.
     pub fn slice(&self, range: impl RangeBounds<usize>) -> Result<BufferView<'_, T>> {
         let range = resolve_range(range, self.len)?;

@@ -81,6 +81,32 @@ pub struct ReturnError<T: Element> {
     pub error: Error,
 }
 
+impl<T: Element> From<ReturnError<T>> for Error {
+    /// The reason, for `?` (the buffer is dropped, its memory freed or pooled).
+    fn from(refused: ReturnError<T>) -> Error {
+        refused.error
+    }
+}
+
+/// A vector handed to [`MemoryManager::create_buffer`] that could not become a buffer; the
+/// vector is returned unharmed with the reason.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct CreateError<T> {
+    /// The vector, untouched.
+    pub data: Vec<T>,
+    /// Why it was refused.
+    #[source]
+    pub error: Error,
+}
+
+impl<T> From<CreateError<T>> for Error {
+    /// The reason, for `?` (the vector is dropped).
+    fn from(refused: CreateError<T>) -> Error {
+        refused.error
+    }
+}
+
 impl MemoryManagerBuilder {
     /// Uses `options` (already validated by their setters or by deserialisation).
     pub fn options(mut self, options: MemoryOptions) -> Self {
@@ -326,12 +352,24 @@ impl MemoryManager {
     /// Makes a CPU buffer from `data`. The vector's memory is adopted without copying (and
     /// freed, not pooled, when the buffer is dropped: its layout is the vector's) unless
     /// `mode` is [`AllocationMode::Pinned`], which needs page-locked memory and so copies.
-    pub fn create_buffer<T: Element>(&self, data: Vec<T>, mode: AllocationMode) -> Result<Buffer<T>> {
+    ///
+    /// # Errors
+    /// As for [`allocate`](Self::allocate); the vector comes back in the error.
+    pub fn create_buffer<T: Element>(
+        &self,
+        data: Vec<T>,
+        mode: AllocationMode,
+    ) -> Result<Buffer<T>, CreateError<T>> {
         if mode == AllocationMode::Pinned {
-            return self.create_buffer_on(DeviceId::CPU, &data, mode);
+            return self
+                .create_buffer_on(DeviceId::CPU, &data, mode)
+                .map_err(|error| CreateError { data, error });
         }
-        let size = byte_len::<T>(data.len())?;
-        let pool = self.pool(DeviceId::CPU, mode)?;
+        let checked = byte_len::<T>(data.len()).and_then(|size| Ok((size, self.pool(DeviceId::CPU, mode)?)));
+        let (size, pool) = match checked {
+            Ok(checked) => checked,
+            Err(error) => return Err(CreateError { data, error }),
+        };
         let mut data = ManuallyDrop::new(data);
         // A Vec's buffer spans `capacity` elements; for zero-sized types it spans nothing.
         let bytes = data.capacity().saturating_mul(size_of::<T>());

@@ -870,3 +870,27 @@ fn the_cuda_example_runs() {
     let Some(_) = cuda() else { return };
     cuda_kernel_example::main().unwrap();
 }
+
+/// `fill` on the device: a 4-byte pattern by `cuMemsetD32Async`, equal bytes by
+/// `cuMemsetD8Async`, anything else through the host; nothing crosses to the host for the
+/// first two.
+#[test]
+fn fill_runs_on_the_device_where_the_pattern_allows() {
+    let Some((manager, device)) = cuda() else { return };
+    let mut words = manager.allocate_on::<u32>(device, 1 << 16, AllocationMode::Pooled).unwrap();
+    let mut bytes = manager.allocate_on::<u8>(device, 1000, AllocationMode::Pooled).unwrap();
+    let before = manager.statistics();
+    words.fill(0xdead_beef).unwrap();
+    bytes.fill(7).unwrap();
+    let after = manager.statistics();
+    assert_eq!((after.syncs_to_host, after.syncs_to_device), (before.syncs_to_host, before.syncs_to_device));
+    assert_eq!(words.location(), Location::Device);
+    assert!(words.to_vec().unwrap().iter().all(|&x| x == 0xdead_beef));
+    assert!(bytes.to_vec().unwrap().iter().all(|&x| x == 7));
+    words.slice_mut(100..200).unwrap().fill(1).unwrap();
+    let back = words.to_vec().unwrap();
+    assert!(back[100..200].iter().all(|&x| x == 1) && back[99] == 0xdead_beef && back[200] == 0xdead_beef);
+    let mut triples = manager.allocate_on::<[u16; 3]>(device, 100, AllocationMode::Pooled).unwrap();
+    triples.fill([1, 2, 3]).unwrap();
+    assert_eq!(triples.to_vec().unwrap(), vec![[1, 2, 3]; 100]);
+}

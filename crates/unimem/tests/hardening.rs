@@ -14,7 +14,8 @@ fn zero_sized_elements_are_refused_at_allocation() {
         assert!(err.to_string().contains("zero-sized"), "{err}");
     }
     let err = manager.create_buffer(vec![(); 3], AllocationMode::Pooled).unwrap_err();
-    assert!(matches!(err, Error::ZeroSizedElement { .. }), "{err}");
+    assert!(matches!(err.error, Error::ZeroSizedElement { .. }), "{err}");
+    assert_eq!(err.data.len(), 3, "the vector comes back");
     assert!(manager.create_buffer_on::<()>(DeviceId::CPU, &[(), ()], AllocationMode::Pooled).is_err());
     assert_eq!(manager.statistics().active_buffers, 0);
 }

@@ -269,6 +269,23 @@ pub(crate) trait Backend: Any + Send + Sync {
         Err(host_only("copy"))
     }
 
+    /// Fills `bytes` of device memory from byte `offset` with `pattern` repeated, returning
+    /// when done, or `Ok(false)` (nothing done) where the device cannot fill with a pattern
+    /// of this size.
+    ///
+    /// # Safety
+    /// As for `write`, with `offset + bytes <= allocation.bytes` and `bytes` a multiple of
+    /// `pattern.len()`.
+    unsafe fn fill(
+        &self,
+        _allocation: &RawAllocation,
+        _offset: usize,
+        _bytes: usize,
+        _pattern: &[u8],
+    ) -> Result<bool, BackendError> {
+        Ok(false)
+    }
+
     /// Free memory now, for the user's query (`MemoryManager::free_memory`), or `None` where
     /// the driver cannot tell.
     fn free_now(&self) -> Option<u64> {

@@ -60,9 +60,21 @@ impl<'a, T: Element> BufferView<'a, T> {
 
     /// A narrower view; `range` counts from this view's start.
     pub fn slice(&self, range: impl RangeBounds<usize>) -> Result<BufferView<'a, T>> {
-        let r = resolve_range(range, self.len())?;
-        Ok(BufferView { buffer: self.buffer, range: self.range.start + r.start..self.range.start + r.end })
+        Ok(BufferView { buffer: self.buffer, range: narrow(&self.range, range)? })
     }
+
+    /// The view's elements, copied into a new vector.
+    pub fn to_vec(&self) -> Result<Vec<T>> {
+        let mut out = vec![T::zeroed(); self.len()];
+        self.copy_to_blocking(&mut out, 0)?;
+        Ok(out)
+    }
+}
+
+/// `range`, counted from the start of `outer`, as a range of the buffer.
+fn narrow(outer: &Range<usize>, range: impl RangeBounds<usize>) -> Result<Range<usize>> {
+    let r = resolve_range(range, outer.len())?;
+    Ok(outer.start + r.start..outer.start + r.end)
 }
 
 impl<T: Element> BufferViewMut<'_, T> {
@@ -112,9 +124,44 @@ impl<T: Element> BufferViewMut<'_, T> {
     pub async fn copy_from(&mut self, src: &[T], offset: usize) -> Result<()> {
         self.copy_from_blocking(src, offset)
     }
+
+    /// A read-only view of part of this view; `range` counts from this view's start.
+    pub fn slice(&self, range: impl RangeBounds<usize>) -> Result<BufferView<'_, T>> {
+        Ok(BufferView { buffer: self.buffer, range: narrow(&self.range, range)? })
+    }
+
+    /// A writable view of part of this view; `range` counts from this view's start. It
+    /// borrows this view, so views nest as deep as needed.
+    pub fn slice_mut(&mut self, range: impl RangeBounds<usize>) -> Result<BufferViewMut<'_, T>> {
+        let range = narrow(&self.range, range)?;
+        Ok(BufferViewMut { buffer: self.buffer, range })
+    }
+
+    /// Sets every element of the view to `value`.
+    pub fn fill(&mut self, value: T) -> Result<()> {
+        self.buffer.fill_range(self.range.clone(), value)
+    }
+
+    /// The view's elements, copied into a new vector.
+    pub fn to_vec(&self) -> Result<Vec<T>> {
+        self.slice(..)?.to_vec()
+    }
+
+    /// Maps the view for host access, as [`Buffer::map`] maps a whole buffer, except that a
+    /// [`MapMode::Write`] mapping of device memory reads the buffer's device side first
+    /// when the host has no current copy: the elements outside the view must survive the
+    /// write-back.
+    pub fn map(&mut self, mode: MapMode) -> Result<Mapping<'_, T>> {
+        let range = self.range.clone();
+        let mode_for_buffer = if mode == MapMode::Write { MapMode::ReadWrite } else { mode };
+        let mut mapping = self.buffer.map(mode_for_buffer)?;
+        mapping.mode = mode;
+        mapping.range = range;
+        Ok(mapping)
+    }
 }
 
-/// Host access to a whole buffer for as long as the guard lives.
+/// Host access to a buffer, or a view of one, for as long as the guard lives.
 ///
 /// For host-addressable memory the guard is the memory itself; for device memory it is the
 /// host mirror. Only a mutable borrow marks the host side as changed, so a mapping that is
@@ -122,6 +169,8 @@ impl<T: Element> BufferViewMut<'_, T> {
 pub struct Mapping<'a, T: Element> {
     buffer: &'a mut Buffer<T>,
     mode: MapMode,
+    /// The elements mapped: the whole buffer, or a view's range.
+    range: Range<usize>,
     written: bool,
     /// A [`MapMode::Write`] mapping of device memory with no host mirror: zeroed host memory
     /// that becomes the buffer's host side only once written and the guard dropped.
@@ -132,7 +181,8 @@ impl<'a, T: Element> Mapping<'a, T> {
     /// `buffer` is ready for host access (checked and synchronised by `Buffer::map`), or
     /// `scratch` stands in for it.
     pub(super) fn new(buffer: &'a mut Buffer<T>, mode: MapMode, scratch: Option<HostLines>) -> Self {
-        Mapping { buffer, mode, written: false, scratch }
+        let range = 0..buffer.len();
+        Mapping { buffer, mode, range, written: false, scratch }
     }
 
     /// The mode the mapping was made with.
@@ -155,10 +205,11 @@ impl<T: Element> std::fmt::Debug for Mapping<'_, T> {
 impl<T: Element> Deref for Mapping<'_, T> {
     type Target = [T];
     fn deref(&self) -> &[T] {
-        match &self.scratch {
+        let all = match &self.scratch {
             Some(scratch) => bytemuck::cast_slice(scratch.bytes(self.buffer.size_in_bytes())),
             None => self.buffer.mapped(),
-        }
+        };
+        all.get(self.range.clone()).unwrap_or(&[])
     }
 }
 
@@ -167,10 +218,11 @@ impl<T: Element> DerefMut for Mapping<'_, T> {
     fn deref_mut(&mut self) -> &mut [T] {
         self.written = true;
         let bytes = self.buffer.size_in_bytes();
-        match &mut self.scratch {
+        let all = match &mut self.scratch {
             Some(scratch) => bytemuck::cast_slice_mut(scratch.bytes_mut(bytes)),
             None => self.buffer.mapped_mut(),
-        }
+        };
+        all.get_mut(self.range.clone()).unwrap_or(&mut [])
     }
 }
 

@@ -614,6 +614,31 @@ impl Backend for CudaBackend {
         self.synchronize()
     }
 
+    unsafe fn fill(
+        &self,
+        allocation: &RawAllocation,
+        offset: usize,
+        bytes: usize,
+        pattern: &[u8],
+    ) -> Result<bool, BackendError> {
+        let at = allocation.handle + offset as u64;
+        self.bind()?;
+        if pattern.iter().all(|&b| b == pattern[0]) {
+            // SAFETY: in bounds (the caller), on our stream.
+            unsafe { result::memset_d8_async(at, pattern[0], bytes, self.stream) }
+                .map_err(|e| driver("cuMemsetD8Async", e))?;
+        } else if let Ok(&word) = <&[u8; 4]>::try_from(pattern) {
+            // SAFETY: in bounds, 4-byte aligned (4-byte elements of a 256-aligned allocation),
+            // on our stream.
+            unsafe { sys::cuMemsetD32Async(at, u32::from_ne_bytes(word), bytes / 4, self.stream) }
+                .result()
+                .map_err(|e| driver("cuMemsetD32Async", e))?;
+        } else {
+            return Ok(false);
+        }
+        self.synchronize().map(|()| true)
+    }
+
     fn free_now(&self) -> Option<u64> {
         self.memory_info().ok().map(|(free, _)| free)
     }

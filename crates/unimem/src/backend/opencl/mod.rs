@@ -586,6 +586,34 @@ impl Backend for OpenClBackend {
         finish_event("clEnqueueCopyBuffer", event)
     }
 
+    unsafe fn fill(
+        &self,
+        allocation: &RawAllocation,
+        offset: usize,
+        bytes: usize,
+        pattern: &[u8],
+    ) -> Result<bool, BackendError> {
+        if !pattern.len().is_power_of_two() || pattern.len() > 128 {
+            return Ok(false);
+        }
+        // SAFETY: the caller guarantees the range is inside the buffer and a multiple of the
+        // pattern's size (the element's, so offsets are too); the pattern is copied by the call.
+        let event = unsafe {
+            queue::enqueue_fill_buffer(
+                self.queue.get(),
+                Self::mem(allocation),
+                pattern.as_ptr().cast(),
+                pattern.len(),
+                offset,
+                bytes,
+                0,
+                ptr::null(),
+            )
+        }
+        .map_err(|c| driver("clEnqueueFillBuffer", c))?;
+        finish_event("clEnqueueFillBuffer", event).map(|()| true)
+    }
+
     fn work_queue(&self) -> Option<&dyn Queue> {
         Some(self)
     }
