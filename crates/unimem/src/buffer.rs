@@ -479,8 +479,8 @@ impl<T: Element> Buffer<T> {
             // Peer-to-peer, where the devices have a direct path.
             let device = self.device();
             let source = src.ops()?;
-            // SAFETY: device allocations of their own backends, both `size_in_bytes` long.
             let copied = match self.queue()? {
+                // SAFETY: device allocations of their own backends, both `size_in_bytes` long.
                 Some(queue) => unsafe {
                     queue.copy_from_peer(source, &src.block.mem, &self.block.mem, self.size_in_bytes())
                 },
