@@ -308,3 +308,16 @@ fn pool_and_guards_cross_threads() {
         "Rents: 0, Hit rate: 0.0%, Made: 0, Idle: 0, Live: 0, Dropped past bound: 0"
     );
 }
+
+#[test]
+fn a_total_bound_below_the_default_bucket_bound_lowers_the_bucket_bound() {
+    let pool = ObjectPool::builder(|| 0u8).max_total(8).build();
+    let pool = match pool {
+        Ok(pool) => pool,
+        Err(err) => panic!("max_total(8) alone must build: {err}"),
+    };
+    assert_eq!((pool.max_per_bucket(), pool.max_total()), (8, 8));
+    // An explicit bucket bound past the total is still refused.
+    let err = ObjectPool::builder(|| 0u8).max_per_bucket(9).max_total(8).build().unwrap_err();
+    assert!(matches!(err, Error::InvalidOption { option: "max_per_bucket", .. }), "{err}");
+}

@@ -94,7 +94,7 @@ impl<T> ObjectPool<T> {
         ObjectPoolBuilder {
             factory: Box::new(factory),
             reset: None,
-            max_per_bucket: DEFAULT_MAX_PER_BUCKET,
+            max_per_bucket: None,
             max_total: DEFAULT_MAX_TOTAL,
         }
     }
@@ -293,10 +293,15 @@ impl<T> fmt::Debug for ObjectPool<T> {
 }
 
 /// Options for an [`ObjectPool`], from [`ObjectPool::builder`].
+///
+/// The bucket bound never exceeds the total bound: left unset, it is
+/// [`DEFAULT_MAX_PER_BUCKET`] or the total bound, whichever is smaller, so that
+/// `.max_total(8)` alone builds a pool whose buckets keep at most 8 objects.
 pub struct ObjectPoolBuilder<T> {
     factory: Factory<T>,
     reset: Option<Reset<T>>,
-    max_per_bucket: usize,
+    /// `None`: the default, capped by `max_total`.
+    max_per_bucket: Option<usize>,
     max_total: usize,
 }
 
@@ -310,15 +315,18 @@ impl<T> ObjectPoolBuilder<T> {
         self
     }
 
-    /// Bound on the idle objects one thread's bucket keeps (default
-    /// [`DEFAULT_MAX_PER_BUCKET`]). Zero sends every return to the shared store.
+    /// Bound on the idle objects one thread's bucket keeps. Zero sends every return to the
+    /// shared store. Default: [`DEFAULT_MAX_PER_BUCKET`] or the total bound, whichever is
+    /// smaller; a bound set here that exceeds the total bound makes
+    /// [`build`](Self::build) fail.
     pub fn max_per_bucket(mut self, bound: usize) -> Self {
-        self.max_per_bucket = bound;
+        self.max_per_bucket = Some(bound);
         self
     }
 
     /// Bound on all idle objects of the pool, every bucket and the shared store together
-    /// (default [`DEFAULT_MAX_TOTAL`]). Objects returned past it are dropped.
+    /// (default [`DEFAULT_MAX_TOTAL`]). Objects returned past it are dropped. Also caps the
+    /// default bucket bound (see [`max_per_bucket`](Self::max_per_bucket)).
     pub fn max_total(mut self, bound: usize) -> Self {
         self.max_total = bound;
         self
@@ -327,7 +335,8 @@ impl<T> ObjectPoolBuilder<T> {
     /// Builds the pool.
     ///
     /// # Errors
-    /// [`Error::InvalidOption`] if the total bound is zero or smaller than the bucket bound.
+    /// [`Error::InvalidOption`] if the total bound is zero or smaller than a bucket bound set
+    /// with [`max_per_bucket`](Self::max_per_bucket).
     pub fn build(self) -> Result<ObjectPool<T>> {
         if self.max_total == 0 {
             return Err(Error::InvalidOption {
@@ -336,14 +345,15 @@ impl<T> ObjectPoolBuilder<T> {
                 reason: "a pool must be able to keep at least one idle object",
             });
         }
-        if self.max_per_bucket > self.max_total {
+        let max_per_bucket = self.max_per_bucket.unwrap_or(DEFAULT_MAX_PER_BUCKET.min(self.max_total));
+        if max_per_bucket > self.max_total {
             return Err(Error::InvalidOption {
                 option: "max_per_bucket",
-                value: self.max_per_bucket.to_string(),
+                value: max_per_bucket.to_string(),
                 reason: "must not exceed max_total",
             });
         }
-        Ok(ObjectPool::with_parts(self.factory, self.reset, self.max_per_bucket, self.max_total))
+        Ok(ObjectPool::with_parts(self.factory, self.reset, max_per_bucket, self.max_total))
     }
 }
 
