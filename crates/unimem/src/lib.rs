@@ -50,7 +50,7 @@ pub use cudarc;
 pub use device::{AllocationMode, DeviceId, DeviceInfo, DeviceKind, Location, MapMode, MemoryKind};
 pub use error::{Error, OutOfMemoryCause, Result};
 pub use manager::{CreateError, MemoryManager, MemoryManagerBuilder, ReturnError};
-pub use object_pool::{ObjectPool, ObjectPoolBuilder, ObjectPoolStatistics, Pooled};
+pub use object_pool::{ObjectPool, ObjectPoolBuilder, ObjectPoolStatistics, Pooled, PooledOwned};
 #[cfg(feature = "opencl")]
 pub use opencl3;
 pub use options::MemoryOptions;

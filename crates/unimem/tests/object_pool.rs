@@ -1,10 +1,11 @@
 //! `ObjectPool<T>` through its public API: reuse, reset, bounds, statistics, panics.
 
+use std::ops::DerefMut;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, mpsc};
 
-use unimem::{Error, ObjectPool, ObjectPoolStatistics, Pooled};
+use unimem::{Error, ObjectPool, ObjectPoolStatistics, Pooled, PooledOwned};
 
 /// An object that counts how many of its kind are alive, so tests see real drops.
 struct Tracked {
@@ -37,6 +38,12 @@ fn tracked_pool(per_bucket: usize, total: usize) -> (ObjectPool<Tracked>, Arc<At
     (pool, alive)
 }
 
+/// A tracked pool in an `Arc`, for owned guards.
+fn tracked_arc_pool(per_bucket: usize, total: usize) -> (Arc<ObjectPool<Tracked>>, Arc<AtomicUsize>) {
+    let (pool, alive) = tracked_pool(per_bucket, total);
+    (Arc::new(pool), alive)
+}
+
 /// At rest every object made is idle or accounted as gone, and `alive` (objects whose
 /// `Drop` has not run) equals the idle count.
 fn assert_balanced(stats: &ObjectPoolStatistics, alive: usize) {
@@ -51,19 +58,25 @@ fn assert_balanced(stats: &ObjectPoolStatistics, alive: usize) {
     assert!(stats.idle <= stats.max_total, "{stats:?}");
 }
 
-#[test]
-fn the_same_object_comes_back_reset() {
-    let (pool, alive) = tracked_pool(8, 8);
+/// Rents an object, dirties it and returns it, then rents again: the same object comes
+/// back, reset. Returns the second guard.
+fn assert_comes_back_reset<G: DerefMut<Target = Tracked>>(rent: impl Fn() -> G) -> G {
     let first = {
-        let mut obj = pool.rent();
+        let mut obj = rent();
         obj.data.extend_from_slice(b"used");
         obj.data.as_ptr()
     };
-    let obj = pool.rent();
+    let obj = rent();
     assert_eq!(obj.data.as_ptr(), first, "the returned object is reused");
     assert!(obj.data.is_empty(), "the reset hook ran");
     assert!(obj.data.capacity() >= 64, "reset keeps what the object owns");
-    drop(obj);
+    obj
+}
+
+#[test]
+fn the_same_object_comes_back_reset() {
+    let (pool, alive) = tracked_pool(8, 8);
+    drop(assert_comes_back_reset(|| pool.rent()));
     let stats = pool.statistics();
     assert_eq!((stats.rents, stats.hits, stats.misses, stats.returns), (2, 1, 1, 2));
     assert_balanced(&stats, alive.load(Ordering::Relaxed));
@@ -300,11 +313,117 @@ fn guards_dropped_by_thread_local_destructors_do_not_panic() {
 fn pool_and_guards_cross_threads() {
     fn assert_send_sync<T: Send + Sync>() {}
     fn assert_send<T: Send>() {}
+    fn assert_send_static<T: Send + 'static>() {}
     assert_send_sync::<ObjectPool<Vec<u8>>>();
     assert_send::<Pooled<'static, Vec<u8>>>();
+    assert_send_static::<PooledOwned<Vec<u8>>>();
     let stats = ObjectPool::new(|| 1u8).statistics();
     assert_eq!(
         stats.to_string(),
         "Rents: 0, Hit rate: 0.0%, Made: 0, Idle: 0, Live: 0, Dropped past bound: 0"
     );
+}
+
+#[test]
+fn a_total_bound_below_the_default_bucket_bound_lowers_the_bucket_bound() {
+    let pool = ObjectPool::builder(|| 0u8).max_total(8).build();
+    let pool = match pool {
+        Ok(pool) => pool,
+        Err(err) => panic!("max_total(8) alone must build: {err}"),
+    };
+    assert_eq!((pool.max_per_bucket(), pool.max_total()), (8, 8));
+    // An explicit bucket bound past the total is still refused.
+    let err = ObjectPool::builder(|| 0u8).max_per_bucket(9).max_total(8).build().unwrap_err();
+    assert!(matches!(err, Error::InvalidOption { option: "max_per_bucket", .. }), "{err}");
+}
+
+#[test]
+fn try_rent_takes_an_idle_object_before_calling_its_factory() {
+    let (pool, alive) = tracked_pool(8, 8);
+    let made = AtomicUsize::new(0);
+    let make = || {
+        made.fetch_add(1, Ordering::Relaxed);
+        Ok::<_, Error>(Tracked::new(&alive))
+    };
+    let mut obj = pool.try_rent(make).unwrap();
+    obj.data.push(1);
+    drop(obj);
+    let obj = pool.try_rent(|| Err::<Tracked, _>("not called: an object is idle")).unwrap();
+    assert!(obj.data.is_empty(), "the reset hook ran");
+    drop(obj);
+    assert_eq!(made.load(Ordering::Relaxed), 1);
+    let stats = pool.statistics();
+    assert_eq!((stats.rents, stats.hits, stats.misses, stats.returns), (2, 1, 1, 2), "{stats:?}");
+    assert_balanced(&stats, alive.load(Ordering::Relaxed));
+}
+
+#[test]
+fn a_failing_fallible_factory_leaves_statistics_and_idle_objects_unchanged() {
+    let (pool, alive) = tracked_arc_pool(2, 8);
+    // This thread rents first, so that its bucket is its own: an exited thread's bucket
+    // passes to the next thread that asks for one.
+    let first = pool.rent();
+    // Another thread leaves 2 idle objects in its bucket and 1 in the shared store.
+    std::thread::scope(|scope| {
+        scope.spawn(|| drop((0..3).map(|_| pool.rent()).collect::<Vec<_>>()));
+    });
+    // This thread takes the shared one; the other two are out of its reach.
+    let second = pool.try_rent(|| Err::<Tracked, _>("not called: the store has one")).unwrap();
+    let before = pool.statistics();
+    assert_eq!((before.idle, before.hits, before.misses), (2, 1, 4), "{before:?}");
+    assert_eq!(pool.try_rent(|| Err::<Tracked, _>("no object")).err(), Some("no object"));
+    assert_eq!(pool.try_rent_owned(|| Err::<Tracked, _>("no object")).err(), Some("no object"));
+    assert_eq!(pool.statistics(), before, "a failed rent counts as nothing");
+    assert_eq!(alive.load(Ordering::Relaxed), 4, "nothing was made or dropped");
+    assert_eq!(Arc::strong_count(&pool), 1, "a failed owned rent keeps no clone of the pool");
+    // The pool works on: a successful fallible factory counts as a miss.
+    let made = pool.try_rent_owned(|| Ok::<_, Error>(Tracked::new(&alive))).unwrap();
+    assert_eq!(pool.statistics().misses, 5);
+    drop((first, second, made));
+    assert_balanced(&pool.statistics(), alive.load(Ordering::Relaxed));
+}
+
+#[test]
+fn an_owned_guard_moves_into_a_thread_and_returns_from_there() {
+    let (pool, alive) = tracked_arc_pool(8, 8);
+    let mut obj = pool.rent_owned();
+    obj.data.extend_from_slice(b"used");
+    assert_eq!(Arc::strong_count(&pool), 2, "the guard holds the pool");
+    std::thread::spawn(move || {
+        assert_eq!(obj.data, b"used");
+        drop(obj);
+    })
+    .join()
+    .expect("the thread dropped its guard without panicking");
+    let stats = pool.statistics();
+    assert_eq!((stats.rents, stats.returns, stats.idle, stats.live), (1, 1, 1, 0), "{stats:?}");
+    assert_balanced(&stats, alive.load(Ordering::Relaxed));
+    assert_eq!(Arc::strong_count(&pool), 1, "the guard let go of the pool");
+}
+
+#[test]
+fn owned_guards_return_as_borrowed_ones_do() {
+    let (pool, alive) = tracked_arc_pool(1, 2);
+    let obj = assert_comes_back_reset(|| pool.rent_owned());
+    assert!(std::ptr::eq(&**PooledOwned::pool(&obj), &*pool));
+    drop(obj);
+    // Past the bounds (1 in the bucket, 1 in the shared store) objects are dropped.
+    drop((0..4).map(|_| pool.rent_owned()).collect::<Vec<_>>());
+    let stats = pool.statistics();
+    assert_eq!((stats.idle, stats.dropped), (2, 2), "{stats:?}");
+    // Detaching lets go of the pool too.
+    let detached = PooledOwned::into_inner(pool.rent_owned());
+    assert_eq!((pool.statistics().detached, Arc::strong_count(&pool)), (1, 1));
+    drop(detached);
+    assert_balanced(&pool.statistics(), alive.load(Ordering::Relaxed));
+}
+
+#[test]
+fn an_owned_guard_keeps_its_pool_alive() {
+    let (pool, alive) = tracked_arc_pool(8, 8);
+    let obj = pool.rent_owned();
+    drop(pool); // the only `Arc` left is the guard's
+    assert_eq!(alive.load(Ordering::Relaxed), 1);
+    drop(obj); // returned, then dropped with the pool
+    assert_eq!(alive.load(Ordering::Relaxed), 0);
 }

@@ -11,20 +11,22 @@
 //! or the pool is dropped. A bucket that runs empty gives its unused share of the total
 //! bound back, so an idle thread holds at most [`CREDIT_BATCH`] unused units.
 
+mod guard;
 mod shared;
 mod thread_slots;
 
 use std::cell::UnsafeCell;
+use std::convert::Infallible;
 use std::fmt;
-use std::mem::ManuallyDrop;
-use std::ops::{Deref, DerefMut};
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use crossbeam_utils::CachePadded;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+pub use guard::{Pooled, PooledOwned};
 use shared::Shared;
 use thread_slots::ThreadSlots;
 
@@ -94,7 +96,7 @@ impl<T> ObjectPool<T> {
         ObjectPoolBuilder {
             factory: Box::new(factory),
             reset: None,
-            max_per_bucket: DEFAULT_MAX_PER_BUCKET,
+            max_per_bucket: None,
             max_total: DEFAULT_MAX_TOTAL,
         }
     }
@@ -122,24 +124,99 @@ impl<T> ObjectPool<T> {
     /// A panic in the factory propagates and leaves the pool unchanged.
     #[inline]
     pub fn rent(&self) -> Pooled<'_, T> {
+        Pooled::new(self, self.take_or_make_new())
+    }
+
+    /// Like [`rent`](Self::rent), but a new object comes from `make`, which may fail: an
+    /// idle object is taken if there is one (and `make` is not called), otherwise `make`
+    /// runs and its error comes back as is. A failed `make` counts as no rent and leaves
+    /// the pool unchanged; a successful one counts as a miss, as the pool's factory does.
+    ///
+    /// The fallible factory is an argument of the call rather than a property of the pool
+    /// (as in `OnceCell::get_or_try_init`): it can use what the call has at hand (an
+    /// address, a device, a size) and fail with the caller's own error type, while `rent`
+    /// and the pool's type stay as they are.
+    ///
+    /// ```
+    /// use unimem::ObjectPool;
+    ///
+    /// let pool = ObjectPool::new(|| 0u64);
+    /// assert!(pool.try_rent(|| "x".parse::<u64>()).is_err());
+    /// assert_eq!(pool.statistics().rents, 0, "a failed rent counts as nothing");
+    /// drop(pool.try_rent(|| "42".parse::<u64>())?);
+    /// let again = pool.try_rent(|| "7".parse::<u64>())?; // the idle object: no parse
+    /// assert_eq!(*again, 42);
+    /// # Ok::<(), std::num::ParseIntError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// The error of `make`, when there was no idle object and `make` failed.
+    #[inline]
+    pub fn try_rent<E>(&self, make: impl FnOnce() -> Result<T, E>) -> Result<Pooled<'_, T>, E> {
+        Ok(Pooled::new(self, self.take_or_make(make)?))
+    }
+
+    /// As [`rent`](Self::rent), for a pool in an `Arc`: the guard holds a clone of the
+    /// `Arc`, so it is `'static` when `T` is and can move to another thread or task.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use unimem::ObjectPool;
+    ///
+    /// let pool = Arc::new(ObjectPool::new(Vec::<u8>::new));
+    /// let mut buf = pool.rent_owned();
+    /// buf.push(1);
+    /// let worker = std::thread::spawn(move || buf.len()); // returned on that thread
+    /// assert!(matches!(worker.join(), Ok(1)));
+    /// assert_eq!(pool.statistics().returns, 1);
+    /// ```
+    #[inline]
+    pub fn rent_owned(self: &Arc<Self>) -> PooledOwned<T> {
+        PooledOwned::new(Arc::clone(self), self.take_or_make_new())
+    }
+
+    /// As [`try_rent`](Self::try_rent), with an owned guard as from
+    /// [`rent_owned`](Self::rent_owned).
+    ///
+    /// # Errors
+    /// The error of `make`, when there was no idle object and `make` failed.
+    #[inline]
+    pub fn try_rent_owned<E>(
+        self: &Arc<Self>,
+        make: impl FnOnce() -> Result<T, E>,
+    ) -> Result<PooledOwned<T>, E> {
+        Ok(PooledOwned::new(Arc::clone(self), self.take_or_make(make)?))
+    }
+
+    /// An idle object, or a new one from the pool's factory.
+    #[inline]
+    fn take_or_make_new(&self) -> Slot<T> {
+        let Ok(value) = self.take_or_make(|| Ok::<_, Infallible>((self.factory)()));
+        value
+    }
+
+    /// An idle object, or a new one from `make`; counts a hit or a miss, or nothing if
+    /// `make` fails.
+    #[inline]
+    fn take_or_make<E>(&self, make: impl FnOnce() -> Result<T, E>) -> Result<Slot<T>, E> {
         if let Some(local) = self.local() {
             // SAFETY: `local` is this thread's bucket, borrowed nowhere else right now.
             if let Some(value) = unsafe { local.pop() } {
                 local.counters.bump_owned(Event::Hit);
-                return Pooled::new(self, value);
+                return Ok(value);
             }
         }
-        self.rent_slow()
+        self.take_or_make_slow(make)
     }
 
     #[cold]
     #[inline(never)]
-    fn rent_slow(&self) -> Pooled<'_, T> {
+    fn take_or_make_slow<E>(&self, make: impl FnOnce() -> Result<T, E>) -> Result<Slot<T>, E> {
         let local = self.local();
         if let Some(local) = local {
             // The bucket is empty: its unused share of the total bound goes back, so that
             // a thread that only rents does not sit on room other threads need.
-            // SAFETY: as in `rent`.
+            // SAFETY: as in `take_or_make`.
             self.shared.release(unsafe { local.take_credit() });
         }
         let value = match self.shared.pop() {
@@ -148,12 +225,29 @@ impl<T> ObjectPool<T> {
                 value
             }
             None => {
-                let value = Box::new(CachePadded::new((self.factory)()));
+                let value = Box::new(CachePadded::new(make()?));
                 self.count(local, Event::Miss);
                 value
             }
         };
-        Pooled::new(self, value)
+        Ok(value)
+    }
+
+    /// Resets `value` (a guard's object, given back) and keeps it, or drops it if the reset
+    /// hook panics or the bounds are reached.
+    #[inline]
+    fn reset_and_keep(&self, mut value: Slot<T>) {
+        if let Some(reset) = &self.reset {
+            if let Err(panic) = catch_unwind(AssertUnwindSafe(|| reset(&mut **value))) {
+                self.count(self.local(), Event::ResetPanic);
+                drop(value);
+                if !std::thread::panicking() {
+                    resume_unwind(panic);
+                }
+                return;
+            }
+        }
+        self.give_back(value);
     }
 
     /// Keeps `value` (already reset) in this thread's bucket, the shared store, or drops it.
@@ -161,7 +255,7 @@ impl<T> ObjectPool<T> {
     fn give_back(&self, value: Slot<T>) {
         let local = self.local();
         if let Some(local) = local {
-            // SAFETY: as in `rent`.
+            // SAFETY: as in `take_or_make`.
             match unsafe { local.push(value) } {
                 Ok(()) => local.counters.bump_owned(Event::Return),
                 Err(value) => self.give_back_slow(Some(local), value),
@@ -175,7 +269,7 @@ impl<T> ObjectPool<T> {
     #[inline(never)]
     fn give_back_slow(&self, local: Option<&Local<T>>, value: Slot<T>) {
         let value = match local {
-            // SAFETY: as in `rent`.
+            // SAFETY: as in `take_or_make`.
             Some(local) => match unsafe { local.grow_and_push(value, &self.shared, self.max_per_bucket) } {
                 Ok(()) => return local.counters.bump_owned(Event::Return),
                 Err(value) => value,
@@ -210,7 +304,7 @@ impl<T> ObjectPool<T> {
         let local = self.local();
         let mut idle = self.shared.take_all();
         if let Some(local) = local {
-            // SAFETY: as in `rent`.
+            // SAFETY: as in `take_or_make`.
             let (stack, credit) = unsafe { local.take_all() };
             self.shared.release(credit);
             idle.extend(stack);
@@ -293,10 +387,15 @@ impl<T> fmt::Debug for ObjectPool<T> {
 }
 
 /// Options for an [`ObjectPool`], from [`ObjectPool::builder`].
+///
+/// The bucket bound never exceeds the total bound: left unset, it is
+/// [`DEFAULT_MAX_PER_BUCKET`] or the total bound, whichever is smaller, so that
+/// `.max_total(8)` alone builds a pool whose buckets keep at most 8 objects.
 pub struct ObjectPoolBuilder<T> {
     factory: Factory<T>,
     reset: Option<Reset<T>>,
-    max_per_bucket: usize,
+    /// `None`: the default, capped by `max_total`.
+    max_per_bucket: Option<usize>,
     max_total: usize,
 }
 
@@ -310,15 +409,18 @@ impl<T> ObjectPoolBuilder<T> {
         self
     }
 
-    /// Bound on the idle objects one thread's bucket keeps (default
-    /// [`DEFAULT_MAX_PER_BUCKET`]). Zero sends every return to the shared store.
+    /// Bound on the idle objects one thread's bucket keeps. Zero sends every return to the
+    /// shared store. Default: [`DEFAULT_MAX_PER_BUCKET`] or the total bound, whichever is
+    /// smaller; a bound set here that exceeds the total bound makes
+    /// [`build`](Self::build) fail.
     pub fn max_per_bucket(mut self, bound: usize) -> Self {
-        self.max_per_bucket = bound;
+        self.max_per_bucket = Some(bound);
         self
     }
 
     /// Bound on all idle objects of the pool, every bucket and the shared store together
-    /// (default [`DEFAULT_MAX_TOTAL`]). Objects returned past it are dropped.
+    /// (default [`DEFAULT_MAX_TOTAL`]). Objects returned past it are dropped. Also caps the
+    /// default bucket bound (see [`max_per_bucket`](Self::max_per_bucket)).
     pub fn max_total(mut self, bound: usize) -> Self {
         self.max_total = bound;
         self
@@ -327,7 +429,8 @@ impl<T> ObjectPoolBuilder<T> {
     /// Builds the pool.
     ///
     /// # Errors
-    /// [`Error::InvalidOption`] if the total bound is zero or smaller than the bucket bound.
+    /// [`Error::InvalidOption`] if the total bound is zero or smaller than a bucket bound set
+    /// with [`max_per_bucket`](Self::max_per_bucket).
     pub fn build(self) -> Result<ObjectPool<T>> {
         if self.max_total == 0 {
             return Err(Error::InvalidOption {
@@ -336,83 +439,15 @@ impl<T> ObjectPoolBuilder<T> {
                 reason: "a pool must be able to keep at least one idle object",
             });
         }
-        if self.max_per_bucket > self.max_total {
+        let max_per_bucket = self.max_per_bucket.unwrap_or(DEFAULT_MAX_PER_BUCKET.min(self.max_total));
+        if max_per_bucket > self.max_total {
             return Err(Error::InvalidOption {
                 option: "max_per_bucket",
-                value: self.max_per_bucket.to_string(),
+                value: max_per_bucket.to_string(),
                 reason: "must not exceed max_total",
             });
         }
-        Ok(ObjectPool::with_parts(self.factory, self.reset, self.max_per_bucket, self.max_total))
-    }
-}
-
-/// An object rented from an [`ObjectPool`]; returns to the pool when dropped.
-pub struct Pooled<'a, T> {
-    pool: &'a ObjectPool<T>,
-    value: ManuallyDrop<Slot<T>>,
-}
-
-impl<'a, T> Pooled<'a, T> {
-    #[inline]
-    fn new(pool: &'a ObjectPool<T>, value: Slot<T>) -> Self {
-        Self { pool, value: ManuallyDrop::new(value) }
-    }
-
-    /// Detaches the object from the pool: it will not come back. (An associated function,
-    /// so that it never shadows a method of `T`.)
-    pub fn into_inner(this: Self) -> T {
-        let mut this = ManuallyDrop::new(this);
-        this.pool.count(this.pool.local(), Event::Detached);
-        // SAFETY: `this` is never dropped, so the value is taken exactly once.
-        CachePadded::into_inner(*unsafe { ManuallyDrop::take(&mut this.value) })
-    }
-
-    /// The pool the object returns to.
-    pub fn pool(this: &Self) -> &'a ObjectPool<T> {
-        this.pool
-    }
-}
-
-impl<T> Deref for Pooled<'_, T> {
-    type Target = T;
-
-    #[inline]
-    fn deref(&self) -> &T {
-        &self.value
-    }
-}
-
-impl<T> DerefMut for Pooled<'_, T> {
-    #[inline]
-    fn deref_mut(&mut self) -> &mut T {
-        &mut self.value
-    }
-}
-
-impl<T: fmt::Debug> fmt::Debug for Pooled<'_, T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&***self.value, f)
-    }
-}
-
-impl<T> Drop for Pooled<'_, T> {
-    #[inline]
-    fn drop(&mut self) {
-        // SAFETY: `drop` runs once and `into_inner` forgets the guard instead of dropping
-        // it, so the value is taken exactly once.
-        let mut value = unsafe { ManuallyDrop::take(&mut self.value) };
-        if let Some(reset) = &self.pool.reset {
-            if let Err(panic) = catch_unwind(AssertUnwindSafe(|| reset(&mut **value))) {
-                self.pool.count(self.pool.local(), Event::ResetPanic);
-                drop(value);
-                if !std::thread::panicking() {
-                    resume_unwind(panic);
-                }
-                return;
-            }
-        }
-        self.pool.give_back(value);
+        Ok(ObjectPool::with_parts(self.factory, self.reset, max_per_bucket, self.max_total))
     }
 }
 
@@ -420,17 +455,19 @@ impl<T> Drop for Pooled<'_, T> {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct ObjectPoolStatistics {
-    /// Calls to `rent`: `hits + misses`.
+    /// Rents that gave an object (`rent`, `try_rent` and their owned forms): `hits +
+    /// misses`. A `try_rent` whose factory failed is not counted.
     pub rents: u64,
     /// Rents served by an idle object.
     pub hits: u64,
-    /// Rents that called the factory.
+    /// Rents that made a new object (with the pool's factory or `try_rent`'s).
     pub misses: u64,
     /// Objects kept after a return.
     pub returns: u64,
     /// Objects dropped on return because the bounds were reached.
     pub dropped: u64,
-    /// Objects taken out of the pool with [`Pooled::into_inner`].
+    /// Objects taken out of the pool with [`Pooled::into_inner`] or
+    /// [`PooledOwned::into_inner`].
     pub detached: u64,
     /// Objects dropped because the reset hook panicked.
     pub reset_panics: u64,
