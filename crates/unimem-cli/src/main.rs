@@ -2,11 +2,13 @@
 
 mod bench;
 
+use std::io::{self, Write};
+
 use clap::{Parser, Subcommand};
 use unimem::MemoryManager;
 
 #[derive(Parser)]
-#[command(version, about = "Memory for CPU and accelerators: devices and benchmarks")]
+#[command(name = "unimem", version, about = "Memory for CPU and accelerators: devices and benchmarks")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -22,40 +24,54 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+    let result = match Cli::parse().command {
         Command::Devices => devices(),
         Command::Bench(args) => bench::run(&args),
+    };
+    match result {
+        // The reader went away (`unimem devices | head -1`): it has all it wanted.
+        Err(error) if is_broken_pipe(&error) => Ok(()),
+        result => result,
     }
+}
+
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .any(|cause| cause.downcast_ref::<io::Error>().is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe))
 }
 
 fn devices() -> anyhow::Result<()> {
     let manager = MemoryManager::new();
+    let mut out = io::stdout().lock();
     for d in manager.devices() {
-        println!("{} [{}] {}", d.id, d.kind, d.name);
+        writeln!(out, "{} [{}] {}", d.id, d.kind, d.name)?;
         let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
         let free = manager
             .free_memory(d.id)
             .ok()
             .flatten()
             .map_or("unknown".into(), |f| format!("{:.1} GiB", gib(f)));
-        println!(
+        writeln!(
+            out,
             "    memory: {:.1} GiB total, {free} free; host-addressable: {}, pinned: {}, unified: {}, peer: {}",
             gib(d.total_memory),
             d.host_addressable,
             d.supports_pinned,
             d.supports_unified,
             d.peer_capable
-        );
+        )?;
     }
     for note in manager.backend_notes() {
-        println!("no devices from {note}");
+        writeln!(out, "no devices from {note}")?;
     }
     if !cfg!(feature = "opencl") {
-        println!("opencl: not built in (build with --features opencl)");
+        writeln!(out, "opencl: not built in (build with --features opencl)")?;
     }
     if !cfg!(feature = "cuda") {
-        println!("cuda: not built in (build with --features cuda)");
+        writeln!(out, "cuda: not built in (build with --features cuda)")?;
     }
-    println!("wgpu: not built into this version");
+    writeln!(out, "wgpu: not built into this version")?;
+    out.flush()?;
     Ok(())
 }

@@ -1,3 +1,4 @@
+#![cfg_attr(docsrs, feature(doc_cfg))]
 //! # unimem
 //!
 //! One memory manager for the CPU and accelerators: typed buffers, size-class pools that
@@ -65,6 +66,6 @@ pub trait Element: bytemuck::Pod + Send + Sync + 'static {}
 impl<T: bytemuck::Pod + Send + Sync + 'static> Element for T {}
 
 /// The README's example, compiled and run as a doctest so that it stays true.
-#[doc = include_str!("../../../README.md")]
+#[doc = include_str!("../README.md")]
 #[cfg(doctest)]
 pub struct ReadmeDoctests;

@@ -1,4 +1,4 @@
-//! Manager options: the reference's `UnifiedMemoryOptions`, validated.
+//! Manager options: the reference design's `UnifiedMemoryOptions` (`docs/design.md`), validated.
 
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -10,9 +10,10 @@ const MAX_TRANSFERS: usize = 1024;
 
 /// Options of a [`MemoryManager`](crate::MemoryManager).
 ///
-/// Defaults follow the reference design: pooling on, 1 GiB pooled per size class, 4
-/// concurrent transfers, pinned staging on, peer-to-peer on, trimming on memory pressure on.
-/// Every setter validates its value, and so does deserialisation:
+/// Defaults: pooling on, 1 GiB pooled per size class and 8 GiB in all, 4 concurrent
+/// transfers, pinned staging on, peer-to-peer on, trimming on memory pressure on, powers of
+/// two as size classes, huge pages on, no memory limit. Every setter validates its value,
+/// and so does deserialisation:
 ///
 /// ```
 /// let options = unimem::MemoryOptions::default()

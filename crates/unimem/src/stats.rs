@@ -13,7 +13,7 @@ use std::fmt;
 #[serde(default)]
 #[non_exhaustive]
 pub struct MemoryStatistics {
-    /// Capacity in bytes of the live buffers (the reference's "total allocated").
+    /// Capacity in bytes of the live buffers ("total allocated").
     pub total_allocated: u64,
     /// Bytes held by the pools, ready for reuse.
     pub total_pooled: u64,
@@ -171,7 +171,7 @@ pub(crate) fn grouped(n: u64) -> String {
 }
 
 impl fmt::Display for MemoryStatistics {
-    /// The reference's one-line summary:
+    /// The one-line summary:
     /// `Memory: 42 buffers, 134,217,728 bytes allocated, 67,108,864 bytes pooled, 92.3% pool hit rate`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(

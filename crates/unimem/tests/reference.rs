@@ -1,4 +1,4 @@
-//! The reference design's three memory tests, through the public API.
+//! The reference design's three memory tests (`docs/design.md`), through the public API.
 
 use unimem::{AllocationMode, MemoryManager};
 

@@ -4,7 +4,7 @@
 
 #![forbid(unsafe_code)]
 
-/// The smallest class: 1 KiB, as in the reference.
+/// The smallest class: 1 KiB.
 pub const MIN_CLASS_BYTES: usize = 1 << MIN_SHIFT;
 /// The largest class: 1 GiB. Larger requests are not pooled.
 pub const MAX_CLASS_BYTES: usize = 1 << MAX_SHIFT;
@@ -13,7 +13,7 @@ const MAX_SHIFT: u32 = 30;
 
 /// The class table of one pool.
 ///
-/// With `divisions = 1` the classes are the reference's 21 powers of two. With `divisions =
+/// With `divisions = 1` the classes are 21 powers of two, as in the reference design. With `divisions =
 /// N` each interval `(2^k, 2^(k+1)]` is cut into N equal steps, so a request is rounded up by
 /// at most `2^k / N` bytes instead of up to `2^k`.
 #[derive(Clone, Debug)]
