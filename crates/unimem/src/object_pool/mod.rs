@@ -237,15 +237,15 @@ impl<T> ObjectPool<T> {
     /// hook panics or the bounds are reached.
     #[inline]
     fn reset_and_keep(&self, mut value: Slot<T>) {
-        if let Some(reset) = &self.reset {
-            if let Err(panic) = catch_unwind(AssertUnwindSafe(|| reset(&mut **value))) {
-                self.count(self.local(), Event::ResetPanic);
-                drop(value);
-                if !std::thread::panicking() {
-                    resume_unwind(panic);
-                }
-                return;
+        if let Some(reset) = &self.reset
+            && let Err(panic) = catch_unwind(AssertUnwindSafe(|| reset(&mut **value)))
+        {
+            self.count(self.local(), Event::ResetPanic);
+            drop(value);
+            if !std::thread::panicking() {
+                resume_unwind(panic);
             }
+            return;
         }
         self.give_back(value);
     }

@@ -232,18 +232,17 @@ impl DevicePool {
     #[inline]
     pub(crate) fn acquire(self: &Arc<Self>, bytes: usize, pooled: bool) -> Result<Box<Block>, AcquireError> {
         let class = if pooled && self.limits.pooling { self.classes.class_of(bytes) } else { None };
-        if let Some(class) = class {
-            if let Some(mut shard) = self.shard().try_lock() {
-                if let Some(block) = shard.classes.get_mut(class).and_then(|c| c.pop()) {
-                    let c = &mut shard.counters;
-                    c.hits += 1;
-                    c.live += 1;
-                    c.live_bytes += to_i64(block.capacity());
-                    c.requested += to_i64(bytes);
-                    drop(shard);
-                    return if block.fence.is_none() { Ok(block) } else { self.ready(block, bytes) };
-                }
-            }
+        if let Some(class) = class
+            && let Some(mut shard) = self.shard().try_lock()
+            && let Some(block) = shard.classes.get_mut(class).and_then(|c| c.pop())
+        {
+            let c = &mut shard.counters;
+            c.hits += 1;
+            c.live += 1;
+            c.live_bytes += to_i64(block.capacity());
+            c.requested += to_i64(bytes);
+            drop(shard);
+            return if block.fence.is_none() { Ok(block) } else { self.ready(block, bytes) };
         }
         self.acquire_slow(bytes, class)
     }

@@ -706,11 +706,12 @@ impl Queue for CudaBackend {
     }
 
     fn release_cached(&self) {
-        if let Some(pool) = self.pool {
-            if self.bind().is_ok() && self.synchronize().is_ok() {
-                // SAFETY: the device's pool; trimming keeps memory still in use.
-                let _ = unsafe { result::mem_pool::trim_to(pool, 0) };
-            }
+        if let Some(pool) = self.pool
+            && self.bind().is_ok()
+            && self.synchronize().is_ok()
+        {
+            // SAFETY: the device's pool; trimming keeps memory still in use.
+            let _ = unsafe { result::mem_pool::trim_to(pool, 0) };
         }
     }
 
