@@ -302,18 +302,15 @@ impl<T: Element> Buffer<T> {
     /// promises the kernel overwrites every element), and unless `access` is
     /// [`MapMode::Read`] the host mirror is dropped, so the next host access reads the
     /// device's result. Host-visible memory is waited for before the next host access.
+    ///
+    /// Nothing is lost if this fails, or if the caller's own ordering step fails after it:
+    /// the host copy is dropped only by [`begin_device_access`](Self::begin_device_access),
+    /// which the caller calls last.
     pub(crate) fn prepare_device_access(&mut self, access: MapMode) -> Result<()> {
         self.ops()?;
-        // Unimem's queue is now ordered after the caller's last use.
-        self.last_use = None;
         if self.is_device_only() {
-            match access {
-                MapMode::Read => self.flush()?,
-                MapMode::ReadWrite => {
-                    self.flush()?;
-                    self.invalidate_mirror();
-                }
-                MapMode::Write => self.invalidate_mirror(),
+            if access != MapMode::Write {
+                self.flush()?;
             }
             return Ok(());
         }
@@ -323,6 +320,27 @@ impl<T: Element> Buffer<T> {
         }
         *self.device_pending.get_mut() = true;
         Ok(())
+    }
+
+    /// Hands the memory to the caller's kernels once `prepare_device_access` and the
+    /// caller's ordering succeeded: unless `access` is [`MapMode::Read`] the host mirror is
+    /// dropped, and `last_use`, a conservative fence for the caller's queue (its whole
+    /// queue, joined at unimem's next use) that the guard replaces with an exact one when it
+    /// drops, covers the caller's work even if the guard is leaked. `None` for unimem's own
+    /// queue, which orders itself.
+    pub(crate) fn begin_device_access(&mut self, access: MapMode, last_use: Option<Fence>) {
+        if access != MapMode::Read {
+            self.invalidate_mirror();
+        }
+        self.last_use = last_use;
+        *self.last_use_pending.get_mut() = self.last_use.is_some();
+    }
+
+    /// The device side was written through a raw pointer lent for reading only (cudarc's
+    /// `DevicePtrMut`): the host mirror is stale.
+    #[allow(dead_code, reason = "for backends whose guards can be written through after all")]
+    pub(crate) fn device_written(&mut self) {
+        self.invalidate_mirror();
     }
 
     /// The elements, read in place (zero-copy) from host-addressable memory, or from the

@@ -153,7 +153,9 @@ fn bounds_hold_under_eight_threads_with_cross_thread_returns() {
     // values, returning whatever was still in the channels.
     let stats = pool.statistics();
     assert!(stats.idle <= 64, "{stats:?}");
-    assert!(stats.hits > stats.misses, "objects are reused across threads: {stats:?}");
+    // How many rents hit depends on the schedule (about half did in runs on 2 cores; the
+    // old `hits > misses` failed now and then at 49%): a quarter proves reuse across threads.
+    assert!(stats.hits * 4 > stats.rents, "objects are reused across threads: {stats:?}");
     assert_balanced(&stats, alive.load(Ordering::Relaxed));
 }
 

@@ -47,15 +47,20 @@ impl<T: Element> Buffer<T> {
     /// the guard drops an event is recorded on it: unimem's next use of the buffer (a
     /// transfer, host access, or the pool's next user once the buffer is dropped) waits for
     /// it on the device. Launch the kernels that use the memory while the guard lives;
-    /// work launched after it dropped is not ordered.
+    /// work launched after it dropped is not ordered. (A guard that is leaked instead of
+    /// dropped leaves the whole stream as the last use: unimem's next use then waits for
+    /// everything launched on it until then.)
     ///
-    /// The guard goes straight into cudarc's launch builder (`builder.arg(&access)`), and
-    /// implements cudarc's [`DevicePtr`] and [`DevicePtrMut`].
+    /// The guard goes straight into cudarc's launch builder (`builder.arg(&access)`): build
+    /// the launch on the guard's stream. It implements cudarc's [`DevicePtr`] and
+    /// [`DevicePtrMut`] too, for cudarc's copies and memsets, on any stream of the context.
+    /// The per-thread default stream (`CudaContext::per_thread_stream`) is refused: it is
+    /// another stream on every thread.
     ///
     /// # Errors
     /// [`Error::WrongBackend`] for buffers that are not CUDA memory, [`Error::ForeignQueue`]
-    /// if `stream` belongs to another context; transfer errors. The buffer is unchanged on
-    /// error.
+    /// if `stream` belongs to another context or is the per-thread default stream; transfer
+    /// errors. The buffer's contents are unchanged on error.
     pub fn cuda_ptr<'a>(
         &'a mut self,
         stream: &Arc<CudaStream>,
@@ -64,17 +69,24 @@ impl<T: Element> Buffer<T> {
         let backend: &CudaBackend =
             self.backend().downcast_ref().ok_or_else(|| self.wrong_backend(DeviceKind::Cuda))?;
         let foreign = stream.cu_stream() != backend.stream;
-        if foreign && stream.context().cu_ctx() != backend.context {
+        // The per-thread default stream is another stream on every thread: nothing recorded
+        // on it on one thread orders work launched on it on another.
+        let per_thread = stream.cu_stream() as usize == PER_THREAD_STREAM;
+        if foreign && (per_thread || stream.context().cu_ctx() != backend.context) {
             return Err(Error::ForeignQueue { device: self.device() });
         }
-        let (ours, context) = (backend.stream, backend.context);
+        let (ours, context, device) = (backend.stream, backend.context, self.device());
         self.prepare_device_access(access)?;
         if foreign {
-            let event = Event::record(context, ours).map_err(Error::on(self.device()))?;
-            CudaBackend::wait_for(stream.cu_stream(), &event).map_err(Error::on(self.device()))?;
+            let event = Event::record(context, ours).map_err(Error::on(device))?;
+            CudaBackend::wait_for(stream.cu_stream(), &event).map_err(Error::on(device))?;
         }
+        // The caller's whole stream stands for its last use until the guard drops (so that a
+        // leaked guard leaves nothing unordered).
+        let drained = foreign.then(|| Fence::new(Drained(Arc::clone(stream))));
+        self.begin_device_access(access, drained);
         let ptr = self.raw().handle;
-        Ok(CudaAccess { buffer: self, stream: Arc::clone(stream), ptr, foreign })
+        Ok(CudaAccess { buffer: self, stream: Arc::clone(stream), ptr, access, foreign })
     }
 }
 
@@ -84,9 +96,14 @@ pub struct CudaAccess<'a, T: Element> {
     buffer: &'a mut Buffer<T>,
     stream: Arc<CudaStream>,
     ptr: sys::CUdeviceptr,
+    /// What the memory was lent for.
+    access: MapMode,
     /// The stream is the caller's, not unimem's: its work is joined on drop.
     foreign: bool,
 }
+
+/// `CU_STREAM_PER_THREAD`.
+const PER_THREAD_STREAM: usize = 0x2;
 
 impl<T: Element> CudaAccess<'_, T> {
     /// The device pointer (`CUdeviceptr`) of the buffer's first element.
@@ -106,8 +123,19 @@ impl<T: Element> CudaAccess<'_, T> {
         if stream.cu_stream() == self.stream.cu_stream() {
             return (self.ptr, SyncOnDrop::Record(None));
         }
-        stream.context().record_err(stream.join(&self.stream));
+        if stream.join(&self.stream).is_err() {
+            // No wait could be enqueued: the guard's stream is drained on the host instead.
+            stream.context().record_err(self.stream.synchronize());
+        }
         (self.ptr, SyncOnDrop::sync_stream(stream))
+    }
+
+    /// A write through a guard lent for reading: the host mirror is stale from now on.
+    fn written(&mut self) {
+        if self.access == MapMode::Read {
+            self.buffer.device_written();
+            self.access = MapMode::ReadWrite;
+        }
     }
 }
 
@@ -154,6 +182,7 @@ impl<T: Element> DevicePtr<T> for CudaAccess<'_, T> {
 
 impl<T: Element> DevicePtrMut<T> for CudaAccess<'_, T> {
     fn device_ptr_mut<'s>(&'s mut self, stream: &'s CudaStream) -> (sys::CUdeviceptr, SyncOnDrop<'s>) {
+        self.written();
         self.on(stream)
     }
 }
@@ -172,6 +201,7 @@ unsafe impl<'a, 'b: 'a, T: Element> PushKernelArg<&'b CudaAccess<'_, T>> for Lau
 unsafe impl<'a, 'b: 'a, T: Element> PushKernelArg<&'b mut CudaAccess<'_, T>> for LaunchArgs<'a> {
     #[inline(always)]
     fn arg(&mut self, arg: &'b mut CudaAccess<'_, T>) -> &mut Self {
+        arg.written();
         <Self as PushKernelArg<&'b sys::CUdeviceptr>>::arg(self, &arg.ptr)
     }
 }

@@ -44,7 +44,9 @@ impl<T: Element> Buffer<T> {
     /// waits), and when the guard drops it leaves a marker on that queue: unimem's next use
     /// of the buffer (a transfer, host access, or the pool's next user once the buffer is
     /// dropped) waits for it on the device. Enqueue the kernels that use the memory while
-    /// the guard lives; work enqueued after it dropped is not ordered.
+    /// the guard lives; work enqueued after it dropped is not ordered. (A guard that is
+    /// leaked instead of dropped leaves the whole queue as the last use: unimem's next use
+    /// then waits for everything enqueued on it until then.)
     ///
     /// ```no_run
     /// # use unimem::{AllocationMode, MapMode, MemoryManager, DeviceKind};
@@ -63,7 +65,7 @@ impl<T: Element> Buffer<T> {
     /// [`Error::WrongBackend`] for buffers that are not OpenCL memory,
     /// [`Error::UnsupportedMode`] for OpenCL shared virtual memory (use
     /// [`opencl_svm`](Self::opencl_svm)), [`Error::ForeignQueue`] if `queue` belongs to
-    /// another context; transfer errors. The buffer is unchanged on error.
+    /// another context; transfer errors. The buffer's contents are unchanged on error.
     pub fn opencl_mem<'a>(
         &'a mut self,
         queue: &'a CommandQueue,
@@ -146,10 +148,18 @@ impl<'a, T: Element> Access<'a, T> {
             return Err(Error::ForeignQueue { device: buffer.device() });
         }
         let ours = backend.queue.get();
+        let device = buffer.device();
+        // The caller's whole queue stands for its last use until the guard drops (so that
+        // a leaked guard leaves nothing unordered).
+        let drained = match foreign {
+            true => Some(Drained::retain(queue).map_err(Error::on(device))?),
+            false => None,
+        };
         buffer.prepare_device_access(access)?;
         if foreign {
-            order_queues(ours, queue.get()).map_err(Error::on(buffer.device()))?;
+            order_queues(ours, queue.get()).map_err(Error::on(device))?;
         }
+        buffer.begin_device_access(access, drained.map(Fence::new));
         Ok(Access { buffer, queue, foreign })
     }
 }
@@ -159,14 +169,10 @@ impl<T: Element> Drop for Access<'_, T> {
         if !self.foreign {
             return; // unimem's in-order queue: its next command follows the caller's
         }
-        // A marker after the caller's work; if none can be enqueued, the whole queue's end,
-        // waited for (off this thread) before the memory is reused.
-        let fence = match Marker::after(self.queue.get()) {
-            Ok(marker) => Some(Fence::new(marker)),
-            Err(_) => Drained::retain(self.queue).map(Fence::new),
-        };
-        if let Some(fence) = fence {
-            self.buffer.record_last_use(fence);
+        // A marker after the caller's work, in place of the whole queue recorded when the
+        // guard was made (which stays if no marker can be enqueued).
+        if let Ok(marker) = Marker::after(self.queue.get()) {
+            self.buffer.record_last_use(Fence::new(marker));
         }
     }
 }

@@ -209,11 +209,11 @@ struct Drained(CommandQueue);
 
 impl Drained {
     /// `queue`, retained.
-    fn retain(queue: &CommandQueue) -> Option<Self> {
+    fn retain(queue: &CommandQueue) -> Result<Self, BackendError> {
         // SAFETY: a live queue (borrowed from its owner); the `CommandQueue` made here owns
         // the reference taken and releases it when dropped.
-        unsafe { queue::retain_command_queue(queue.get()) }.ok()?;
-        Some(Drained(CommandQueue::new(queue.get(), queue.max_work_item_dimensions())))
+        unsafe { queue::retain_command_queue(queue.get()) }.map_err(|c| driver("clRetainCommandQueue", c))?;
+        Ok(Drained(CommandQueue::new(queue.get(), queue.max_work_item_dimensions())))
     }
 }
 
