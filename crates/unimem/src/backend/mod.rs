@@ -406,6 +406,85 @@ pub(crate) trait Queue: Send + Sync {
         Ok(())
     }
 
+    /// Disables this device's direct access to `peer`'s memory; disabling access that is
+    /// not enabled is not an error.
+    fn disable_peer_access(&self, _peer: &dyn Backend) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    /// Enqueues a copy of `len` bytes from host memory at `src` into device memory at byte
+    /// `offset`, and returns without waiting (the transfer engine's building block).
+    ///
+    /// # Safety
+    /// `allocation` came from this backend's `allocate` and has no host pointer;
+    /// `offset + len <= allocation.bytes`; `src..src + len` is host memory that stays
+    /// allocated and unwritten until a [`completion`](Self::completion) or fence taken after
+    /// this call has completed.
+    unsafe fn enqueue_write(
+        &self,
+        allocation: &RawAllocation,
+        offset: usize,
+        src: *const u8,
+        len: usize,
+    ) -> Result<(), BackendError>;
+
+    /// Enqueues a copy of `len` bytes of device memory from byte `offset` into host memory
+    /// at `dst`, and returns without waiting.
+    ///
+    /// # Safety
+    /// As for [`enqueue_write`](Self::enqueue_write), with `dst..dst + len` neither read nor
+    /// written by anyone else until then.
+    unsafe fn enqueue_read(
+        &self,
+        allocation: &RawAllocation,
+        offset: usize,
+        dst: *mut u8,
+        len: usize,
+    ) -> Result<(), BackendError>;
+
+    /// Enqueues a copy of `len` bytes between two device allocations of this backend, and
+    /// returns without waiting.
+    ///
+    /// # Safety
+    /// Both came from this backend's `allocate`, have no host pointer, the ranges are in
+    /// bounds and do not overlap.
+    unsafe fn enqueue_copy(
+        &self,
+        src: &RawAllocation,
+        src_offset: usize,
+        dst: &RawAllocation,
+        dst_offset: usize,
+        len: usize,
+    ) -> Result<(), BackendError>;
+
+    /// Enqueues on this device's queue a direct copy of `len` bytes from `src`, device
+    /// memory of `source`, into `dst` of this device, and returns without waiting; or
+    /// `Ok(false)`, having done nothing, where the two devices have no direct path.
+    ///
+    /// The caller orders this queue after the source's last use first (`order_after` a
+    /// fence of the source's queue) and the source's next use after this queue's copy.
+    ///
+    /// # Safety
+    /// `src` came from `source.allocate`, `dst` from this backend's, neither has a host
+    /// pointer, and both ranges are in bounds.
+    unsafe fn enqueue_peer_copy(
+        &self,
+        _source: &dyn Backend,
+        _src: &RawAllocation,
+        _src_offset: usize,
+        _dst: &RawAllocation,
+        _dst_offset: usize,
+        _len: usize,
+    ) -> Result<bool, BackendError> {
+        Ok(false)
+    }
+
+    /// An operation that completes when everything enqueued on this queue so far has
+    /// completed (submitting it to the device first), from a driver callback, never by
+    /// polling. It owns `keep` (staging memory the enqueued commands use) until then, and
+    /// yields it back.
+    fn completion(&self, keep: Option<crate::host_lines::Staging>) -> Result<Pending, BackendError>;
+
     /// Free and total device memory, where the device reports them: memory-pressure
     /// decisions use them.
     fn free_and_total(&self) -> Option<(u64, u64)> {
