@@ -15,8 +15,38 @@ use std::marker::PhantomData;
 use std::mem::ManuallyDrop;
 use std::ops::{Bound, Range, RangeBounds};
 use std::ptr::NonNull;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+/// One end of a transfer, as the transfer engine sees it before it commits to a path.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Shape {
+    pub device: DeviceId,
+    pub manager: u64,
+    pub kind: crate::DeviceKind,
+    /// The host reads (or writes) the contents in place.
+    pub host: bool,
+    /// Host-visible memory of an accelerator, which its own queue can copy to and from.
+    pub dma: bool,
+}
+
+/// One end of a transfer, resolved: bytes the host reaches (a raw slice, so that no Rust
+/// reference exists while a device copies it), or a range of device memory.
+pub(crate) enum Side<'a> {
+    Host(HostRange),
+    Device { pool: &'a std::sync::Arc<crate::pool::DevicePool>, mem: &'a RawAllocation, offset: usize },
+}
+
+/// Host bytes of a transfer's end, by address.
+#[derive(Clone, Copy)]
+pub(crate) struct HostRange(pub NonNull<[u8]>);
+
+// SAFETY: a `HostRange` points into memory that the transfer borrows from its buffer (`&`
+// for a source, `&mut` for a destination) for as long as the range is used; moving or
+// sharing that borrow across threads is as sound as doing so with the reference it came from.
+unsafe impl Send for HostRange {}
+// SAFETY: as for Send.
+unsafe impl Sync for HostRange {}
 
 /// The host copy of a device buffer's contents.
 type HostMirror = HostLines;
@@ -473,45 +503,72 @@ impl<T: Element> Buffer<T> {
         Ok(())
     }
 
-    /// Copies all of `src`, which must have the same length, into this buffer.
+    /// What the transfer engine needs to know to choose a path, with no side effects.
+    /// A device buffer whose host mirror holds writes the device has not seen is, as a
+    /// source, host memory (the mirror).
+    pub(crate) fn transfer_shape(&self, as_source: bool) -> Shape {
+        let pool = &self.block.pool;
+        Shape {
+            device: pool.device,
+            manager: pool.manager_id,
+            kind: pool.backend().info().kind,
+            host: !self.is_device_only() || (as_source && self.host_newer),
+            dma: pool.device != DeviceId::CPU && pool.kind == MemoryKind::Pinned,
+        }
+    }
+
+    /// The source side of a transfer of the element `range` (checked by the caller): host
+    /// bytes (in place, or the newer host mirror), or device memory with unimem's queue
+    /// ordered after a caller's last use. With `device_use` (the device copies host-visible
+    /// memory in place) the memory is marked as in device use, so that host access waits
+    /// for the transfer's device commands, even if the transfer is dropped mid-flight.
+    pub(crate) fn transfer_source(&self, range: Range<usize>, device_use: bool) -> Result<Side<'_>> {
+        let bytes = range.start * size_of::<T>()..range.end * size_of::<T>();
+        if !self.is_device_only() {
+            let all: &[u8] = bytemuck::cast_slice(self.as_slice()?);
+            if device_use {
+                self.device_pending.store(true, Ordering::Release);
+            }
+            return Ok(Side::Host(HostRange(NonNull::from(&all[bytes]))));
+        }
+        if self.host_newer {
+            let all = self.mirror()?.bytes(self.size_in_bytes());
+            return Ok(Side::Host(HostRange(NonNull::from(&all[bytes]))));
+        }
+        self.ops()?;
+        Ok(Side::Device { pool: &self.block.pool, mem: &self.block.mem, offset: bytes.start })
+    }
+
+    /// The destination side of a transfer into the element `range` (checked by the
+    /// caller). Device memory: host changes outside the range are written to the device
+    /// first, and the mirror is dropped (the device is about to hold the newer contents).
+    /// `device_use` as for `transfer_source`.
+    pub(crate) fn transfer_destination(&mut self, range: Range<usize>, device_use: bool) -> Result<Side<'_>> {
+        let bytes = range.start * size_of::<T>()..range.end * size_of::<T>();
+        if !self.is_device_only() {
+            let start = self.host_ptr()?.cast::<u8>();
+            *self.device_pending.get_mut() |= device_use;
+            // SAFETY: `bytes` lies within the `size_in_bytes()` host-addressable bytes at
+            // `start` (the caller checked the range; see `as_slice`), so the offset stays in
+            // the allocation; only the address is computed, nothing is read.
+            let first = unsafe { start.add(bytes.start) };
+            return Ok(Side::Host(HostRange(NonNull::slice_from_raw_parts(first, bytes.len()))));
+        }
+        if self.host_newer && range.len() < self.len {
+            self.flush()?;
+        }
+        self.ops()?;
+        self.invalidate_mirror();
+        Ok(Side::Device { pool: &self.block.pool, mem: &self.block.mem, offset: bytes.start })
+    }
+
+    /// Copies all of `src`, which must have the same length, into this buffer, through the
+    /// transfer engine of the manager that made this buffer (see
+    /// [`MemoryManager::transfer`](crate::MemoryManager::transfer), which also takes views
+    /// and reports the path it took).
     pub fn copy_from_buffer(&mut self, src: &Buffer<T>) -> Result<()> {
-        if src.len != self.len {
-            return Err(Error::LengthMismatch { destination: self.len, source_len: src.len });
-        }
-        if self.len == 0 {
-            return Ok(());
-        }
-        let same_device = src.device() == self.device() && src.manager_id() == self.manager_id();
-        if same_device && src.is_device_only() && self.is_device_only() && !src.host_newer {
-            // Device-local: one copy on the device, no host involvement.
-            let pool = &self.block.pool;
-            src.ops()?;
-            // SAFETY: two distinct buffers (`&` and `&mut`) of the same backend, both at
-            // least `size_in_bytes` long.
-            unsafe { self.ops()?.copy(&src.block.mem, &self.block.mem, self.size_in_bytes()) }
-                .map_err(Error::on(pool.device))?;
-            self.invalidate_mirror();
-            return Ok(());
-        }
-        if !same_device && src.is_device_only() && self.is_device_only() && !src.host_newer {
-            // Peer-to-peer, where the devices have a direct path.
-            let device = self.device();
-            let source = src.ops()?;
-            let copied = match self.queue()? {
-                // SAFETY: device allocations of their own backends, both `size_in_bytes` long.
-                Some(queue) => unsafe {
-                    queue.copy_from_peer(source, &src.block.mem, &self.block.mem, self.size_in_bytes())
-                },
-                None => Ok(false),
-            }
-            .map_err(Error::on(device))?;
-            if copied {
-                self.invalidate_mirror();
-                return Ok(());
-            }
-        }
-        let src = src.as_slice()?;
-        self.copy_from_blocking(src, 0)
+        let pool = Arc::clone(&self.block.pool);
+        crate::transfer::block_on(pool.engine().run(src.into(), self.into(), &Default::default())).map(drop)
     }
 
     /// Sets every element to `value`: on the device, without a host copy, where the

@@ -195,6 +195,33 @@ pub enum Error {
         /// What the driver said.
         message: String,
     },
+    /// A transfer strategy was asked for where it cannot work.
+    #[error("{strategy} is not possible for this transfer: {reason}")]
+    StrategyUnavailable {
+        /// The strategy asked for.
+        strategy: crate::transfer::Strategy,
+        /// Why it cannot work.
+        reason: String,
+    },
+    /// Peer access asked of a pair of devices with no direct path.
+    #[error("{device} has no direct path to {peer}'s memory: {reason}")]
+    NoPeerPath {
+        /// The device that would access.
+        device: DeviceId,
+        /// The device whose memory would be accessed.
+        peer: DeviceId,
+        /// Why there is no path.
+        reason: crate::peer::NoPeerPath,
+    },
+    /// One transfer of a batch failed; the others are reported on their own.
+    #[error("transfer {index} of the batch failed: {source}")]
+    InBatch {
+        /// The failed transfer's position in the batch.
+        index: usize,
+        /// Why it failed.
+        #[source]
+        source: Box<Error>,
+    },
     /// The driver failed in a way the caller could not foresee.
     #[error("{device}: {source}")]
     Backend {

@@ -36,8 +36,10 @@ mod host_lines;
 mod manager;
 pub mod object_pool;
 mod options;
+pub mod peer;
 mod pool;
 mod stats;
+pub mod transfer;
 
 pub use backend::BackendError;
 #[cfg(feature = "cuda")]
@@ -55,8 +57,13 @@ pub use object_pool::{ObjectPool, ObjectPoolBuilder, ObjectPoolStatistics, Poole
 #[cfg(feature = "opencl")]
 pub use opencl3;
 pub use options::MemoryOptions;
+pub use peer::{NoPeerPath, PeerAccess, PeerManager, PeerTopology};
 pub use pool::size_class::{MAX_CLASS_BYTES, MIN_CLASS_BYTES};
 pub use stats::{ClassOccupancy, MemoryStatistics, PoolStatistics};
+pub use transfer::{
+    Declined, Destination, Source, Strategy, StrategyStatistics, TransferOptions, TransferReport,
+    TransferStatistics,
+};
 
 /// The element types a buffer can hold: plain data that any bit pattern makes valid
 /// (`bytemuck::Pod`), shareable between threads. All primitive numbers qualify, and so do

@@ -7,8 +7,11 @@ use crate::buffer::Buffer;
 use crate::device::{AllocationMode, DeviceId, DeviceInfo, DeviceKind, MemoryKind};
 use crate::error::{Error, Result};
 use crate::options::MemoryOptions;
+use crate::peer::PeerManager;
 use crate::pool::{AcquireError, Block, DevicePool, PoolLimits};
 use crate::stats::MemoryStatistics;
+use crate::transfer::{Destination, Engine, Source, TransferOptions, TransferReport};
+use std::future::Future;
 use std::mem::ManuallyDrop;
 use std::ptr::NonNull;
 use std::sync::Arc;
@@ -24,6 +27,7 @@ struct Device {
 struct Inner {
     id: u64,
     options: MemoryOptions,
+    engine: Arc<Engine>,
     devices: Vec<Device>,
     notes: Vec<String>,
 }
@@ -133,19 +137,32 @@ impl MemoryManagerBuilder {
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let options = self.options;
         let cpu: Arc<dyn Backend> = Arc::new(CpuBackend::new(options.huge_pages()));
-        let mut devices = vec![make_device(id, DeviceId::CPU, cpu, &options)];
         let (accelerators, mut notes) = crate::backend::accelerators(self.backends.as_deref());
-        if options.p2p() {
-            crate::backend::enable_peer_access(&accelerators, &mut notes);
-        }
-        for (n, backend) in (1..).zip(accelerators) {
-            devices.push(make_device(id, DeviceId(n), backend, &options));
-        }
-        MemoryManager { inner: Arc::new(Inner { id, options, devices, notes }) }
+        let backends: Vec<Arc<dyn Backend>> = std::iter::once(cpu).chain(accelerators).collect();
+        let topology = crate::backend::Topology(backends.clone());
+        let (peers, peer_notes) = PeerManager::new(topology, options.p2p());
+        notes.extend(peer_notes);
+        let engine =
+            Arc::new(Engine::new(id, options.max_concurrent_transfers(), options.pinned_memory(), peers));
+        let devices: Vec<Device> = (0..)
+            .zip(backends)
+            .map(|(n, backend)| make_device(id, DeviceId(n), backend, &options, &engine))
+            .collect();
+        let staging = devices
+            .iter()
+            .map(|d| d.pools[crate::transfer::STAGING_KIND.index()].as_ref().map(Arc::downgrade));
+        engine.set_staging_pools(staging.collect());
+        MemoryManager { inner: Arc::new(Inner { id, options, engine, devices, notes }) }
     }
 }
 
-fn make_device(manager_id: u64, id: DeviceId, backend: Arc<dyn Backend>, options: &MemoryOptions) -> Device {
+fn make_device(
+    manager_id: u64,
+    id: DeviceId,
+    backend: Arc<dyn Backend>,
+    options: &MemoryOptions,
+    engine: &Arc<Engine>,
+) -> Device {
     let mut info = backend.info();
     info.id = id;
     let pools = MemoryKind::ALL.map(|kind| {
@@ -158,7 +175,8 @@ fn make_device(manager_id: u64, id: DeviceId, backend: Arc<dyn Backend>, options
                 trim_on_pressure: options.trim_on_pressure(),
             };
             let divisions = options.size_class_divisions();
-            Arc::new(DevicePool::new(manager_id, id, kind, Arc::clone(&backend), divisions, limits))
+            let engine = Arc::clone(engine);
+            Arc::new(DevicePool::new(manager_id, id, kind, Arc::clone(&backend), divisions, limits, engine))
         })
     });
     Device { info, backend, pools }
@@ -247,16 +265,139 @@ impl MemoryManager {
         Ok(&*self.device(id)?.backend)
     }
 
-    /// `matrix[i][j]`: device `i` reads and writes device `j`'s memory directly (peer access,
-    /// enabled when the options' `enable_p2p` is on). Indices are [`DeviceId`] indices; a
-    /// device is not its own peer.
+    /// `matrix[i][j]`: device `i` reads and writes device `j`'s memory directly now (see
+    /// [`peers`](Self::peers) for the reasons and to switch pairs on and off). Indices are
+    /// [`DeviceId`] indices; a device is not its own peer.
     pub fn peer_access_matrix(&self) -> Vec<Vec<bool>> {
-        let devices = &self.inner.devices;
-        let p2p = self.inner.options.p2p();
-        devices
-            .iter()
-            .map(|a| devices.iter().map(|b| p2p && a.backend.peer_access(&*b.backend)).collect())
-            .collect()
+        self.peers().matrix()
+    }
+
+    /// The peer manager: which device reaches which other's memory directly, why not where
+    /// it does not, and switching pairs on and off at run time (all capable pairs start
+    /// enabled when the options' `enable_p2p` is on).
+    pub fn peers(&self) -> &PeerManager {
+        &self.inner.engine.peers
+    }
+
+    /// Copies `src` into `dst` (buffers or views of equal length, on any devices) by the
+    /// fastest path the devices offer, and reports it; see [`transfer`](crate::transfer)
+    /// for the strategies, completion and what a dropped future leaves.
+    ///
+    /// ```
+    /// use unimem::{AllocationMode, MemoryManager, Strategy};
+    ///
+    /// let manager = MemoryManager::new();
+    /// let src = manager.create_buffer((0..1000).collect::<Vec<u32>>(), AllocationMode::Pooled)?;
+    /// let mut dst = manager.allocate::<u32>(500, AllocationMode::Pooled)?;
+    /// let report = pollster::block_on(manager.transfer(src.slice(250..750)?, &mut dst))?;
+    /// assert_eq!(report.strategy, Strategy::DeviceLocal); // both on the CPU
+    /// assert_eq!(dst.as_slice()?[0], 250);
+    /// # Ok::<(), unimem::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`]; the errors of the backends; and, for a forced strategy
+    /// that cannot work, [`Error::StrategyUnavailable`].
+    pub fn transfer<'a, T: Element>(
+        &'a self,
+        src: impl Into<Source<'a, T>>,
+        dst: impl Into<Destination<'a, T>>,
+    ) -> impl Future<Output = Result<TransferReport>> + Send + 'a {
+        self.transfer_with(src, dst, TransferOptions::default())
+    }
+
+    /// [`transfer`](Self::transfer) with chosen options (a forced strategy, the pinned
+    /// staging chunks).
+    pub fn transfer_with<'a, T: Element>(
+        &'a self,
+        src: impl Into<Source<'a, T>>,
+        dst: impl Into<Destination<'a, T>>,
+        options: TransferOptions,
+    ) -> impl Future<Output = Result<TransferReport>> + Send + 'a {
+        let (src, dst) = (src.into(), dst.into());
+        async move { self.inner.engine.run(src, dst, &options).await }
+    }
+
+    /// [`transfer`](Self::transfer), waiting on this thread.
+    pub fn transfer_blocking<'a, T: Element>(
+        &'a self,
+        src: impl Into<Source<'a, T>>,
+        dst: impl Into<Destination<'a, T>>,
+    ) -> Result<TransferReport> {
+        crate::transfer::block_on(self.transfer(src, dst))
+    }
+
+    /// [`transfer_with`](Self::transfer_with), waiting on this thread.
+    pub fn transfer_with_blocking<'a, T: Element>(
+        &'a self,
+        src: impl Into<Source<'a, T>>,
+        dst: impl Into<Destination<'a, T>>,
+        options: TransferOptions,
+    ) -> Result<TransferReport> {
+        crate::transfer::block_on(self.transfer_with(src, dst, options))
+    }
+
+    /// Runs every `(source, destination)` pair, up to `max_concurrent_transfers` at once,
+    /// and reports each, in order. A failed pair fails alone, with
+    /// [`Error::InBatch`] naming its index; the others run to completion.
+    ///
+    /// ```
+    /// use unimem::{AllocationMode, MemoryManager};
+    ///
+    /// let manager = MemoryManager::new();
+    /// let sources: Vec<_> = (0..4).map(|i| manager.create_buffer(vec![i; 64], AllocationMode::Pooled)).collect::<Result<_, _>>()?;
+    /// let mut targets: Vec<_> = (0..4).map(|_| manager.allocate::<i32>(64, AllocationMode::Pooled)).collect::<Result<_, _>>()?;
+    /// let reports = manager.transfer_batch_blocking(sources.iter().zip(targets.iter_mut()));
+    /// assert!(reports.iter().all(|r| r.is_ok()));
+    /// assert_eq!(targets[3].as_slice()?[63], 3);
+    /// # Ok::<(), unimem::Error>(())
+    /// ```
+    pub fn transfer_batch<'a, T, S, D>(
+        &'a self,
+        pairs: impl IntoIterator<Item = (S, D)>,
+    ) -> impl Future<Output = Vec<Result<TransferReport>>> + Send + 'a
+    where
+        T: Element,
+        S: Into<Source<'a, T>>,
+        D: Into<Destination<'a, T>>,
+    {
+        self.transfer_batch_with(pairs, TransferOptions::default())
+    }
+
+    /// [`transfer_batch`](Self::transfer_batch) with chosen options for every pair.
+    pub fn transfer_batch_with<'a, T, S, D>(
+        &'a self,
+        pairs: impl IntoIterator<Item = (S, D)>,
+        options: TransferOptions,
+    ) -> impl Future<Output = Vec<Result<TransferReport>>> + Send + 'a
+    where
+        T: Element,
+        S: Into<Source<'a, T>>,
+        D: Into<Destination<'a, T>>,
+    {
+        let pairs: Vec<(Source<'a, T>, Destination<'a, T>)> =
+            pairs.into_iter().map(|(s, d)| (s.into(), d.into())).collect();
+        async move {
+            let engine = &self.inner.engine;
+            let options = &options;
+            let runs = pairs.into_iter().enumerate().map(|(index, (src, dst))| async move {
+                engine.run(src, dst, options).await.map_err(|e| Error::InBatch { index, source: Box::new(e) })
+            });
+            futures_util::future::join_all(runs).await
+        }
+    }
+
+    /// [`transfer_batch`](Self::transfer_batch), waiting on this thread.
+    pub fn transfer_batch_blocking<'a, T, S, D>(
+        &'a self,
+        pairs: impl IntoIterator<Item = (S, D)>,
+    ) -> Vec<Result<TransferReport>>
+    where
+        T: Element,
+        S: Into<Source<'a, T>>,
+        D: Into<Destination<'a, T>>,
+    {
+        crate::transfer::block_on(self.transfer_batch(pairs))
     }
 
     #[inline]
@@ -407,7 +548,9 @@ impl MemoryManager {
 
     /// A snapshot of the statistics of every pool.
     pub fn statistics(&self) -> MemoryStatistics {
-        MemoryStatistics::from_pools(self.pools().map(|p| p.statistics()).collect())
+        let mut stats = MemoryStatistics::from_pools(self.pools().map(|p| p.statistics()).collect());
+        stats.transfers = self.inner.engine.statistics();
+        stats
     }
 
     /// Frees all pooled memory. Returns the bytes freed.

@@ -56,6 +56,8 @@ pub struct MemoryStatistics {
     pub leaked_staging_bytes: u64,
     /// One entry per (device, memory kind) pool.
     pub pools: Vec<PoolStatistics>,
+    /// The transfer engine's counters: per strategy, in flight, staging memory.
+    pub transfers: crate::transfer::TransferStatistics,
 }
 
 /// The statistics of one (device, memory kind) pool.

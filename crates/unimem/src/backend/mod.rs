@@ -83,15 +83,52 @@ pub(crate) fn accelerators(only: Option<&[DeviceKind]>) -> (Vec<Arc<dyn Backend>
     (found, notes)
 }
 
-/// Enables direct access between every pair of devices that offers it (`enable_p2p`), and
-/// notes the pairs that failed.
-pub(crate) fn enable_peer_access(backends: &[Arc<dyn Backend>], notes: &mut Vec<String>) {
-    for a in backends.iter() {
-        for b in backends.iter().filter(|b| a.peer_access(b.as_ref())) {
-            if let Some(Err(e)) = a.work_queue().map(|q| q.enable_peer_access(b.as_ref())) {
-                notes.push(format!("peer access {} -> {}: {e}", a.info().name, b.info().name));
-            }
+/// The peer topology of a manager's devices (the CPU first): probes from the backends,
+/// access switched through their queues.
+pub(crate) struct Topology(pub Vec<Arc<dyn Backend>>);
+
+impl crate::peer::PeerTopology for Topology {
+    fn device_count(&self) -> usize {
+        self.0.len()
+    }
+
+    fn probe(&self, device: usize, peer: usize) -> Result<(), crate::peer::NoPeerPath> {
+        use crate::peer::NoPeerPath;
+        let (a, b) = (&self.0[device], &self.0[peer]);
+        let (ka, kb) = (a.info().kind, b.info().kind);
+        if ka == DeviceKind::Cpu || kb == DeviceKind::Cpu {
+            return Err(NoPeerPath::Cpu);
         }
+        if ka != kb {
+            return Err(NoPeerPath::DifferentBackends { device: ka, peer: kb });
+        }
+        if a.peer_access(b.as_ref()) {
+            return Ok(());
+        }
+        let why = match ka {
+            DeviceKind::Cuda => "cuDeviceCanAccessPeer reports no access".to_string(),
+            DeviceKind::OpenCl => "the devices are in different OpenCL contexts (platforms)".to_string(),
+            other => format!("{} reports no direct path", other.name()),
+        };
+        Err(NoPeerPath::NotCapable { why })
+    }
+
+    fn enable(&self, device: usize, peer: usize) -> crate::Result<()> {
+        self.switch(device, peer, true)
+    }
+
+    fn disable(&self, device: usize, peer: usize) -> crate::Result<()> {
+        self.switch(device, peer, false)
+    }
+}
+
+impl Topology {
+    fn switch(&self, device: usize, peer: usize, on: bool) -> crate::Result<()> {
+        let (a, b) = (&self.0[device], self.0[peer].as_ref());
+        let Some(queue) = a.work_queue() else { return Ok(()) };
+        let switched = if on { queue.enable_peer_access(b) } else { queue.disable_peer_access(b) };
+        let id = crate::DeviceId(u32::try_from(device).unwrap_or(u32::MAX));
+        switched.map_err(crate::Error::on(id))
     }
 }
 

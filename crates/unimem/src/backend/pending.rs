@@ -92,6 +92,11 @@ impl Future for Pending {
 pub(crate) struct Staged(Option<Staging>);
 
 impl Staged {
+    /// The staging memory itself, for the next operation that uses it.
+    pub(crate) fn into_staging(self) -> Option<Staging> {
+        self.0
+    }
+
     /// The first `len` bytes (none where the operation had no staging memory).
     pub(crate) fn bytes(&self, len: usize) -> &[u8] {
         match &self.0 {

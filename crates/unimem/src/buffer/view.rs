@@ -9,7 +9,7 @@ use std::ops::{Deref, DerefMut, Range, RangeBounds};
 
 /// A read-only view of `range` of a [`Buffer`]. Offsets given to its methods count from the
 /// start of the range, and nothing outside the range is reachable.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct BufferView<'a, T: Element> {
     buffer: &'a Buffer<T>,
     range: Range<usize>,
@@ -25,6 +25,11 @@ pub struct BufferViewMut<'a, T: Element> {
 impl<'a, T: Element> BufferView<'a, T> {
     pub(super) fn new(buffer: &'a Buffer<T>, range: Range<usize>) -> Self {
         BufferView { buffer, range }
+    }
+
+    /// The buffer and the range, for the transfer engine.
+    pub(crate) fn into_parts(self) -> (&'a Buffer<T>, Range<usize>) {
+        (self.buffer, self.range)
     }
 
     /// Elements in the view.
@@ -80,6 +85,11 @@ fn narrow(outer: &Range<usize>, range: impl RangeBounds<usize>) -> Result<Range<
 impl<T: Element> BufferViewMut<'_, T> {
     pub(super) fn new(buffer: &mut Buffer<T>, range: Range<usize>) -> BufferViewMut<'_, T> {
         BufferViewMut { buffer, range }
+    }
+
+    /// The buffer and the range, for the transfer engine.
+    pub(crate) fn parts_mut(&mut self) -> (&mut Buffer<T>, Range<usize>) {
+        (self.buffer, self.range.clone())
     }
 
     /// Elements in the view.
@@ -231,5 +241,12 @@ impl<T: Element> Drop for Mapping<'_, T> {
         if let Some(scratch) = self.scratch.take().filter(|_| self.written) {
             self.buffer.install_mirror(scratch);
         }
+    }
+}
+
+impl<'a, T: Element> BufferViewMut<'a, T> {
+    /// The buffer and the range, for the transfer engine.
+    pub(crate) fn into_parts(self) -> (&'a mut Buffer<T>, Range<usize>) {
+        (self.buffer, self.range)
     }
 }

@@ -151,6 +151,8 @@ pub(crate) enum AcquireError {
 }
 
 pub(crate) struct DevicePool {
+    /// The manager's transfer engine, for `Buffer::copy_from_buffer`.
+    engine: Arc<crate::transfer::Engine>,
     pub(crate) manager_id: u64,
     pub(crate) device: DeviceId,
     pub(crate) kind: MemoryKind,
@@ -197,6 +199,7 @@ impl DevicePool {
         backend: Arc<dyn Backend>,
         divisions: u32,
         limits: PoolLimits,
+        engine: Arc<crate::transfer::Engine>,
     ) -> Self {
         let classes = SizeClasses::new(divisions);
         let n = classes.count();
@@ -216,7 +219,14 @@ impl DevicePool {
             fenced,
             deferred: Mutex::new(Vec::new()),
             counters: Counters::default(),
+            engine,
         }
+    }
+
+    /// The transfer engine of the manager that made this pool (it outlives the manager
+    /// while the pool lives).
+    pub(crate) fn engine(&self) -> &crate::transfer::Engine {
+        &self.engine
     }
 
     #[inline]
