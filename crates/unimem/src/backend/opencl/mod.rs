@@ -51,7 +51,7 @@ mod interop;
 
 pub use interop::{OpenClMem, OpenClSvm};
 
-use super::pending::{Pending, Signal};
+use super::pending::{Pending, Signal, leak_staging};
 use super::{Backend, BackendError, DeviceFence, Fence, Queue, RawAllocation};
 use crate::device::{DeviceId, DeviceInfo, DeviceKind, MemoryKind};
 use crate::host_lines::{HostLines, Staging};
@@ -197,11 +197,7 @@ fn complete_on(call: &'static str, event: cl_event, staging: Option<Staging>) ->
 fn abandon(queue: cl_command_queue, keep: Option<Staging>, error: BackendError) -> BackendError {
     match queue::finish(queue) {
         Ok(()) => drop(keep),
-        Err(code) => {
-            let (pending, signal) = Pending::new(keep);
-            signal.complete_leaking_staging(Err(driver("clFinish", code)));
-            drop(pending);
-        }
+        Err(_) => leak_staging(keep),
     }
     error
 }
