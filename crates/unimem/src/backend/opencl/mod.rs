@@ -17,7 +17,8 @@
 //! of one device can be the source of a copy enqueued on another's queue (peer copies), and
 //! a marker of one device's queue can order another's; each device keeps its own in-order
 //! queue. Where the platform's shared context cannot be made, each device gets a context
-//! of its own (the discovery note says so) and has no peers.
+//! of its own (the discovery note says so) and has no peers; setting
+//! `UNIMEM_OPENCL_CONTEXT_PER_DEVICE` does the same, for tests.
 //!
 //! Every device operation goes through the device's one in-order queue. Blocking transfers
 //! wait for their event; asynchronous ones copy through staging memory that the operation
@@ -117,6 +118,11 @@ fn shared_context(probed: &[Probe], problems: &mut Vec<String>) -> Option<Arc<Co
     if probed.is_empty() {
         return None;
     }
+    if std::env::var_os("UNIMEM_OPENCL_CONTEXT_PER_DEVICE").is_some() {
+        // Test knob: the fallback, without a driver that refuses the shared context.
+        problems.push("UNIMEM_OPENCL_CONTEXT_PER_DEVICE: each device has a context of its own".into());
+        return None;
+    }
     let ids: Vec<cl_device_id> = probed.iter().map(|p| p.device.id()).collect();
     match Context::from_devices(&ids, &[], None, ptr::null_mut()) {
         Ok(context) => Some(Arc::new(context)),
@@ -194,6 +200,7 @@ fn complete_on(call: &'static str, event: cl_event, staging: Option<Staging>) ->
 /// Gives up an operation that could not be started on `queue` with `error`: `keep`, which
 /// commands already on the queue may use, is freed once the queue has finished (`clFinish`),
 /// or leaked (and counted) where even that fails.
+#[allow(dead_code, reason = "for the Queue methods that the transfer engine calls")]
 fn abandon(queue: cl_command_queue, keep: Option<Staging>, error: BackendError) -> BackendError {
     match queue::finish(queue) {
         Ok(()) => drop(keep),
@@ -205,6 +212,7 @@ fn abandon(queue: cl_command_queue, keep: Option<Staging>, error: BackendError) 
 /// Releases the event of a command enqueued without waiting: releasing does not cancel the
 /// command. A failure would leak only the event's handle, and is not reported: the command
 /// is enqueued, and an error would tell the caller it is not.
+#[allow(dead_code, reason = "for the Queue methods that the transfer engine calls")]
 fn release_enqueued(event: cl_event) {
     // SAFETY: `event` was just returned by an enqueue call and is released once, here.
     let _ = unsafe { event::release_event(event) };
