@@ -117,7 +117,7 @@ fn the_device_tests_pass_on_a_model_driver() {
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/model_cuda.c");
     build_stub(&source, &dir.join("libcuda.so"));
     std::fs::copy(dir.join("libcuda.so"), dir.join("libcuda.so.1")).unwrap();
-    let run = |args: &[&str], faults: bool| {
+    let run = |args: &[&str], faults: bool, peers: Option<&str>| {
         let mut command = Command::new(std::env::current_exe().unwrap());
         command
             .args([
@@ -136,6 +136,9 @@ fn the_device_tests_pass_on_a_model_driver() {
         if faults {
             command.env("UNIMEM_MODEL_FAULTS", "1");
         }
+        if let Some(peers) = peers {
+            command.env("UNIMEM_MODEL_CUDA_PEERS", peers);
+        }
         let output = command.output().unwrap();
         let log =
             String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
@@ -146,10 +149,11 @@ fn the_device_tests_pass_on_a_model_driver() {
     };
     // The device tests in parallel; then the fault-injection tests one at a time (faults
     // are process-wide), with the faults enabled.
-    let device_tests = run(&["--skip", "faults_"], false);
-    let fault_tests = run(&["faults_", "--test-threads=1"], true);
+    let device_tests = run(&["--skip", "faults_"], false, None);
+    let fault_tests = run(&["faults_", "--test-threads=1"], true, None);
+    let topology = run(&["--exact", "peer_access_follows_the_drivers_topology"], false, Some(ONE_WAY));
     let _ = std::fs::remove_dir_all(&dir);
-    eprintln!("on the model driver: {device_tests}; fault injection: {fault_tests}");
+    eprintln!("on the model driver: {device_tests}; fault injection: {fault_tests}; topology: {topology}");
 }
 
 fn build_stub(source: &Path, library: &Path) {
@@ -364,6 +368,47 @@ fn memory_info_and_the_peer_matrix_are_consistent() {
     } else {
         eprintln!("one CUDA device: no peer copy to test");
     }
+}
+
+#[test]
+fn peer_access_can_be_disabled_and_enabled_again() {
+    let Some((manager, _)) = cuda() else { return };
+    let cudas: Vec<_> =
+        manager.devices_of(DeviceKind::Cuda).iter().map(|d| manager.cuda_device(d.id).unwrap()).collect();
+    let Some((a, b)) = cudas.iter().find_map(|a| cudas.iter().find(|b| a.can_access_peer(b)).map(|b| (a, b)))
+    else {
+        return eprintln!("skipping: no two CUDA devices with peer access");
+    };
+    a.enable_peer_access(b).unwrap();
+    a.disable_peer_access(b).unwrap();
+    a.disable_peer_access(b).unwrap(); // not enabled: not an error
+    a.enable_peer_access(b).unwrap();
+    a.enable_peer_access(b).unwrap(); // already enabled: not an error
+}
+
+/// The topology `the_device_tests_pass_on_a_model_driver` gives the model driver for
+/// `peer_access_follows_the_drivers_topology`: device 0 reaches device 1, not the reverse.
+const ONE_WAY: &str = "0>1";
+
+/// The peer matrix is what `cuDeviceCanAccessPeer` says, and access it refuses cannot be
+/// enabled (run on the model driver with `UNIMEM_MODEL_CUDA_PEERS=0>1`).
+#[test]
+fn peer_access_follows_the_drivers_topology() {
+    if std::env::var("UNIMEM_MODEL_CUDA_PEERS").as_deref() != Ok(ONE_WAY) {
+        return eprintln!("skipping: runs on the model driver with UNIMEM_MODEL_CUDA_PEERS={ONE_WAY}");
+    }
+    let Some((manager, _)) = cuda() else { return };
+    let [zero, one] = manager.devices_of(DeviceKind::Cuda).iter().map(|d| d.id).collect::<Vec<_>>()[..]
+    else {
+        panic!("two model devices expected: {:?}", manager.devices());
+    };
+    let matrix = manager.peer_access_matrix();
+    assert!(matrix[zero.index()][one.index()] && !matrix[one.index()][zero.index()], "{matrix:?}");
+    let (zero, one) = (manager.cuda_device(zero).unwrap(), manager.cuda_device(one).unwrap());
+    assert!(zero.can_access_peer(one) && !one.can_access_peer(zero));
+    let refused = one.enable_peer_access(zero).unwrap_err();
+    assert!(refused.to_string().contains("CUDA_ERROR_PEER_ACCESS_UNSUPPORTED"), "{refused}");
+    assert!(manager.backend_notes().is_empty(), "{:?}", manager.backend_notes());
 }
 
 #[test]

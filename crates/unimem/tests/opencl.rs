@@ -404,6 +404,55 @@ fn coarse_grained_svm_with_kernels() {
     }
 }
 
+/// Runs in child processes with two PoCL devices (`POCL_DEVICES="pthread pthread"`): the
+/// devices of a platform share one context and are each other's peers, and with
+/// `UNIMEM_OPENCL_CONTEXT_PER_DEVICE` (the fallback where no shared context can be made)
+/// each has its own and none is a peer, with a note saying so. Buffers move between the
+/// devices either way. `UNIMEM_REQUIRE_OPENCL_PEERS=1` fails where there are not two
+/// devices (another OpenCL implementation ignores `POCL_DEVICES`).
+#[test]
+fn the_devices_of_a_platform_share_a_context() {
+    if let Some(mode) = std::env::var_os("UNIMEM_SHARED_CONTEXT_CHILD") {
+        let shared = mode == "shared";
+        let manager = MemoryManager::new();
+        let ids: Vec<DeviceId> = manager.devices_of(DeviceKind::OpenCl).iter().map(|d| d.id).collect();
+        let [a, b, ..] = ids[..] else {
+            return eprintln!("skipping: {} OpenCL device(s), not two", ids.len());
+        };
+        let (cl_a, cl_b) = (manager.opencl_device(a).unwrap(), manager.opencl_device(b).unwrap());
+        assert_eq!(std::ptr::eq(cl_a.context(), cl_b.context()), shared);
+        assert_eq!(cl_a.shares_context_with(cl_b), shared);
+        let matrix = manager.peer_access_matrix();
+        assert_eq!((matrix[a.index()][b.index()], matrix[b.index()][a.index()]), (shared, shared));
+        let notes = manager.backend_notes().join("; ");
+        assert_eq!(notes.contains("UNIMEM_OPENCL_CONTEXT_PER_DEVICE"), !shared, "{notes}");
+        for mode in [AllocationMode::Pooled, AllocationMode::Pinned, AllocationMode::Unified] {
+            let mut src = manager.allocate_on::<f32>(a, 5000, mode).unwrap();
+            src.copy_from_blocking(&data(5000), 0).unwrap();
+            let mut dst = manager.allocate_on::<f32>(b, 5000, mode).unwrap();
+            dst.copy_from_buffer(&src).unwrap();
+            assert_eq!(dst.as_slice().unwrap(), &data(5000)[..], "{mode:?}");
+        }
+        return eprintln!("two devices exercised");
+    }
+    for mode in ["shared", "per device"] {
+        let mut command = Command::new(std::env::current_exe().unwrap());
+        command
+            .args(["--exact", "the_devices_of_a_platform_share_a_context", "--nocapture"])
+            .env("UNIMEM_SHARED_CONTEXT_CHILD", mode)
+            .env("POCL_DEVICES", "pthread pthread");
+        if mode != "shared" {
+            command.env("UNIMEM_OPENCL_CONTEXT_PER_DEVICE", "1");
+        }
+        let output = command.output().unwrap();
+        let log = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "child ({mode}) failed: {log}");
+        if std::env::var_os("UNIMEM_REQUIRE_OPENCL_PEERS").is_some() {
+            assert!(log.contains("two devices exercised"), "{log}");
+        }
+    }
+}
+
 /// Runs in a child process with `OCL_ICD_VENDORS` pointing at an empty folder.
 #[test]
 fn without_an_icd_there_are_no_devices_and_a_reason() {

@@ -445,6 +445,7 @@ pub(crate) trait Queue: Send + Sync {
 
     /// Disables this device's direct access to `peer`'s memory; disabling access that is
     /// not enabled is not an error.
+    #[allow(dead_code, reason = "called by the transfer engine")]
     fn disable_peer_access(&self, _peer: &dyn Backend) -> Result<(), BackendError> {
         Ok(())
     }
@@ -457,6 +458,7 @@ pub(crate) trait Queue: Send + Sync {
     /// `offset + len <= allocation.bytes`; `src..src + len` is host memory that stays
     /// allocated and unwritten until a [`completion`](Self::completion) or fence taken after
     /// this call has completed.
+    #[allow(dead_code, reason = "called by the transfer engine")]
     unsafe fn enqueue_write(
         &self,
         allocation: &RawAllocation,
@@ -471,6 +473,7 @@ pub(crate) trait Queue: Send + Sync {
     /// # Safety
     /// As for [`enqueue_write`](Self::enqueue_write), with `dst..dst + len` neither read nor
     /// written by anyone else until then.
+    #[allow(dead_code, reason = "called by the transfer engine")]
     unsafe fn enqueue_read(
         &self,
         allocation: &RawAllocation,
@@ -485,6 +488,7 @@ pub(crate) trait Queue: Send + Sync {
     /// # Safety
     /// Both came from this backend's `allocate`, have no host pointer, the ranges are in
     /// bounds and do not overlap.
+    #[allow(dead_code, reason = "called by the transfer engine")]
     unsafe fn enqueue_copy(
         &self,
         src: &RawAllocation,
@@ -504,6 +508,7 @@ pub(crate) trait Queue: Send + Sync {
     /// # Safety
     /// `src` came from `source.allocate`, `dst` from this backend's, neither has a host
     /// pointer, and both ranges are in bounds.
+    #[allow(dead_code, reason = "called by the transfer engine")]
     unsafe fn enqueue_peer_copy(
         &self,
         _source: &dyn Backend,
@@ -520,6 +525,7 @@ pub(crate) trait Queue: Send + Sync {
     /// completed (submitting it to the device first), from a driver callback, never by
     /// polling. It owns `keep` (staging memory the enqueued commands use) until then, and
     /// yields it back.
+    #[allow(dead_code, reason = "called by the transfer engine")]
     fn completion(&self, keep: Option<crate::host_lines::Staging>) -> Result<Pending, BackendError>;
 
     /// Free and total device memory, where the device reports them: memory-pressure

@@ -24,6 +24,15 @@ pub(crate) fn leaked_staging_bytes() -> u64 {
     LEAKED_STAGING.load(Ordering::Relaxed)
 }
 
+/// Leaks `staging`, which a device command may still use when nobody can tell when it ends
+/// (a completion could not be enqueued, and waiting failed too), counting its bytes.
+pub(crate) fn leak_staging(staging: Option<Staging>) {
+    if let Some(staging) = staging {
+        LEAKED_STAGING.fetch_add(staging.len() as u64, Ordering::Relaxed);
+        std::mem::forget(staging);
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     outcome: Option<Result<(), BackendError>>,
@@ -126,10 +135,8 @@ impl Signal {
     /// for (a callback could not be registered, and waiting failed too). The bytes are
     /// counted (`MemoryStatistics::leaked_staging_bytes`).
     pub(crate) fn complete_leaking_staging(self, outcome: Result<(), BackendError>) {
-        if let Some(staging) = self.0.lock().staging.take() {
-            LEAKED_STAGING.fetch_add(staging.len() as u64, Ordering::Relaxed);
-            std::mem::forget(staging);
-        }
+        let staging = self.0.lock().staging.take();
+        leak_staging(staging);
         self.complete(outcome);
     }
 

@@ -13,6 +13,11 @@
  * - fresh memory is filled with 0xA5, not zeroed (the driver does not zero it);
  * - calls that need a context fail without a current one (CUDA_ERROR_INVALID_CONTEXT),
  *   and enqueueing on a stream of another context fails (CUDA_ERROR_INVALID_HANDLE);
+ * - peer access is a bit per ordered pair of contexts: cuCtxEnablePeerAccess sets it
+ *   (CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED, 704, where it was set;
+ *   CUDA_ERROR_PEER_ACCESS_UNSUPPORTED, 217, for a pair that cuDeviceCanAccessPeer says
+ *   cannot), cuCtxDisablePeerAccess clears it (CUDA_ERROR_PEER_ACCESS_NOT_ENABLED, 705,
+ *   where it was not set). Copies do not look at it: cuMemcpyPeerAsync needs none;
  * - these abort the process with a message: a device command outside every live
  *   allocation, or on freed memory (or memory whose cuMemFreeAsync is already queued);
  *   freeing memory that is not live (a second free included) or with the wrong call
@@ -59,9 +64,12 @@
  * with other tests that use the model.
  *
  * Built by tests/cuda.rs as libcuda.so and found first through LD_LIBRARY_PATH.
- * UNIMEM_MODEL_CUDA_DEVICES sets the number of devices (1 to 4; default 1); every pair
- * of devices can access each other's memory. tests/support/model_faults.rs finds the
- * fault functions at run time.
+ * UNIMEM_MODEL_CUDA_DEVICES sets the number of devices (1 to 4; default 1).
+ * UNIMEM_MODEL_CUDA_PEERS sets the topology: the ordered pairs of devices for which
+ * cuDeviceCanAccessPeer says yes, as "device>peer" separated by commas ("0>1,1>0,2>3":
+ * 0 and 1 reach each other, 2 reaches 3, 3 reaches nobody; "" for no pair at all); unset,
+ * every pair of distinct devices can access each other's memory. A malformed value aborts.
+ * tests/support/model_faults.rs finds the fault functions at run time.
  */
 #include <pthread.h>
 #include <stdint.h>
@@ -80,7 +88,9 @@ enum {
     INVALID_CONTEXT = 201,
     INVALID_HANDLE = 400,
     NOT_READY = 600,
+    PEER_ACCESS_UNSUPPORTED = 217,
     PEER_ACCESS_ALREADY_ENABLED = 704,
+    PEER_ACCESS_NOT_ENABLED = 705,
     NOT_SUPPORTED = 801,
 };
 
@@ -109,6 +119,24 @@ static int device_count(void) {
     const char *env = getenv("UNIMEM_MODEL_CUDA_DEVICES");
     int n = env ? atoi(env) : 1;
     return n < 1 ? 1 : n > MAX_DEVICES ? MAX_DEVICES : n;
+}
+
+/* Whether `device` can access `peer`'s memory: a pair listed in UNIMEM_MODEL_CUDA_PEERS,
+ * or any two distinct devices where it is unset. */
+static int can_access(int device, int peer) {
+    if (device == peer) return 0;
+    const char *p = getenv("UNIMEM_MODEL_CUDA_PEERS");
+    if (!p) return 1;
+    int found = 0;
+    while (*p) {
+        int from, to, used = 0;
+        if (sscanf(p, " %d > %d %n", &from, &to, &used) != 2 || used == 0 || (p[used] && p[used] != ','))
+            fail("UNIMEM_MODEL_CUDA_PEERS", "expected ordered pairs such as \"0>1,1>0\"");
+        found |= from == device && to == peer;
+        p += used;
+        if (*p == ',') p++;
+    }
+    return found;
 }
 
 /* ---- fault injection: call counts, injected faults, the sticky error */
@@ -514,7 +542,7 @@ CUresult cuDeviceGetAttribute(int *value, int attribute, CUdevice device) {
 
 CUresult cuDeviceCanAccessPeer(int *can, CUdevice device, CUdevice peer) {
     ENTER_DEVICE();
-    *can = device != peer;
+    *can = can_access(device, peer);
     return OK;
 }
 
@@ -556,10 +584,23 @@ CUresult cuCtxEnablePeerAccess(struct ctx *peer, unsigned flags) {
     ENTER();
     if (!current) return INVALID_CONTEXT;
     if (flags != 0 || !peer || peer == current) return INVALID_VALUE;
+    if (!can_access(current->device, peer->device)) return PEER_ACCESS_UNSUPPORTED;
     pthread_mutex_lock(&global);
     unsigned bit = 1u << peer->device;
     CUresult r = current->peers_enabled & bit ? PEER_ACCESS_ALREADY_ENABLED : OK;
     current->peers_enabled |= bit;
+    pthread_mutex_unlock(&global);
+    return r;
+}
+
+CUresult cuCtxDisablePeerAccess(struct ctx *peer) {
+    ENTER();
+    if (!current) return INVALID_CONTEXT;
+    if (!peer || peer == current) return INVALID_VALUE;
+    pthread_mutex_lock(&global);
+    unsigned bit = 1u << peer->device;
+    CUresult r = current->peers_enabled & bit ? OK : PEER_ACCESS_NOT_ENABLED;
+    current->peers_enabled &= ~bit;
     pthread_mutex_unlock(&global);
     return r;
 }

@@ -40,7 +40,7 @@ mod interop;
 
 pub use interop::CudaAccess;
 
-use super::pending::{Pending, Signal};
+use super::pending::{Pending, Signal, leak_staging};
 use super::{Backend, BackendError, DeviceFence, Fence, Queue, RawAllocation};
 use crate::device::{DeviceId, DeviceInfo, DeviceKind, MemoryKind};
 use crate::host_lines::{Staging, StagingHome};
@@ -361,6 +361,18 @@ impl CudaBackend {
         }
     }
 
+    /// Disables this device's access to `other`'s memory (`cuCtxDisablePeerAccess`);
+    /// disabling access that is not enabled is not an error.
+    pub fn disable_peer_access(&self, other: &CudaBackend) -> Result<(), BackendError> {
+        self.bind()?;
+        // SAFETY: a valid peer context (retained by `other` for its life).
+        match unsafe { sys::cuCtxDisablePeerAccess(other.context) }.result() {
+            Ok(()) => Ok(()),
+            Err(e) if e.0 == sys::CUresult::CUDA_ERROR_PEER_ACCESS_NOT_ENABLED => Ok(()),
+            Err(e) => Err(driver("cuCtxDisablePeerAccess", e)),
+        }
+    }
+
     /// Prefetches managed memory to `location` on the stream, where the device supports it.
     fn prefetch(&self, allocation: &RawAllocation, to_host: bool) -> Result<(), BackendError> {
         if !self.concurrent_managed {
@@ -430,11 +442,12 @@ impl CudaBackend {
         Ok(unsafe { Staging::from_home(start, size, Arc::clone(&self.stash) as Arc<dyn StagingHome>) })
     }
 
-    /// Completes `staging`'s operation when the stream reaches this point: a stream callback
-    /// (`cuStreamAddCallback`), which, unlike a host function, the driver still calls after
-    /// a sticky context error, with the error: a future never waits forever.
-    fn complete_on_stream(&self, staging: Staging) -> Result<Pending, BackendError> {
-        let (pending, signal) = Pending::new(Some(staging));
+    /// An operation that completes when the stream reaches this point, owning `staging`
+    /// until then: a stream callback (`cuStreamAddCallback`), which, unlike a host function,
+    /// the driver still calls after a sticky context error, with the error: a future never
+    /// waits forever. The context must be bound.
+    fn complete_on_stream(&self, staging: Option<Staging>) -> Result<Pending, BackendError> {
+        let (pending, signal) = Pending::new(staging);
         let user_data = signal.into_raw();
         // SAFETY: the callback runs once, after the work enqueued before it, and takes the
         // signal back; flags must be 0.
@@ -685,6 +698,13 @@ impl Queue for CudaBackend {
         }
     }
 
+    fn disable_peer_access(&self, peer: &dyn Backend) -> Result<(), BackendError> {
+        match peer.downcast_ref() {
+            Some(peer) => CudaBackend::disable_peer_access(self, peer),
+            None => Ok(()),
+        }
+    }
+
     fn before_host_access(&self, allocation: &RawAllocation, kind: MemoryKind) -> Result<(), BackendError> {
         self.bind()?;
         if kind == MemoryKind::Unified {
@@ -737,7 +757,7 @@ impl Queue for CudaBackend {
         }
         .result()
         .map_err(|e| driver("cuMemcpyHtoDAsync", e))?;
-        self.complete_on_stream(staging)
+        self.complete_on_stream(Some(staging))
     }
 
     unsafe fn read_async(
@@ -759,7 +779,7 @@ impl Queue for CudaBackend {
         }
         .result()
         .map_err(|e| driver("cuMemcpyDtoHAsync", e))?;
-        self.complete_on_stream(staging)
+        self.complete_on_stream(Some(staging))
     }
 
     unsafe fn copy_from_peer(
@@ -784,5 +804,113 @@ impl Queue for CudaBackend {
         .map_err(|e| driver("cuMemcpyPeerAsync", e))?;
         self.synchronize()?;
         Ok(true)
+    }
+
+    unsafe fn enqueue_write(
+        &self,
+        allocation: &RawAllocation,
+        offset: usize,
+        src: *const u8,
+        len: usize,
+    ) -> Result<(), BackendError> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: in bounds (the caller) on our stream of the bound context; the caller keeps
+        // `src..src + len` allocated and unwritten until a completion or fence taken after
+        // this call has completed, which is after the copy has read it.
+        unsafe { sys::cuMemcpyHtoDAsync_v2(allocation.handle + offset as u64, src.cast(), len, self.stream) }
+            .result()
+            .map_err(|e| driver("cuMemcpyHtoDAsync", e))
+    }
+
+    unsafe fn enqueue_read(
+        &self,
+        allocation: &RawAllocation,
+        offset: usize,
+        dst: *mut u8,
+        len: usize,
+    ) -> Result<(), BackendError> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: as in `enqueue_write`; nobody else reads or writes `dst..dst + len` until
+        // then (the caller), so the copy's write races with nothing.
+        unsafe { sys::cuMemcpyDtoHAsync_v2(dst.cast(), allocation.handle + offset as u64, len, self.stream) }
+            .result()
+            .map_err(|e| driver("cuMemcpyDtoHAsync", e))
+    }
+
+    unsafe fn enqueue_copy(
+        &self,
+        src: &RawAllocation,
+        src_offset: usize,
+        dst: &RawAllocation,
+        dst_offset: usize,
+        len: usize,
+    ) -> Result<(), BackendError> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: two allocations of this device, both ranges in bounds and disjoint (the
+        // caller), on our stream of the bound context.
+        unsafe {
+            sys::cuMemcpyDtoDAsync_v2(
+                dst.handle + dst_offset as u64,
+                src.handle + src_offset as u64,
+                len,
+                self.stream,
+            )
+        }
+        .result()
+        .map_err(|e| driver("cuMemcpyDtoDAsync", e))
+    }
+
+    /// `cuMemcpyPeerAsync` on this (the destination's) stream: it needs no peer access
+    /// (without it the driver stages the copy itself), so any two CUDA devices have a path.
+    /// Nothing waits on the host: the caller orders the streams (see the trait).
+    unsafe fn enqueue_peer_copy(
+        &self,
+        source: &dyn Backend,
+        src: &RawAllocation,
+        src_offset: usize,
+        dst: &RawAllocation,
+        dst_offset: usize,
+        len: usize,
+    ) -> Result<bool, BackendError> {
+        let Some(peer) = source.downcast_ref::<CudaBackend>() else { return Ok(false) };
+        if len == 0 {
+            return Ok(true);
+        }
+        self.bind()?;
+        // SAFETY: `src` is memory of `peer`'s context and `dst` of ours, both ranges in
+        // bounds (the caller); both contexts are retained by their backends, and the stream
+        // is ours, of the bound context.
+        unsafe {
+            sys::cuMemcpyPeerAsync(
+                dst.handle + dst_offset as u64,
+                self.context,
+                src.handle + src_offset as u64,
+                peer.context,
+                len,
+                self.stream,
+            )
+        }
+        .result()
+        .map_err(|e| driver("cuMemcpyPeerAsync", e))?;
+        Ok(true)
+    }
+
+    fn completion(&self, keep: Option<Staging>) -> Result<Pending, BackendError> {
+        if let Err(e) = self.bind() {
+            // Nothing can be enqueued, nor waited for: the commands that may use `keep` could
+            // still be running, so it is leaked (and counted), not freed.
+            leak_staging(keep);
+            return Err(e);
+        }
+        self.complete_on_stream(keep)
     }
 }

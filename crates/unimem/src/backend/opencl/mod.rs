@@ -13,6 +13,13 @@
 //!   (after those kernels) at the next host access. A device with neither has no `Unified`:
 //!   asking for it is `Error::UnsupportedMode`.
 //!
+//! All usable devices of one platform share one context (`Arc<Context>`), so that a buffer
+//! of one device can be the source of a copy enqueued on another's queue (peer copies), and
+//! a marker of one device's queue can order another's; each device keeps its own in-order
+//! queue. Where the platform's shared context cannot be made, each device gets a context
+//! of its own (the discovery note says so) and has no peers; setting
+//! `UNIMEM_OPENCL_CONTEXT_PER_DEVICE` does the same, for tests.
+//!
 //! Every device operation goes through the device's one in-order queue. Blocking transfers
 //! wait for their event; asynchronous ones copy through staging memory that the operation
 //! owns and complete from an event callback (`clSetEventCallback`), so nothing polls.
@@ -24,7 +31,7 @@
 
 use std::ffi::c_void;
 use std::ptr::{self, NonNull};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use opencl3::command_queue::{self as queue, CommandQueue};
 use opencl3::context::Context;
@@ -45,7 +52,7 @@ mod interop;
 
 pub use interop::{OpenClMem, OpenClSvm};
 
-use super::pending::{Pending, Signal};
+use super::pending::{Pending, Signal, leak_staging};
 use super::{Backend, BackendError, DeviceFence, Fence, Queue, RawAllocation};
 use crate::device::{DeviceId, DeviceInfo, DeviceKind, MemoryKind};
 use crate::host_lines::{HostLines, Staging};
@@ -81,14 +88,53 @@ fn enumerate() -> Discovery {
                 continue;
             }
         };
+        let mut probed = Vec::new();
         for id in ids {
-            match OpenClBackend::new(id) {
+            match Probe::new(id) {
+                Ok(probe) => probed.push(probe),
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
+        let shared = shared_context(&probed, &mut problems);
+        for probe in probed {
+            let context = match &shared {
+                Some(context) => Ok(Arc::clone(context)),
+                None => Context::from_device(&probe.device)
+                    .map(Arc::new)
+                    .map_err(|e| driver("clCreateContext", e.0)),
+            };
+            match context.and_then(|context| OpenClBackend::new(probe, context)) {
                 Ok(backend) => backends.push(backend),
                 Err(e) => problems.push(e.to_string()),
             }
         }
     }
     Discovery::found(backends, problems, "the OpenCL platforms have no devices")
+}
+
+/// One context for every usable device of a platform, or `None` (with the reason in
+/// `problems`) where the driver refuses it: each device then gets a context of its own.
+fn shared_context(probed: &[Probe], problems: &mut Vec<String>) -> Option<Arc<Context>> {
+    if probed.is_empty() {
+        return None;
+    }
+    if std::env::var_os("UNIMEM_OPENCL_CONTEXT_PER_DEVICE").is_some() {
+        // Test knob: the fallback, without a driver that refuses the shared context.
+        problems.push("UNIMEM_OPENCL_CONTEXT_PER_DEVICE: each device has a context of its own".into());
+        return None;
+    }
+    let ids: Vec<cl_device_id> = probed.iter().map(|p| p.device.id()).collect();
+    match Context::from_devices(&ids, &[], None, ptr::null_mut()) {
+        Ok(context) => Some(Arc::new(context)),
+        Err(e) => {
+            problems.push(format!(
+                "clCreateContext for the platform's {} devices together failed: {e}; each device \
+                 has a context of its own instead (no peer copies)",
+                ids.len()
+            ));
+            None
+        }
+    }
 }
 
 fn driver(call: &'static str, code: cl_int) -> BackendError {
@@ -130,9 +176,10 @@ extern "C" fn on_event_complete(event: cl_event, status: cl_int, user_data: *mut
     signal.complete(if status < 0 { Err(driver("OpenCL transfer", status)) } else { Ok(()) });
 }
 
-/// The operation of `event`, owning `staging` until the device is done with it.
-fn complete_on(call: &'static str, event: cl_event, staging: Staging) -> Pending {
-    let (pending, signal) = Pending::new(Some(staging));
+/// The operation of `event` (whose reference it takes), owning `staging` until the device
+/// is done with it.
+fn complete_on(call: &'static str, event: cl_event, staging: Option<Staging>) -> Pending {
+    let (pending, signal) = Pending::new(staging);
     let user_data = signal.into_raw();
     match event::set_event_callback(event, CL_COMPLETE, on_event_complete, user_data) {
         Ok(()) => pending,
@@ -148,6 +195,27 @@ fn complete_on(call: &'static str, event: cl_event, staging: Staging) -> Pending
             pending
         }
     }
+}
+
+/// Gives up an operation that could not be started on `queue` with `error`: `keep`, which
+/// commands already on the queue may use, is freed once the queue has finished (`clFinish`),
+/// or leaked (and counted) where even that fails.
+#[allow(dead_code, reason = "for the Queue methods that the transfer engine calls")]
+fn abandon(queue: cl_command_queue, keep: Option<Staging>, error: BackendError) -> BackendError {
+    match queue::finish(queue) {
+        Ok(()) => drop(keep),
+        Err(_) => leak_staging(keep),
+    }
+    error
+}
+
+/// Releases the event of a command enqueued without waiting: releasing does not cancel the
+/// command. A failure would leak only the event's handle, and is not reported: the command
+/// is enqueued, and an error would tell the caller it is not.
+#[allow(dead_code, reason = "for the Queue methods that the transfer engine calls")]
+fn release_enqueued(event: cl_event) {
+    // SAFETY: `event` was just returned by an enqueue call and is released once, here.
+    let _ = unsafe { event::release_event(event) };
 }
 
 /// Orders `later` after everything enqueued so far on `earlier` (two queues of one
@@ -227,11 +295,9 @@ impl DeviceFence for Drained {
     }
 }
 
-/// One OpenCL device with its context and in-order queue.
-pub struct OpenClBackend {
+/// What discovery learns of a device before it has a context.
+struct Probe {
     device: Device,
-    context: Context,
-    queue: CommandQueue,
     name: String,
     total_memory: u64,
     max_allocation: u64,
@@ -239,7 +305,7 @@ pub struct OpenClBackend {
     svm_coarse: bool,
 }
 
-impl OpenClBackend {
+impl Probe {
     fn new(id: cl_device_id) -> Result<Self, BackendError> {
         let device = Device::new(id);
         let name = device.name().map_err(|e| driver("clGetDeviceInfo(NAME)", e.0))?;
@@ -250,21 +316,42 @@ impl OpenClBackend {
             // Test knob: use coarse-grained SVM even where fine-grained exists.
             svm &= !CL_DEVICE_SVM_FINE_GRAIN_BUFFER;
         }
-        let context = Context::from_device(&device).map_err(|e| driver("clCreateContext", e.0))?;
-        // An in-order queue: operations on it complete in the order they were enqueued.
-        #[allow(deprecated, reason = "clCreateCommandQueue is the call that every OpenCL version has")]
-        let queue =
-            CommandQueue::create_default(&context, 0).map_err(|e| driver("clCreateCommandQueue", e.0))?;
-        Ok(Self {
+        Ok(Probe {
             device,
-            context,
-            queue,
             name,
             total_memory,
             max_allocation,
             svm_fine: svm & CL_DEVICE_SVM_FINE_GRAIN_BUFFER != 0,
             svm_coarse: svm & CL_DEVICE_SVM_COARSE_GRAIN_BUFFER != 0,
         })
+    }
+}
+
+/// One OpenCL device with its in-order queue, in a context shared with the platform's
+/// other devices (or its own, see the module's notes).
+pub struct OpenClBackend {
+    device: Device,
+    queue: CommandQueue,
+    /// Dropped after the queue (a queue keeps its context alive anyway).
+    context: Arc<Context>,
+    name: String,
+    total_memory: u64,
+    max_allocation: u64,
+    svm_fine: bool,
+    svm_coarse: bool,
+}
+
+impl OpenClBackend {
+    /// The backend of `probe`'s device in `context`, which holds that device.
+    fn new(probe: Probe, context: Arc<Context>) -> Result<Self, BackendError> {
+        let Probe { device, name, total_memory, max_allocation, svm_fine, svm_coarse } = probe;
+        // An in-order queue: operations on it complete in the order they were enqueued.
+        #[allow(deprecated, reason = "clCreateCommandQueue is the call that every OpenCL version has")]
+        // SAFETY: `context` was made from a device list that holds `device` (the platform's
+        // shared context, or the device's own).
+        let queue = unsafe { CommandQueue::create(&context, device.id(), 0) }
+            .map_err(|e| driver("clCreateCommandQueue", e.0))?;
+        Ok(Self { device, queue, context, name, total_memory, max_allocation, svm_fine, svm_coarse })
     }
 
     /// The device.
@@ -273,9 +360,20 @@ impl OpenClBackend {
     }
 
     /// The context every buffer of this device belongs to: build programs and make queues
-    /// of your own in it.
+    /// of your own in it. Devices of one platform share it (see
+    /// [`shares_context_with`](Self::shares_context_with)), so a program built in it for
+    /// every device of the context ([`Program::create_and_build_from_source`]) builds for
+    /// them all.
+    ///
+    /// [`Program::create_and_build_from_source`]: opencl3::program::Program::create_and_build_from_source
     pub fn context(&self) -> &Context {
         &self.context
+    }
+
+    /// Whether `other` is another device of this device's context: unimem copies between
+    /// their buffers directly, on the destination's queue, without the host.
+    pub fn shares_context_with(&self, other: &OpenClBackend) -> bool {
+        Arc::ptr_eq(&self.context, &other.context) && self.device.id() != other.device.id()
     }
 
     /// The in-order queue unimem uses. Kernels enqueued here on unimem memory are ordered
@@ -449,7 +547,7 @@ impl Backend for OpenClBackend {
             host_addressable: false,
             supports_pinned: true,
             supports_unified: self.svm_fine || self.svm_coarse,
-            peer_capable: false,
+            peer_capable: self.context.devices().len() > 1,
         }
     }
 
@@ -617,6 +715,11 @@ impl Backend for OpenClBackend {
     fn work_queue(&self) -> Option<&dyn Queue> {
         Some(self)
     }
+
+    /// Direct between the devices of one context; peer access needs no enabling there.
+    fn peer_access(&self, peer: &dyn Backend) -> bool {
+        peer.downcast_ref().is_some_and(|peer| self.shares_context_with(peer))
+    }
 }
 
 impl Queue for OpenClBackend {
@@ -692,7 +795,7 @@ impl Queue for OpenClBackend {
             )
         }
         .map_err(|c| driver("clEnqueueWriteBuffer", c))?;
-        Ok(complete_on("clEnqueueWriteBuffer", event, staging))
+        Ok(complete_on("clEnqueueWriteBuffer", event, Some(staging)))
     }
 
     unsafe fn read_async(
@@ -716,6 +819,153 @@ impl Queue for OpenClBackend {
             )
         }
         .map_err(|c| driver("clEnqueueReadBuffer", c))?;
-        Ok(complete_on("clEnqueueReadBuffer", event, staging))
+        Ok(complete_on("clEnqueueReadBuffer", event, Some(staging)))
+    }
+
+    unsafe fn enqueue_write(
+        &self,
+        allocation: &RawAllocation,
+        offset: usize,
+        src: *const u8,
+        len: usize,
+    ) -> Result<(), BackendError> {
+        if len == 0 {
+            return Ok(()); // OpenCL refuses empty copies
+        }
+        // SAFETY: the caller guarantees the range is inside the buffer and that
+        // `src..src + len` stays allocated and unwritten until a completion or fence taken
+        // after this call has completed, which is after the device has read it.
+        let event = unsafe {
+            queue::enqueue_write_buffer(
+                self.queue.get(),
+                Self::mem(allocation),
+                CL_NON_BLOCKING,
+                offset,
+                len,
+                src.cast(),
+                0,
+                ptr::null(),
+            )
+        }
+        .map_err(|c| driver("clEnqueueWriteBuffer", c))?;
+        release_enqueued(event);
+        Ok(())
+    }
+
+    unsafe fn enqueue_read(
+        &self,
+        allocation: &RawAllocation,
+        offset: usize,
+        dst: *mut u8,
+        len: usize,
+    ) -> Result<(), BackendError> {
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: as in `enqueue_write`; the caller also guarantees that nobody else reads
+        // or writes `dst..dst + len` until then, so the device's write races with nothing.
+        let event = unsafe {
+            queue::enqueue_read_buffer(
+                self.queue.get(),
+                Self::mem(allocation),
+                CL_NON_BLOCKING,
+                offset,
+                len,
+                dst.cast(),
+                0,
+                ptr::null(),
+            )
+        }
+        .map_err(|c| driver("clEnqueueReadBuffer", c))?;
+        release_enqueued(event);
+        Ok(())
+    }
+
+    unsafe fn enqueue_copy(
+        &self,
+        src: &RawAllocation,
+        src_offset: usize,
+        dst: &RawAllocation,
+        dst_offset: usize,
+        len: usize,
+    ) -> Result<(), BackendError> {
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: two buffers of this context (the caller), both ranges in bounds and
+        // disjoint, as clEnqueueCopyBuffer requires; the command holds the buffers itself.
+        let event = unsafe {
+            queue::enqueue_copy_buffer(
+                self.queue.get(),
+                Self::mem(src),
+                Self::mem(dst),
+                src_offset,
+                dst_offset,
+                len,
+                0,
+                ptr::null(),
+            )
+        }
+        .map_err(|c| driver("clEnqueueCopyBuffer", c))?;
+        release_enqueued(event);
+        Ok(())
+    }
+
+    /// A copy enqueued on this (the destination's) queue from the source's buffer: any
+    /// buffer of the context can be used by any of its devices' queues, and the driver
+    /// moves the bytes between the devices. The caller orders the queues (see the trait).
+    unsafe fn enqueue_peer_copy(
+        &self,
+        source: &dyn Backend,
+        src: &RawAllocation,
+        src_offset: usize,
+        dst: &RawAllocation,
+        dst_offset: usize,
+        len: usize,
+    ) -> Result<bool, BackendError> {
+        if !self.peer_access(source) {
+            return Ok(false);
+        }
+        if len == 0 {
+            return Ok(true);
+        }
+        // SAFETY: `src` is a buffer of `source`, which shares this backend's context (just
+        // checked), `dst` one of ours; both ranges in bounds (the caller), and distinct
+        // buffers, so they do not overlap.
+        let event = unsafe {
+            queue::enqueue_copy_buffer(
+                self.queue.get(),
+                Self::mem(src),
+                Self::mem(dst),
+                src_offset,
+                dst_offset,
+                len,
+                0,
+                ptr::null(),
+            )
+        }
+        .map_err(|c| driver("clEnqueueCopyBuffer", c))?;
+        release_enqueued(event);
+        Ok(true)
+    }
+
+    /// A marker after everything enqueued so far, flushed so that it reaches the device, and
+    /// completed from its event callback. Where the marker cannot be made or flushed, the
+    /// queue is finished before `keep` is freed, and the error is returned.
+    fn completion(&self, keep: Option<Staging>) -> Result<Pending, BackendError> {
+        let queue = self.queue.get();
+        // SAFETY: a marker with no wait list on our live queue.
+        let marker = match unsafe { queue::enqueue_marker_with_wait_list(queue, 0, ptr::null()) } {
+            Ok(marker) => marker,
+            Err(c) => return Err(abandon(queue, keep, driver("clEnqueueMarkerWithWaitList", c))),
+        };
+        if let Err(c) = queue::flush(queue) {
+            release_enqueued(marker);
+            return Err(abandon(queue, keep, driver("clFlush", c)));
+        }
+        Ok(complete_on("clEnqueueMarkerWithWaitList", marker, keep))
     }
 }
+
+#[cfg(test)]
+mod tests;
