@@ -23,7 +23,6 @@ use std::sync::{Arc, OnceLock};
 pub(crate) struct Shape {
     pub device: DeviceId,
     pub manager: u64,
-    pub kind: crate::DeviceKind,
     /// The host reads (or writes) the contents in place.
     pub host: bool,
     /// Host-visible memory of an accelerator, which its own queue can copy to and from.
@@ -511,7 +510,6 @@ impl<T: Element> Buffer<T> {
         Shape {
             device: pool.device,
             manager: pool.manager_id,
-            kind: pool.backend().info().kind,
             host: !self.is_device_only() || (as_source && self.host_newer),
             dma: pool.device != DeviceId::CPU && pool.kind == MemoryKind::Pinned,
         }

@@ -292,20 +292,6 @@ pub(crate) trait Backend: Any + Send + Sync {
         Err(host_only("read"))
     }
 
-    /// Copies `bytes` between two device allocations of this backend, returning when done.
-    ///
-    /// # Safety
-    /// Both came from `self.allocate`, have no host pointer, the ranges are in bounds, and
-    /// they do not overlap.
-    unsafe fn copy(
-        &self,
-        _src: &RawAllocation,
-        _dst: &RawAllocation,
-        _bytes: usize,
-    ) -> Result<(), BackendError> {
-        Err(host_only("copy"))
-    }
-
     /// Fills `bytes` of device memory from byte `offset` with `pattern` repeated, returning
     /// when done, or `Ok(false)` (nothing done) where the device cannot fill with a pattern
     /// of this size.
@@ -422,22 +408,6 @@ pub(crate) trait Queue: Send + Sync {
         len: usize,
     ) -> Result<Pending, BackendError>;
 
-    /// Copies `bytes` from `src`, an allocation of the device `source`, straight into `dst`
-    /// of this device, returning `Ok(false)` when the two devices have no direct path.
-    ///
-    /// # Safety
-    /// `src` came from `source.allocate`, `dst` from this device's `allocate`, neither has a
-    /// host pointer, and both are at least `bytes` long.
-    unsafe fn copy_from_peer(
-        &self,
-        _source: &dyn Backend,
-        _src: &RawAllocation,
-        _dst: &RawAllocation,
-        _bytes: usize,
-    ) -> Result<bool, BackendError> {
-        Ok(false)
-    }
-
     /// Enables this device's direct access to `peer`'s memory.
     fn enable_peer_access(&self, _peer: &dyn Backend) -> Result<(), BackendError> {
         Ok(())
@@ -445,7 +415,6 @@ pub(crate) trait Queue: Send + Sync {
 
     /// Disables this device's direct access to `peer`'s memory; disabling access that is
     /// not enabled is not an error.
-    #[allow(dead_code, reason = "called by the transfer engine")]
     fn disable_peer_access(&self, _peer: &dyn Backend) -> Result<(), BackendError> {
         Ok(())
     }
@@ -458,7 +427,6 @@ pub(crate) trait Queue: Send + Sync {
     /// `offset + len <= allocation.bytes`; `src..src + len` is host memory that stays
     /// allocated and unwritten until a [`completion`](Self::completion) or fence taken after
     /// this call has completed.
-    #[allow(dead_code, reason = "called by the transfer engine")]
     unsafe fn enqueue_write(
         &self,
         allocation: &RawAllocation,
@@ -473,7 +441,6 @@ pub(crate) trait Queue: Send + Sync {
     /// # Safety
     /// As for [`enqueue_write`](Self::enqueue_write), with `dst..dst + len` neither read nor
     /// written by anyone else until then.
-    #[allow(dead_code, reason = "called by the transfer engine")]
     unsafe fn enqueue_read(
         &self,
         allocation: &RawAllocation,
@@ -488,7 +455,6 @@ pub(crate) trait Queue: Send + Sync {
     /// # Safety
     /// Both came from this backend's `allocate`, have no host pointer, the ranges are in
     /// bounds and do not overlap.
-    #[allow(dead_code, reason = "called by the transfer engine")]
     unsafe fn enqueue_copy(
         &self,
         src: &RawAllocation,
@@ -508,7 +474,6 @@ pub(crate) trait Queue: Send + Sync {
     /// # Safety
     /// `src` came from `source.allocate`, `dst` from this backend's, neither has a host
     /// pointer, and both ranges are in bounds.
-    #[allow(dead_code, reason = "called by the transfer engine")]
     unsafe fn enqueue_peer_copy(
         &self,
         _source: &dyn Backend,
@@ -525,7 +490,6 @@ pub(crate) trait Queue: Send + Sync {
     /// completed (submitting it to the device first), from a driver callback, never by
     /// polling. It owns `keep` (staging memory the enqueued commands use) until then, and
     /// yields it back.
-    #[allow(dead_code, reason = "called by the transfer engine")]
     fn completion(&self, keep: Option<crate::host_lines::Staging>) -> Result<Pending, BackendError>;
 
     /// Free and total device memory, where the device reports them: memory-pressure

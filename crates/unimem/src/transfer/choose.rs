@@ -115,13 +115,13 @@ pub(super) fn choose(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::{DeviceId, DeviceKind};
+    use crate::device::DeviceId;
 
     fn cpu() -> Shape {
-        Shape { device: DeviceId(0), manager: 1, kind: DeviceKind::Cpu, host: true, dma: false }
+        Shape { device: DeviceId(0), manager: 1, host: true, dma: false }
     }
     fn gpu(n: u32) -> Shape {
-        Shape { device: DeviceId(n), manager: 1, kind: DeviceKind::Cuda, host: false, dma: false }
+        Shape { device: DeviceId(n), manager: 1, host: false, dma: false }
     }
     fn pinned(n: u32) -> Shape {
         Shape { host: true, dma: true, ..gpu(n) }

@@ -614,19 +614,6 @@ impl Backend for CudaBackend {
         self.synchronize()
     }
 
-    unsafe fn copy(
-        &self,
-        src: &RawAllocation,
-        dst: &RawAllocation,
-        bytes: usize,
-    ) -> Result<(), BackendError> {
-        self.bind()?;
-        // SAFETY: both in bounds and disjoint (the caller).
-        unsafe { result::memcpy_dtod_async(dst.handle, src.handle, bytes, self.stream) }
-            .map_err(|e| driver("cuMemcpyDtoDAsync", e))?;
-        self.synchronize()
-    }
-
     unsafe fn fill(
         &self,
         allocation: &RawAllocation,
@@ -685,8 +672,21 @@ impl Queue for CudaBackend {
         if let Some(Drained(stream)) = fence.downcast_ref() {
             return self.order_streams(stream.cu_stream(), self.stream);
         }
-        match fence.downcast_ref() {
-            Some(event) => Self::wait_for(self.stream, event),
+        match fence.downcast_ref::<Event>() {
+            // The event may be another device's (a peer copy's): the wait is enqueued with
+            // this stream's own context bound (a stream may wait on any context's event).
+            Some(event) => {
+                self.bind()?;
+                // SAFETY: our live stream, of the bound context, and a live event.
+                unsafe {
+                    result::stream::wait_event(
+                        self.stream,
+                        event.event,
+                        sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                    )
+                }
+                .map_err(|e| driver("cuStreamWaitEvent", e))
+            }
             None => Err(BackendError::Driver { call: "order_after", message: "not a CUDA fence".into() }),
         }
     }
@@ -780,30 +780,6 @@ impl Queue for CudaBackend {
         .result()
         .map_err(|e| driver("cuMemcpyDtoHAsync", e))?;
         self.complete_on_stream(Some(staging))
-    }
-
-    unsafe fn copy_from_peer(
-        &self,
-        source: &dyn Backend,
-        src: &RawAllocation,
-        dst: &RawAllocation,
-        bytes: usize,
-    ) -> Result<bool, BackendError> {
-        let Some(peer) = source.downcast_ref::<CudaBackend>() else { return Ok(false) };
-        if !self.can_access_peer(peer) {
-            return Ok(false);
-        }
-        // The source's last writes are on its own stream.
-        peer.bind()?;
-        peer.synchronize()?;
-        self.bind()?;
-        // SAFETY: both in bounds (the caller); contexts and stream are valid.
-        unsafe {
-            result::memcpy_peer_async(self.context, dst.handle, peer.context, src.handle, bytes, self.stream)
-        }
-        .map_err(|e| driver("cuMemcpyPeerAsync", e))?;
-        self.synchronize()?;
-        Ok(true)
     }
 
     unsafe fn enqueue_write(

@@ -200,7 +200,6 @@ fn complete_on(call: &'static str, event: cl_event, staging: Option<Staging>) ->
 /// Gives up an operation that could not be started on `queue` with `error`: `keep`, which
 /// commands already on the queue may use, is freed once the queue has finished (`clFinish`),
 /// or leaked (and counted) where even that fails.
-#[allow(dead_code, reason = "for the Queue methods that the transfer engine calls")]
 fn abandon(queue: cl_command_queue, keep: Option<Staging>, error: BackendError) -> BackendError {
     match queue::finish(queue) {
         Ok(()) => drop(keep),
@@ -212,7 +211,6 @@ fn abandon(queue: cl_command_queue, keep: Option<Staging>, error: BackendError) 
 /// Releases the event of a command enqueued without waiting: releasing does not cancel the
 /// command. A failure would leak only the event's handle, and is not reported: the command
 /// is enqueued, and an error would tell the caller it is not.
-#[allow(dead_code, reason = "for the Queue methods that the transfer engine calls")]
 fn release_enqueued(event: cl_event) {
     // SAFETY: `event` was just returned by an enqueue call and is released once, here.
     let _ = unsafe { event::release_event(event) };
@@ -659,29 +657,6 @@ impl Backend for OpenClBackend {
         }
         .map_err(|c| driver("clEnqueueReadBuffer", c))?;
         finish_event("clEnqueueReadBuffer", event)
-    }
-
-    unsafe fn copy(
-        &self,
-        src: &RawAllocation,
-        dst: &RawAllocation,
-        bytes: usize,
-    ) -> Result<(), BackendError> {
-        // SAFETY: the caller guarantees both ranges are in bounds and disjoint.
-        let event = unsafe {
-            queue::enqueue_copy_buffer(
-                self.queue.get(),
-                Self::mem(src),
-                Self::mem(dst),
-                0,
-                0,
-                bytes,
-                0,
-                ptr::null(),
-            )
-        }
-        .map_err(|c| driver("clEnqueueCopyBuffer", c))?;
-        finish_event("clEnqueueCopyBuffer", event)
     }
 
     unsafe fn fill(
