@@ -386,6 +386,58 @@ fn peer_access_can_be_disabled_and_enabled_again() {
     a.enable_peer_access(b).unwrap(); // already enabled: not an error
 }
 
+/// The transfer engine on CUDA devices: host to device and back through pinned chunks,
+/// device-local, peer-to-peer between two devices until the pair is disabled (then relayed
+/// through pinned chunks), and across backends to OpenCL where both are present; the data
+/// checked at odd lengths and offsets.
+#[test]
+fn transfers_take_the_path_the_devices_offer() {
+    use unimem::transfer::Strategy;
+    let Some((manager, gpu)) = cuda() else { return };
+    for len in [1usize, 4099, (9 << 20) + 1] {
+        let data: Vec<u8> = (0..len + 3).map(|i| (i * 31 % 251) as u8).collect();
+        let host = manager.create_buffer(data.clone(), AllocationMode::Pooled).unwrap();
+        let mut dev = manager.allocate_on::<u8>(gpu, len + 1, AllocationMode::Pooled).unwrap();
+        let up = manager.transfer_blocking(host.slice(3..).unwrap(), dev.slice_mut(1..).unwrap()).unwrap();
+        assert_eq!(up.strategy, Strategy::PinnedStaging, "{up}");
+        let mut copy = manager.allocate_on::<u8>(gpu, len, AllocationMode::Pooled).unwrap();
+        let local = manager.transfer_blocking(dev.slice(1..).unwrap(), &mut copy).unwrap();
+        assert_eq!(local.strategy, Strategy::DeviceLocal, "{local}");
+        let mut back = manager.allocate::<u8>(len, AllocationMode::Pooled).unwrap();
+        let down = manager.transfer_blocking(&copy, &mut back).unwrap();
+        assert_eq!(down.strategy, Strategy::PinnedStaging, "{down}");
+        assert!(back.as_slice().unwrap() == &data[3..], "{len}");
+
+        let cudas: Vec<DeviceId> = manager.devices_of(DeviceKind::Cuda).iter().map(|d| d.id).collect();
+        if let [a, b, ..] = cudas[..] {
+            let peers = manager.peers();
+            let mut other = manager.allocate_on::<u8>(b, len, AllocationMode::Pooled).unwrap();
+            let report = manager.transfer_blocking(&copy, &mut other).unwrap();
+            assert_eq!((a, report.strategy), (gpu, Strategy::PeerToPeer), "{report}");
+            assert!(other.to_vec().unwrap() == data[3..]);
+            peers.disable(b, a).unwrap();
+            let mut relayed = manager.allocate_on::<u8>(b, len, AllocationMode::Pooled).unwrap();
+            let report = manager.transfer_blocking(&copy, &mut relayed).unwrap();
+            assert_eq!(report.strategy, Strategy::PinnedStaging, "{report}");
+            assert_eq!(report.declined[0].strategy, Strategy::PeerToPeer, "{report}");
+            assert!(relayed.to_vec().unwrap() == data[3..]);
+            peers.enable(b, a).unwrap();
+            let report = manager.transfer_blocking(&relayed, &mut copy).unwrap();
+            assert_eq!(report.strategy, Strategy::PeerToPeer, "b reaches a: {report}");
+        }
+        for cl in manager.devices_of(DeviceKind::OpenCl) {
+            let mut there = manager.allocate_on::<u8>(cl.id, len, AllocationMode::Pooled).unwrap();
+            let report = manager.transfer_blocking(&copy, &mut there).unwrap();
+            assert_eq!(report.strategy, Strategy::PinnedStaging, "{report}");
+            assert!(report.declined.iter().any(|d| d.reason.contains("different backends")), "{report}");
+            let mut home = manager.allocate_on::<u8>(gpu, len, AllocationMode::Pooled).unwrap();
+            manager.transfer_blocking(&there, &mut home).unwrap();
+            assert!(home.to_vec().unwrap() == data[3..], "OpenCL and back: {len}");
+        }
+    }
+    assert_eq!(manager.statistics().transfers.staging_bytes, 0);
+}
+
 /// The topology `the_device_tests_pass_on_a_model_driver` gives the model driver for
 /// `peer_access_follows_the_drivers_topology`: device 0 reaches device 1, not the reverse.
 const ONE_WAY: &str = "0>1";
