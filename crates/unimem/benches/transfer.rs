@@ -14,6 +14,8 @@
 //!
 //! `cargo bench -p unimem --features opencl --bench transfer`
 
+#![allow(missing_docs, reason = "criterion's macros generate undocumented functions")]
+
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
 use std::time::Duration;

@@ -309,7 +309,7 @@ fn two_devices_copy_peer_to_peer_until_disabled() {
         assert!(report.declined[0].reason.contains("disabled"), "{report}");
         assert!(again.to_vec().unwrap() == data[1..], "{len}");
         let forced = TransferOptions::default().with_strategy(Strategy::PeerToPeer);
-        assert!(manager.transfer_with_blocking(&src.slice(1..).unwrap(), &mut again, forced).is_err());
+        assert!(manager.transfer_with_blocking(src.slice(1..).unwrap(), &mut again, forced).is_err());
         peers.enable(b, a).unwrap();
         let mut back = manager.allocate_on::<u8>(a, len, AllocationMode::Pooled).unwrap();
         let report = manager.transfer_blocking(&dst, &mut back).unwrap();

@@ -17,7 +17,7 @@ fn the_future_is_send() {
     let future = manager.transfer(&src, &mut dst);
     send(&future);
     drop(future);
-    let mut targets = vec![manager.allocate::<u8>(10, AllocationMode::Pooled).unwrap()];
+    let mut targets = [manager.allocate::<u8>(10, AllocationMode::Pooled).unwrap()];
     let batch = manager.transfer_batch([&src].into_iter().zip(targets.iter_mut()));
     send(&batch);
 }
