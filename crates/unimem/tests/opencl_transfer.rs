@@ -160,6 +160,11 @@ fn coherence_with_host_mirrors_holds() {
     assert_eq!(check.as_slice().unwrap(), &expected[..]);
 }
 
+/// Held by each test that closes the device's queue: the queue is shared by every test of
+/// this process, and two tests each holding it closed while waiting for the other's work
+/// would wait forever.
+static GATED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn gate(manager: &MemoryManager, device: DeviceId) -> Gate {
     let cl = manager.opencl_device(device).unwrap();
     Gate::close(cl.context().get(), cl.queue().get())
@@ -168,6 +173,7 @@ fn gate(manager: &MemoryManager, device: DeviceId) -> Gate {
 #[test]
 fn futures_dropped_or_leaked_mid_flight_leave_data_and_pools_intact() {
     let Some((manager, gpu)) = opencl() else { return };
+    let _one_at_a_time = GATED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let data = pattern(10 << 20, 3);
     for leak in [false, true] {
         for upload in [true, false] {
@@ -221,6 +227,7 @@ fn futures_dropped_or_leaked_mid_flight_leave_data_and_pools_intact() {
 
 #[test]
 fn thirty_two_transfers_never_exceed_the_bound() {
+    let _one_at_a_time = GATED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     for bound in [1usize, 2, 4] {
         let options = MemoryOptions::default().with_max_concurrent_transfers(bound).unwrap();
         let Some((manager, gpu)) = opencl_with(options) else { return };

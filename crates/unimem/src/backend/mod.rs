@@ -394,7 +394,15 @@ pub(crate) trait Queue: Send + Sync {
         allocation: &RawAllocation,
         offset: usize,
         src: &[u8],
-    ) -> Result<Pending, BackendError>;
+    ) -> Result<Pending, BackendError> {
+        let staging = self.staging(src.len())?;
+        // SAFETY: the staging holds at least `src.len()` bytes and no command uses it yet.
+        unsafe { staging.as_ptr().copy_from_nonoverlapping(src.as_ptr(), src.len()) };
+        // SAFETY: in bounds (the caller); the staging is owned by the completion taken next,
+        // so it outlives the device's read whatever happens to the operation.
+        unsafe { self.enqueue_write(allocation, offset, staging.as_ptr(), src.len()) }?;
+        self.completion(Some(staging))
+    }
 
     /// Starts copying `len` bytes of device memory from byte `offset` into staging memory
     /// owned by the operation, which the operation yields when done.
@@ -406,7 +414,18 @@ pub(crate) trait Queue: Send + Sync {
         allocation: &RawAllocation,
         offset: usize,
         len: usize,
-    ) -> Result<Pending, BackendError>;
+    ) -> Result<Pending, BackendError> {
+        let staging = self.staging(len)?;
+        // SAFETY: as in `write_async`; the device writes `len` bytes of the staging.
+        unsafe { self.enqueue_read(allocation, offset, staging.as_ptr(), len) }?;
+        self.completion(Some(staging))
+    }
+
+    /// Host staging of at least `bytes` for `write_async` and `read_async`: plain host
+    /// memory, or where asynchronous copies need it, page-locked memory.
+    fn staging(&self, bytes: usize) -> Result<crate::host_lines::Staging, BackendError> {
+        crate::host_lines::HostLines::zeroed(bytes).map(crate::host_lines::Staging::new)
+    }
 
     /// Enables this device's direct access to `peer`'s memory.
     fn enable_peer_access(&self, _peer: &dyn Backend) -> Result<(), BackendError> {

@@ -409,39 +409,6 @@ impl CudaBackend {
         .map_err(|e| driver("cuStreamWaitEvent", e))
     }
 
-    /// `bytes` of page-locked staging: the smallest idle chunk that fits, or a new one. Idle
-    /// chunks past the cache bound are freed here (never in a stream callback).
-    fn staging(&self, bytes: usize) -> Result<Staging, BackendError> {
-        let (found, excess) = {
-            let mut idle = self.stash.0.lock().unwrap_or_else(PoisonError::into_inner);
-            let best = (0..idle.len()).filter(|&i| idle[i].1 >= bytes).min_by_key(|&i| idle[i].1);
-            let found = best.map(|i| idle.swap_remove(i));
-            let mut excess = Vec::new();
-            idle.sort_unstable_by_key(|&(_, size)| size);
-            while idle.iter().map(|&(_, size)| size).sum::<usize>() > MAX_IDLE_STAGING {
-                excess.extend(idle.pop());
-            }
-            (found, excess)
-        };
-        for (start, _) in excess {
-            // SAFETY: an idle chunk from `cuMemHostAlloc`, no longer in the stash.
-            let _ = unsafe { result::free_host(start as *mut c_void) };
-        }
-        let (start, size) = match found {
-            Some(chunk) => chunk,
-            None => {
-                let size = bytes.max(MIN_STAGING).checked_next_power_of_two().unwrap_or(bytes);
-                // SAFETY: a plain page-locked allocation (the context is bound).
-                let start = unsafe { result::malloc_host(size, sys::CU_MEMHOSTALLOC_PORTABLE) }
-                    .map_err(|e| allocation_error("cuMemHostAlloc", e, size))?;
-                (start as usize, size)
-            }
-        };
-        let start = NonNull::new(start as *mut u8).ok_or(BackendError::OutOfMemory { bytes: size })?;
-        // SAFETY: the chunk is out of the stash, so nobody else uses it until it goes back.
-        Ok(unsafe { Staging::from_home(start, size, Arc::clone(&self.stash) as Arc<dyn StagingHome>) })
-    }
-
     /// An operation that completes when the stream reaches this point, owning `staging`
     /// until then: a stream callback (`cuStreamAddCallback`), which, unlike a host function,
     /// the driver still calls after a sticky context error, with the error: a future never
@@ -653,6 +620,40 @@ impl Backend for CudaBackend {
 }
 
 impl Queue for CudaBackend {
+    /// `bytes` of page-locked staging (the driver copies pageable memory synchronously): the smallest idle chunk that fits, or a new one. Idle
+    /// chunks past the cache bound are freed here (never in a stream callback).
+    fn staging(&self, bytes: usize) -> Result<Staging, BackendError> {
+        self.bind()?;
+        let (found, excess) = {
+            let mut idle = self.stash.0.lock().unwrap_or_else(PoisonError::into_inner);
+            let best = (0..idle.len()).filter(|&i| idle[i].1 >= bytes).min_by_key(|&i| idle[i].1);
+            let found = best.map(|i| idle.swap_remove(i));
+            let mut excess = Vec::new();
+            idle.sort_unstable_by_key(|&(_, size)| size);
+            while idle.iter().map(|&(_, size)| size).sum::<usize>() > MAX_IDLE_STAGING {
+                excess.extend(idle.pop());
+            }
+            (found, excess)
+        };
+        for (start, _) in excess {
+            // SAFETY: an idle chunk from `cuMemHostAlloc`, no longer in the stash.
+            let _ = unsafe { result::free_host(start as *mut c_void) };
+        }
+        let (start, size) = match found {
+            Some(chunk) => chunk,
+            None => {
+                let size = bytes.max(MIN_STAGING).checked_next_power_of_two().unwrap_or(bytes);
+                // SAFETY: a plain page-locked allocation (the context is bound).
+                let start = unsafe { result::malloc_host(size, sys::CU_MEMHOSTALLOC_PORTABLE) }
+                    .map_err(|e| allocation_error("cuMemHostAlloc", e, size))?;
+                (start as usize, size)
+            }
+        };
+        let start = NonNull::new(start as *mut u8).ok_or(BackendError::OutOfMemory { bytes: size })?;
+        // SAFETY: the chunk is out of the stash, so nobody else uses it until it goes back.
+        Ok(unsafe { Staging::from_home(start, size, Arc::clone(&self.stash) as Arc<dyn StagingHome>) })
+    }
+
     fn free_is_ordered(&self, kind: MemoryKind) -> bool {
         kind == MemoryKind::Device && self.pool.is_some()
     }
@@ -733,53 +734,6 @@ impl Queue for CudaBackend {
             // SAFETY: the device's pool; trimming keeps memory still in use.
             let _ = unsafe { result::mem_pool::trim_to(pool, 0) };
         }
-    }
-
-    unsafe fn write_async(
-        &self,
-        allocation: &RawAllocation,
-        offset: usize,
-        src: &[u8],
-    ) -> Result<Pending, BackendError> {
-        self.bind()?;
-        let staging = self.staging(src.len())?;
-        // SAFETY: the chunk holds at least `src.len()` bytes and nothing else uses it yet.
-        unsafe { staging.as_ptr().copy_from_nonoverlapping(src.as_ptr(), src.len()) };
-        // SAFETY: in bounds (the caller); the copy reads `src.len()` bytes of `staging`, which
-        // the operation keeps alive until the stream passes its callback.
-        unsafe {
-            sys::cuMemcpyHtoDAsync_v2(
-                allocation.handle + offset as u64,
-                staging.as_ptr().cast(),
-                src.len(),
-                self.stream,
-            )
-        }
-        .result()
-        .map_err(|e| driver("cuMemcpyHtoDAsync", e))?;
-        self.complete_on_stream(Some(staging))
-    }
-
-    unsafe fn read_async(
-        &self,
-        allocation: &RawAllocation,
-        offset: usize,
-        len: usize,
-    ) -> Result<Pending, BackendError> {
-        self.bind()?;
-        let staging = self.staging(len)?;
-        // SAFETY: as in `write_async`; the copy writes `len` bytes of `staging`.
-        unsafe {
-            sys::cuMemcpyDtoHAsync_v2(
-                staging.as_ptr().cast(),
-                allocation.handle + offset as u64,
-                len,
-                self.stream,
-            )
-        }
-        .result()
-        .map_err(|e| driver("cuMemcpyDtoHAsync", e))?;
-        self.complete_on_stream(Some(staging))
     }
 
     unsafe fn enqueue_write(

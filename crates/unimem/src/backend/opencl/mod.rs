@@ -55,7 +55,7 @@ pub use interop::{OpenClMem, OpenClSvm};
 use super::pending::{Pending, Signal, leak_staging};
 use super::{Backend, BackendError, DeviceFence, Fence, Queue, RawAllocation};
 use crate::device::{DeviceId, DeviceInfo, DeviceKind, MemoryKind};
-use crate::host_lines::{HostLines, Staging};
+use crate::host_lines::Staging;
 
 /// Alignment asked of SVM allocations (unimem's buffers promise 64).
 const SVM_ALIGN: u32 = 64;
@@ -746,55 +746,6 @@ impl Queue for OpenClBackend {
             return self.map_svm(allocation, false);
         }
         Ok(())
-    }
-
-    unsafe fn write_async(
-        &self,
-        allocation: &RawAllocation,
-        offset: usize,
-        src: &[u8],
-    ) -> Result<Pending, BackendError> {
-        let staging = Staging::new(HostLines::copy_of(src)?);
-        // SAFETY: the caller guarantees the range is inside the buffer; the command reads
-        // `staging`, which the returned operation keeps alive until the event completes.
-        let event = unsafe {
-            queue::enqueue_write_buffer(
-                self.queue.get(),
-                Self::mem(allocation),
-                CL_NON_BLOCKING,
-                offset,
-                src.len(),
-                staging.as_ptr().cast(),
-                0,
-                ptr::null(),
-            )
-        }
-        .map_err(|c| driver("clEnqueueWriteBuffer", c))?;
-        Ok(complete_on("clEnqueueWriteBuffer", event, Some(staging)))
-    }
-
-    unsafe fn read_async(
-        &self,
-        allocation: &RawAllocation,
-        offset: usize,
-        len: usize,
-    ) -> Result<Pending, BackendError> {
-        let staging = Staging::new(HostLines::zeroed(len)?);
-        // SAFETY: as in `write_async`; the command writes `len` bytes of `staging`.
-        let event = unsafe {
-            queue::enqueue_read_buffer(
-                self.queue.get(),
-                Self::mem(allocation),
-                CL_NON_BLOCKING,
-                offset,
-                len,
-                staging.as_ptr().cast(),
-                0,
-                ptr::null(),
-            )
-        }
-        .map_err(|c| driver("clEnqueueReadBuffer", c))?;
-        Ok(complete_on("clEnqueueReadBuffer", event, Some(staging)))
     }
 
     unsafe fn enqueue_write(

@@ -6,6 +6,7 @@
 
 use super::*;
 use crate::backend::cpu::CpuBackend;
+use crate::host_lines::HostLines;
 
 /// The first OpenCL device, or `None` (with the reason printed).
 fn first_device() -> Option<&'static OpenClBackend> {
