@@ -758,3 +758,43 @@ fn mirror_oom_child() {
     assert_eq!(head, [5.0; 16]);
     assert_eq!(buffer.location(), Location::Device);
 }
+
+/// Runs `f` on a thread of its own; its result if it returns within 30 s (a liveness bound,
+/// not a timing assertion), `None` if it waits on the closed queue.
+fn returns_in_time<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let (done, result) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(f());
+    });
+    result.recv_timeout(Duration::from_secs(30)).ok()
+}
+
+#[test]
+fn fresh_allocations_never_wait_for_work_queued_on_the_device() {
+    let Some((manager, device)) = opencl() else { return };
+    let manager = Arc::new(manager);
+    let mut buffer = manager.allocate_on::<u8>(device, 1 << 20, AllocationMode::Unpooled).unwrap();
+    let src = vec![7u8; 1 << 20];
+    let (_, waker) = counting_waker();
+    let mut gate = gate(&manager, device);
+    let mut write = Box::pin(buffer.copy_from(&src, 0));
+    assert!(write.as_mut().poll(&mut Context::from_waker(&waker)).is_pending(), "the queue is closed");
+    // Fresh memory of every kind is the caller's at once, whatever is queued before it: a
+    // transfer behind a slow kernel (here, a closed gate) does not hold up allocation.
+    let unified = manager.devices_of(DeviceKind::OpenCl)[0].supports_unified;
+    let allocated = returns_in_time({
+        let manager = Arc::clone(&manager);
+        move || {
+            for mode in [AllocationMode::Unpooled, AllocationMode::Pooled, AllocationMode::Pinned]
+                .into_iter()
+                .chain(unified.then_some(AllocationMode::Unified))
+            {
+                manager.allocate_on::<u8>(device, 3 << 20, mode).unwrap();
+            }
+        }
+    });
+    gate.open();
+    drop(write);
+    assert!(allocated.is_some(), "allocation waited for the work queued before it");
+    assert_eq!(buffer.to_vec().unwrap(), src);
+}

@@ -1,12 +1,35 @@
 //! A gate on an in-order OpenCL queue: a barrier that waits on a user event, so that every
 //! command enqueued after it stays queued until the test opens the gate. It makes "the copy
 //! is still in flight" a certainty instead of a race.
+//!
+//! A gate left closed for two minutes aborts the test process with a message: a test that
+//! waits for the queue while holding it closed fails at once instead of hanging CI.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use cl3::types::{cl_command_queue, cl_context, cl_event};
 
 pub struct Gate {
     user: cl_event,
-    open: bool,
+    open: Arc<AtomicBool>,
+}
+
+/// Aborts the process unless `open` is set within two minutes.
+fn watch(open: Arc<AtomicBool>) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    std::thread::spawn(move || {
+        while !open.load(Ordering::SeqCst) {
+            if Instant::now() > deadline {
+                eprintln!(
+                    "an OpenCL queue stayed closed for 2 minutes: something waited for it while it was closed"
+                );
+                std::process::abort();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
 }
 
 impl Gate {
@@ -18,13 +41,14 @@ impl Gate {
             .expect("clEnqueueBarrierWithWaitList");
         // SAFETY: the barrier's event is ours; releasing it does not cancel the barrier.
         unsafe { cl3::event::release_event(barrier) }.expect("clReleaseEvent");
-        Gate { user, open: false }
+        let open = Arc::new(AtomicBool::new(false));
+        watch(Arc::clone(&open));
+        Gate { user, open }
     }
 
     /// Lets the queued commands run.
     pub fn open(&mut self) {
-        if !self.open {
-            self.open = true;
+        if !self.open.swap(true, Ordering::SeqCst) {
             cl3::event::set_user_event_status(self.user, cl3::event::CL_COMPLETE)
                 .expect("clSetUserEventStatus");
         }
@@ -34,8 +58,7 @@ impl Gate {
 impl Drop for Gate {
     fn drop(&mut self) {
         // A failing test must not leave the queue, shared by every test, closed.
-        if !self.open {
-            self.open = true;
+        if !self.open.swap(true, Ordering::SeqCst) {
             let _ = cl3::event::set_user_event_status(self.user, cl3::event::CL_COMPLETE);
         }
         // SAFETY: the user event is ours, released once.

@@ -330,7 +330,11 @@ impl Probe {
 pub struct OpenClBackend {
     device: Device,
     queue: CommandQueue,
-    /// Dropped after the queue (a queue keeps its context alive anyway).
+    /// A second in-order queue on which fresh memory is made ready (zeroed, mapped): nothing
+    /// but those commands is ever queued on it, so an allocation waits for its own setup
+    /// only, never for the transfers and kernels queued on `queue` before it.
+    setup: CommandQueue,
+    /// Dropped after the queues (a queue keeps its context alive anyway).
     context: Arc<Context>,
     name: String,
     total_memory: u64,
@@ -349,7 +353,11 @@ impl OpenClBackend {
         // shared context, or the device's own).
         let queue = unsafe { CommandQueue::create(&context, device.id(), 0) }
             .map_err(|e| driver("clCreateCommandQueue", e.0))?;
-        Ok(Self { device, queue, context, name, total_memory, max_allocation, svm_fine, svm_coarse })
+        #[allow(deprecated, reason = "clCreateCommandQueue is the call that every OpenCL version has")]
+        // SAFETY: as above.
+        let setup = unsafe { CommandQueue::create(&context, device.id(), 0) }
+            .map_err(|e| driver("clCreateCommandQueue", e.0))?;
+        Ok(Self { device, queue, setup, context, name, total_memory, max_allocation, svm_fine, svm_coarse })
     }
 
     /// The device.
@@ -404,10 +412,11 @@ impl OpenClBackend {
         .map_err(|c| allocation_error("clCreateBuffer", c, bytes))?;
         let mut host: *mut c_void = ptr::null_mut();
         // SAFETY: `mem` is the buffer just made, mapped whole and blocking; `host` is an
-        // out-parameter.
+        // out-parameter. On the setup queue: the buffer is unused, so nothing orders the map
+        // after other work (its unmap, at free, is queued on `queue` after the last use).
         let mapped = unsafe {
             queue::enqueue_map_buffer(
-                self.queue.get(),
+                self.setup.get(),
                 mem,
                 CL_BLOCKING,
                 CL_MAP_READ | CL_MAP_WRITE,
@@ -449,10 +458,11 @@ impl OpenClBackend {
                 .map_err(|c| allocation_error("clCreateBuffer", c, bytes))?;
         let zero = 0u8;
         // SAFETY: fills the whole new buffer with a one-byte pattern read from `zero`,
-        // which the call copies before it returns.
+        // which the call copies before it returns. On the setup queue, waited for: the
+        // buffer's later commands on `queue` find it zeroed.
         let filled = unsafe {
             queue::enqueue_fill_buffer(
-                self.queue.get(),
+                self.setup.get(),
                 mem,
                 (&raw const zero).cast(),
                 1,
@@ -483,7 +493,7 @@ impl OpenClBackend {
         if !self.svm_fine {
             // Coarse-grained memory is the host's only while mapped; it is kept mapped
             // except while a user's kernels hold it.
-            if let Err(e) = self.map_svm(&allocation, true) {
+            if let Err(e) = self.map_svm(&self.setup, &allocation, true) {
                 // SAFETY: the pointer came from clSVMAlloc just above and is unused.
                 unsafe { memory::svm_free(self.context.get(), pointer) }.ok();
                 return Err(e);
@@ -494,12 +504,18 @@ impl OpenClBackend {
         Ok(allocation)
     }
 
-    /// Maps coarse-grained SVM for the host, waiting for the mapping if `blocking`.
-    fn map_svm(&self, allocation: &RawAllocation, blocking: bool) -> Result<(), BackendError> {
-        // SAFETY: a whole SVM allocation of this context on our queue.
+    /// Maps coarse-grained SVM for the host on `on` (one of our queues), waiting for the
+    /// mapping if `blocking`.
+    fn map_svm(
+        &self,
+        on: &CommandQueue,
+        allocation: &RawAllocation,
+        blocking: bool,
+    ) -> Result<(), BackendError> {
+        // SAFETY: a whole SVM allocation of this context on a queue of this device.
         let event = unsafe {
             queue::enqueue_svm_map(
-                self.queue.get(),
+                on.get(),
                 if blocking { CL_BLOCKING } else { CL_NON_BLOCKING },
                 CL_MAP_READ | CL_MAP_WRITE,
                 allocation.handle as usize as *mut c_void,
@@ -728,7 +744,7 @@ impl Queue for OpenClBackend {
     fn before_host_access(&self, allocation: &RawAllocation, kind: MemoryKind) -> Result<(), BackendError> {
         if kind == MemoryKind::Unified && !self.svm_fine {
             // A blocking map waits for the kernels queued before it.
-            return self.map_svm(allocation, true);
+            return self.map_svm(&self.queue, allocation, true);
         }
         queue::finish(self.queue.get()).map_err(|c| driver("clFinish", c))
     }
@@ -743,7 +759,7 @@ impl Queue for OpenClBackend {
     fn return_to_host(&self, allocation: &RawAllocation, kind: MemoryKind) -> Result<(), BackendError> {
         if kind == MemoryKind::Unified && !self.svm_fine {
             // Queued, not waited for: the block's fence orders its next user after it.
-            return self.map_svm(allocation, false);
+            return self.map_svm(&self.queue, allocation, false);
         }
         Ok(())
     }
