@@ -2,6 +2,7 @@
 
 #![allow(dead_code, reason = "being wired in")]
 
+mod alloc;
 mod measure;
 mod old;
 mod raw;

@@ -28,6 +28,56 @@ pub trait RawAllocator {
     fn first_write(&self, block: RawBlock) -> anyhow::Result<()>;
     /// Frees `block`, which came from `allocate` of this allocator and is freed once.
     fn free(&self, block: RawBlock);
+    /// The host address of a host-visible block (pinned memory), if it has one.
+    fn host_ptr(&self, _block: RawBlock) -> Option<*mut u8> {
+        None
+    }
+    /// The driver's blocking copy from host memory into `dst` at offset 0.
+    fn write(&self, _dst: RawBlock, _src: &[u8]) -> anyhow::Result<()> {
+        bail!("{} has no copies", self.name())
+    }
+    /// The driver's blocking copy from `src` at offset 0 into host memory.
+    fn read(&self, _src: RawBlock, _dst: &mut [u8]) -> anyhow::Result<()> {
+        bail!("{} has no copies", self.name())
+    }
+    /// The driver's device-to-device copy of `bytes` bytes, waited for.
+    fn copy(&self, _src: RawBlock, _dst: RawBlock, _bytes: usize) -> anyhow::Result<()> {
+        bail!("{} has no copies", self.name())
+    }
+}
+
+/// Page-locked host memory: `malloc` and `mlock` (what a user pins host memory with).
+pub struct LockedMalloc;
+
+impl RawAllocator for LockedMalloc {
+    fn name(&self) -> &'static str {
+        "malloc + mlock"
+    }
+
+    fn allocate(&self, bytes: usize) -> anyhow::Result<RawBlock> {
+        let block = Malloc.allocate(bytes)?;
+        // SAFETY: the range is the allocation just made.
+        if unsafe { libc::mlock(block.handle as *const libc::c_void, bytes.max(1)) } != 0 {
+            let error = std::io::Error::last_os_error();
+            Malloc.free(block);
+            bail!("mlock: {error}");
+        }
+        Ok(block)
+    }
+
+    fn first_write(&self, block: RawBlock) -> anyhow::Result<()> {
+        Malloc.first_write(block)
+    }
+
+    fn host_ptr(&self, block: RawBlock) -> Option<*mut u8> {
+        Some(block.handle as *mut u8)
+    }
+
+    fn free(&self, block: RawBlock) {
+        // SAFETY: the range was locked by `allocate`.
+        unsafe { libc::munlock(block.handle as *const libc::c_void, block.bytes.max(1)) };
+        Malloc.free(block);
+    }
 }
 
 /// Writes one byte of every page of `bytes` bytes at `ptr`.
@@ -58,6 +108,10 @@ impl RawAllocator for Malloc {
     fn first_write(&self, block: RawBlock) -> anyhow::Result<()> {
         touch_pages(block.handle as *mut u8, block.bytes);
         Ok(())
+    }
+
+    fn host_ptr(&self, block: RawBlock) -> Option<*mut u8> {
+        Some(block.handle as *mut u8)
     }
 
     fn free(&self, block: RawBlock) {
@@ -99,14 +153,14 @@ impl RawAllocator for Mimalloc {
     }
 }
 
-/// The raw allocators to compare `device`'s allocations with, for the kind of memory
-/// `pinned` or not.
+/// The raw allocators of device memory to compare `device`'s allocations with (the first
+/// one also makes the raw copies of the transfer table).
 pub fn for_device(manager: &MemoryManager, device: DeviceId) -> anyhow::Result<Vec<Box<dyn RawAllocator>>> {
     let info = manager.devices().into_iter().find(|d| d.id == device).context("no such device")?;
     Ok(match info.kind {
         DeviceKind::Cpu => vec![Box::new(Malloc), Box::new(Mimalloc)],
         #[cfg(feature = "opencl")]
-        DeviceKind::OpenCl => vec![Box::new(opencl::ClBuffer::new(manager, device)?)],
+        DeviceKind::OpenCl => vec![Box::new(opencl::ClBuffer::new(manager, device, false)?)],
         #[cfg(feature = "cuda")]
         DeviceKind::Cuda => cuda::allocators(manager, device)?,
         #[allow(unreachable_patterns, reason = "with every backend built in, every kind is matched above")]
@@ -114,56 +168,170 @@ pub fn for_device(manager: &MemoryManager, device: DeviceId) -> anyhow::Result<V
     })
 }
 
+/// The raw allocator of pinned (page-locked, device-visible) host memory for `device`.
+pub fn pinned_for_device(manager: &MemoryManager, device: DeviceId) -> anyhow::Result<Option<Box<dyn RawAllocator>>> {
+    let info = manager.devices().into_iter().find(|d| d.id == device).context("no such device")?;
+    Ok(match info.kind {
+        DeviceKind::Cpu => Some(Box::new(LockedMalloc)),
+        #[cfg(feature = "opencl")]
+        DeviceKind::OpenCl => Some(Box::new(opencl::ClBuffer::new(manager, device, true)?)),
+        #[cfg(feature = "cuda")]
+        DeviceKind::Cuda => Some(Box::new(cuda::CuHost::new(manager, device)?)),
+        #[allow(unreachable_patterns, reason = "with every backend built in, every kind is matched above")]
+        _ => None,
+    })
+}
+
 #[cfg(feature = "opencl")]
 mod opencl {
+    use std::collections::HashMap;
     use std::ptr;
+    use std::sync::{Mutex, PoisonError};
 
     use anyhow::Context as _;
-    use unimem::opencl3::command_queue::CommandQueue;
-    use unimem::opencl3::memory::{self, CL_MEM_READ_WRITE};
+    use unimem::opencl3::command_queue::{self, CL_BLOCKING, CommandQueue};
+    use unimem::opencl3::event::Event;
+    use unimem::opencl3::memory::{self, CL_MAP_READ, CL_MAP_WRITE, CL_MEM_ALLOC_HOST_PTR, CL_MEM_READ_WRITE};
     use unimem::opencl3::types::{cl_context, cl_mem};
     use unimem::{DeviceId, MemoryManager};
 
     use super::{RawAllocator, RawBlock};
 
-    /// `clCreateBuffer` / `clReleaseMemObject`, with a queue of its own for first writes.
+    /// `clCreateBuffer` / `clReleaseMemObject`, with a queue of its own for first writes
+    /// and copies. Pinned: `CL_MEM_ALLOC_HOST_PTR`, mapped for the host while it lives.
     pub struct ClBuffer {
         /// Kept alive by `queue`: a queue holds a reference to its context.
         context: cl_context,
         queue: CommandQueue,
+        pinned: bool,
+        /// Host mappings of pinned buffers, by buffer.
+        mapped: Mutex<HashMap<u64, usize>>,
     }
 
     impl ClBuffer {
-        pub fn new(manager: &MemoryManager, device: DeviceId) -> anyhow::Result<Self> {
+        pub fn new(manager: &MemoryManager, device: DeviceId, pinned: bool) -> anyhow::Result<Self> {
             let cl = manager.opencl_device(device)?;
             #[allow(deprecated, reason = "clCreateCommandQueue is the call that every OpenCL version has")]
             // SAFETY: the device belongs to the context.
             let queue = unsafe { CommandQueue::create(cl.context(), cl.device().id(), 0) }
                 .context("clCreateCommandQueue")?;
-            Ok(ClBuffer { context: cl.context().get(), queue })
+            Ok(ClBuffer { context: cl.context().get(), queue, pinned, mapped: Mutex::default() })
         }
     }
 
     impl RawAllocator for ClBuffer {
         fn name(&self) -> &'static str {
-            "clCreateBuffer"
+            if self.pinned { "clCreateBuffer(ALLOC_HOST_PTR) + map" } else { "clCreateBuffer" }
         }
 
         fn allocate(&self, bytes: usize) -> anyhow::Result<RawBlock> {
+            let flags = CL_MEM_READ_WRITE | if self.pinned { CL_MEM_ALLOC_HOST_PTR } else { 0 };
             // SAFETY: a valid context, no host pointer.
-            let mem = unsafe {
-                memory::create_buffer(self.context, CL_MEM_READ_WRITE, bytes.max(1), ptr::null_mut())
+            let mem = unsafe { memory::create_buffer(self.context, flags, bytes.max(1), ptr::null_mut()) }
+                .map_err(|code| anyhow::anyhow!("clCreateBuffer: error {code}"))?;
+            let block = RawBlock { handle: mem as usize as u64, bytes };
+            if self.pinned {
+                let mut host = ptr::null_mut();
+                // SAFETY: the whole new buffer, mapped blocking; `host` is an out-parameter.
+                let mapped = unsafe {
+                    command_queue::enqueue_map_buffer(
+                        self.queue.get(),
+                        mem,
+                        CL_BLOCKING,
+                        CL_MAP_READ | CL_MAP_WRITE,
+                        0,
+                        bytes.max(1),
+                        &mut host,
+                        0,
+                        ptr::null(),
+                    )
+                };
+                match mapped {
+                    Ok(event) => drop(Event::new(event)),
+                    Err(code) => {
+                        // SAFETY: the buffer is ours and unused.
+                        let _ = unsafe { memory::release_mem_object(mem) };
+                        anyhow::bail!("clEnqueueMapBuffer: error {code}");
+                    }
+                }
+                self.mapped.lock().unwrap_or_else(PoisonError::into_inner).insert(block.handle, host as usize);
             }
-            .map_err(|code| anyhow::anyhow!("clCreateBuffer: error {code}"))?;
-            Ok(RawBlock { handle: mem as usize as u64, bytes })
+            Ok(block)
+        }
+
+        fn host_ptr(&self, block: RawBlock) -> Option<*mut u8> {
+            self.mapped.lock().unwrap_or_else(PoisonError::into_inner).get(&block.handle).map(|&p| p as *mut u8)
+        }
+
+        fn write(&self, dst: RawBlock, src: &[u8]) -> anyhow::Result<()> {
+            // SAFETY: `src.len()` bytes fit in `dst` (the caller's contract); blocking, so
+            // `src` is read before the call returns.
+            let event = unsafe {
+                command_queue::enqueue_write_buffer(
+                    self.queue.get(),
+                    dst.handle as usize as cl_mem,
+                    CL_BLOCKING,
+                    0,
+                    src.len(),
+                    src.as_ptr().cast(),
+                    0,
+                    ptr::null(),
+                )
+            }
+            .map_err(|code| anyhow::anyhow!("clEnqueueWriteBuffer: error {code}"))?;
+            drop(Event::new(event));
+            Ok(())
+        }
+
+        fn read(&self, src: RawBlock, dst: &mut [u8]) -> anyhow::Result<()> {
+            // SAFETY: `dst.len()` bytes are inside `src`; blocking, so `dst` is written
+            // before the call returns.
+            let event = unsafe {
+                command_queue::enqueue_read_buffer(
+                    self.queue.get(),
+                    src.handle as usize as cl_mem,
+                    CL_BLOCKING,
+                    0,
+                    dst.len(),
+                    dst.as_mut_ptr().cast(),
+                    0,
+                    ptr::null(),
+                )
+            }
+            .map_err(|code| anyhow::anyhow!("clEnqueueReadBuffer: error {code}"))?;
+            drop(Event::new(event));
+            Ok(())
+        }
+
+        fn copy(&self, src: RawBlock, dst: RawBlock, bytes: usize) -> anyhow::Result<()> {
+            // SAFETY: two buffers of this context holding `bytes` bytes each.
+            let event = unsafe {
+                command_queue::enqueue_copy_buffer(
+                    self.queue.get(),
+                    src.handle as usize as cl_mem,
+                    dst.handle as usize as cl_mem,
+                    0,
+                    0,
+                    bytes,
+                    0,
+                    ptr::null(),
+                )
+            }
+            .map_err(|code| anyhow::anyhow!("clEnqueueCopyBuffer: error {code}"))?;
+            Event::new(event).wait().map_err(|e| anyhow::anyhow!("clWaitForEvents: {e}"))?;
+            Ok(())
         }
 
         fn first_write(&self, block: RawBlock) -> anyhow::Result<()> {
+            if let Some(host) = self.host_ptr(block) {
+                super::touch_pages(host, block.bytes);
+                return Ok(());
+            }
             let zero = 0u8;
             // SAFETY: fills the whole buffer with a byte read from `zero` before the call
             // returns; the event is waited for and released below.
             let event = unsafe {
-                unimem::opencl3::command_queue::enqueue_fill_buffer(
+                command_queue::enqueue_fill_buffer(
                     self.queue.get(),
                     block.handle as usize as cl_mem,
                     (&raw const zero).cast(),
@@ -175,14 +343,23 @@ mod opencl {
                 )
             }
             .map_err(|code| anyhow::anyhow!("clEnqueueFillBuffer: error {code}"))?;
-            let event = unimem::opencl3::event::Event::new(event);
-            event.wait().map_err(|e| anyhow::anyhow!("clWaitForEvents: {e}"))?;
+            Event::new(event).wait().map_err(|e| anyhow::anyhow!("clWaitForEvents: {e}"))?;
             Ok(())
         }
 
         fn free(&self, block: RawBlock) {
-            // SAFETY: a buffer from clCreateBuffer, released once.
-            let _ = unsafe { memory::release_mem_object(block.handle as usize as cl_mem) };
+            let mem = block.handle as usize as cl_mem;
+            if let Some(host) = self.mapped.lock().unwrap_or_else(PoisonError::into_inner).remove(&block.handle) {
+                // SAFETY: the mapping made at allocation, unmapped once.
+                if let Ok(event) = unsafe {
+                    command_queue::enqueue_unmap_mem_object(self.queue.get(), mem, host as *mut _, 0, ptr::null())
+                } {
+                    drop(Event::new(event));
+                }
+            }
+            // SAFETY: a buffer from clCreateBuffer, released once (OpenCL deletes it after
+            // the commands queued on it).
+            let _ = unsafe { memory::release_mem_object(mem) };
         }
     }
 }
@@ -205,6 +382,46 @@ mod cuda {
     // SAFETY: a CUstream may be used from any thread once its context is bound there,
     // which every call does first.
     unsafe impl Send for CuMem {}
+
+    /// `cuMemHostAlloc` / `cuMemFreeHost`: page-locked host memory.
+    pub struct CuHost {
+        context: std::sync::Arc<unimem::cudarc::driver::CudaContext>,
+    }
+
+    impl CuHost {
+        pub fn new(manager: &MemoryManager, device: DeviceId) -> anyhow::Result<Self> {
+            Ok(CuHost { context: std::sync::Arc::clone(manager.cuda_device(device)?.context()) })
+        }
+    }
+
+    impl RawAllocator for CuHost {
+        fn name(&self) -> &'static str {
+            "cuMemHostAlloc"
+        }
+
+        fn allocate(&self, bytes: usize) -> anyhow::Result<RawBlock> {
+            self.context.bind_to_thread().context("cuCtxSetCurrent")?;
+            // SAFETY: the context is current; a non-zero size; no flags.
+            let ptr = unsafe { result::malloc_host(bytes.max(1), 0) }.context("cuMemHostAlloc")?;
+            Ok(RawBlock { handle: ptr as u64, bytes })
+        }
+
+        fn first_write(&self, block: RawBlock) -> anyhow::Result<()> {
+            super::touch_pages(block.handle as *mut u8, block.bytes);
+            Ok(())
+        }
+
+        fn host_ptr(&self, block: RawBlock) -> Option<*mut u8> {
+            Some(block.handle as *mut u8)
+        }
+
+        fn free(&self, block: RawBlock) {
+            if self.context.bind_to_thread().is_ok() {
+                // SAFETY: from cuMemHostAlloc, freed once.
+                let _ = unsafe { result::free_host(block.handle as *mut std::ffi::c_void) };
+            }
+        }
+    }
 
     pub fn allocators(manager: &MemoryManager, device: DeviceId) -> anyhow::Result<Vec<Box<dyn RawAllocator>>> {
         let cuda = manager.cuda_device(device)?;
@@ -249,6 +466,24 @@ mod cuda {
                 }
             }
             Ok(())
+        }
+
+        fn write(&self, dst: RawBlock, src: &[u8]) -> anyhow::Result<()> {
+            self.context.bind_to_thread().context("cuCtxSetCurrent")?;
+            // SAFETY: `src.len()` bytes fit in `dst` (the caller's contract); synchronous.
+            unsafe { result::memcpy_htod_sync(dst.handle, src) }.context("cuMemcpyHtoD")
+        }
+
+        fn read(&self, src: RawBlock, dst: &mut [u8]) -> anyhow::Result<()> {
+            self.context.bind_to_thread().context("cuCtxSetCurrent")?;
+            // SAFETY: `dst.len()` bytes are inside `src`; synchronous.
+            unsafe { result::memcpy_dtoh_sync(dst, src.handle) }.context("cuMemcpyDtoH")
+        }
+
+        fn copy(&self, src: RawBlock, dst: RawBlock, bytes: usize) -> anyhow::Result<()> {
+            self.context.bind_to_thread().context("cuCtxSetCurrent")?;
+            // SAFETY: both hold `bytes` bytes; synchronous.
+            unsafe { result::memcpy_dtod_sync(dst.handle, src.handle, bytes) }.context("cuMemcpyDtoD")
         }
 
         fn free(&self, block: RawBlock) {
