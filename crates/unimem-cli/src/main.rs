@@ -1,4 +1,5 @@
-//! `unimem`: list devices, and benchmark allocation on them against baselines.
+//! `unimem`: list devices, and measure allocation, transfers and pools on them against the
+//! baselines a user would otherwise pick.
 
 mod bench;
 
@@ -17,15 +18,19 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Every device of every backend, with its memory and capabilities.
-    Devices,
-    /// Measure allocation (pool hit, pool miss, unpooled, pinned) against the system
-    /// allocator, in one run, and print the tables and the manager's statistics.
+    Devices {
+        /// Print the devices (and why backends found none) as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure, on every device, allocation, transfer bandwidth and pool efficiency on
+    /// workload traces against the baselines a user would otherwise pick, in one run.
     Bench(bench::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     let result = match Cli::parse().command {
-        Command::Devices => devices(),
+        Command::Devices { json } => devices(json),
         Command::Bench(args) => bench::run(&args),
     };
     match result {
@@ -41,9 +46,23 @@ fn is_broken_pipe(error: &anyhow::Error) -> bool {
         .any(|cause| cause.downcast_ref::<io::Error>().is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe))
 }
 
-fn devices() -> anyhow::Result<()> {
+fn devices(json: bool) -> anyhow::Result<()> {
     let manager = MemoryManager::new();
     let mut out = io::stdout().lock();
+    if json {
+        let devices: Vec<_> = manager
+            .devices()
+            .into_iter()
+            .map(|mut d| {
+                d.free_memory = manager.free_memory(d.id).ok().flatten();
+                d
+            })
+            .collect();
+        let value = serde_json::json!({ "devices": devices, "backend_notes": manager.backend_notes() });
+        writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
+        out.flush()?;
+        return Ok(());
+    }
     for d in manager.devices() {
         writeln!(out, "{} [{}] {}", d.id, d.kind, d.name)?;
         let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
@@ -66,10 +85,10 @@ fn devices() -> anyhow::Result<()> {
         writeln!(out, "no devices from {note}")?;
     }
     if !cfg!(feature = "opencl") {
-        writeln!(out, "opencl: not built in (build with --features opencl)")?;
+        writeln!(out, "opencl: not built in (build with the default features)")?;
     }
     if !cfg!(feature = "cuda") {
-        writeln!(out, "cuda: not built in (build with --features cuda)")?;
+        writeln!(out, "cuda: not built in (build with the default features)")?;
     }
     writeln!(out, "wgpu: not built into this version")?;
     out.flush()?;

@@ -28,6 +28,10 @@ pub trait RawAllocator {
     fn first_write(&self, block: RawBlock) -> anyhow::Result<()>;
     /// Frees `block`, which came from `allocate` of this allocator and is freed once.
     fn free(&self, block: RawBlock);
+    /// The driver calls of `write`, `read` and `copy`, as the tables name them.
+    fn copy_calls(&self) -> [&'static str; 3] {
+        ["write", "read", "copy"]
+    }
     /// The host address of a host-visible block (pinned memory), if it has one.
     fn host_ptr(&self, _block: RawBlock) -> Option<*mut u8> {
         None
@@ -259,6 +263,10 @@ mod opencl {
             Ok(block)
         }
 
+        fn copy_calls(&self) -> [&'static str; 3] {
+            ["clEnqueueWriteBuffer", "clEnqueueReadBuffer", "clEnqueueCopyBuffer"]
+        }
+
         fn host_ptr(&self, block: RawBlock) -> Option<*mut u8> {
             self.mapped.lock().unwrap_or_else(PoisonError::into_inner).get(&block.handle).map(|&p| p as *mut u8)
         }
@@ -466,6 +474,10 @@ mod cuda {
                 }
             }
             Ok(())
+        }
+
+        fn copy_calls(&self) -> [&'static str; 3] {
+            ["cuMemcpyHtoD", "cuMemcpyDtoH", "cuMemcpyDtoD"]
         }
 
         fn write(&self, dst: RawBlock, src: &[u8]) -> anyhow::Result<()> {

@@ -128,7 +128,7 @@ fn rows_of_size(
     let id = device.id;
     let src = filled(manager, DeviceId::CPU, bytes, AllocationMode::Pooled)?;
     let mut dst = filled(manager, DeviceId::CPU, bytes, AllocationMode::Pooled)?;
-    let mut plain_src = vec![0x5au8; bytes];
+    let plain_src = vec![0x5au8; bytes];
     let mut plain_dst = vec![0u8; bytes];
     if device.kind == DeviceKind::Cpu {
         let mut memcpy = || -> anyhow::Result<()> {
@@ -152,7 +152,7 @@ fn rows_of_size(
     let raw_b = RawOwned::new(raw, bytes)?;
     let mut dev = filled(manager, id, bytes, AllocationMode::Pooled)?;
     let mut dev_b = filled(manager, id, bytes, AllocationMode::Pooled)?;
-    let name = |op: &str| format!("{op} ({})", raw.name());
+    let [write_call, read_call, copy_call] = raw.copy_calls();
 
     let mut write = || raw.write(raw_a.block, &plain_src);
     emit(measure(
@@ -161,7 +161,7 @@ fn rows_of_size(
         "host → device (pageable)",
         bytes,
         || manager.transfer_blocking(&src, &mut dev).map(|r| r.strategy),
-        Some((&name("driver write"), &mut write)),
+        Some((write_call, &mut write)),
     ));
     let mut read = || raw.read(raw_a.block, &mut plain_dst);
     emit(measure(
@@ -170,7 +170,7 @@ fn rows_of_size(
         "device → host (pageable)",
         bytes,
         || manager.transfer_blocking(&dev, &mut dst).map(|r| r.strategy),
-        Some((&name("driver read"), &mut read)),
+        Some((read_call, &mut read)),
     ));
 
     // Pinned: the device's own page-locked host memory at the host end.
@@ -192,7 +192,7 @@ fn rows_of_size(
                 "host → device (pinned)",
                 bytes,
                 || manager.transfer_blocking(&pinned, &mut dev).map(|r| r.strategy),
-                Some((&name("driver write from pinned"), &mut write)),
+                Some((&format!("{write_call} from pinned"), &mut write)),
             ));
             let mut read = || -> anyhow::Result<()> {
                 let host = host.ok_or_else(|| anyhow::anyhow!("no host mapping"))?;
@@ -205,7 +205,7 @@ fn rows_of_size(
                 "device → host (pinned)",
                 bytes,
                 || manager.transfer_blocking(&dev, &mut pinned).map(|r| r.strategy),
-                Some((&name("driver read into pinned"), &mut read)),
+                Some((&format!("{read_call} into pinned"), &mut read)),
             ));
         }
         (Err(e), _) => {
@@ -231,7 +231,7 @@ fn rows_of_size(
         "device-local",
         bytes,
         || manager.transfer_blocking(&dev, &mut dev_b).map(|r| r.strategy),
-        Some((&name("driver copy"), &mut copy)),
+        Some((copy_call, &mut copy)),
     ));
 
     let staged = TransferOptions::default().with_strategy(Strategy::Staged);
@@ -242,7 +242,7 @@ fn rows_of_size(
         "host → device (staged)",
         bytes,
         || manager.transfer_with_blocking(&src, &mut dev, staged.clone()).map(|r| r.strategy),
-        Some((&name("driver write"), &mut write)),
+        Some((write_call, &mut write)),
     ));
 
     if device.supports_unified {
@@ -282,7 +282,7 @@ fn rows_of_size(
             &op,
             bytes,
             || manager.transfer_blocking(&dev, &mut theirs).map(|r| r.strategy),
-            Some((&name("driver copy"), &mut copy)),
+            Some((copy_call, &mut copy)),
         ));
     }
     Ok(())
