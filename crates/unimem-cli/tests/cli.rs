@@ -76,7 +76,10 @@ fn a_quick_bench_reports_every_table_for_every_device_as_json() {
     let output = unimem(&["bench", "--quick", "--json", "-"]);
     let json = json_of(&output);
     let tables = String::from_utf8_lossy(&output.stderr);
-    assert!(tables.contains("Allocation") && tables.contains("Transfer bandwidth"), "tables go to stderr:\n{tables}");
+    assert!(
+        tables.contains("Allocation") && tables.contains("Transfer bandwidth"),
+        "tables go to stderr:\n{tables}"
+    );
     for key in ["unimem_version", "timestamp", "machine", "settings"] {
         assert!(!json[key].is_null(), "no {key}: {json}");
     }
@@ -88,7 +91,11 @@ fn a_quick_bench_reports_every_table_for_every_device_as_json() {
     for device in devices {
         for table in ["allocation", "transfer", "pool"] {
             let rows = device[table].as_array().unwrap_or_else(|| panic!("no {table} table: {device}"));
-            assert!(rows.iter().any(|r| r["skipped"].is_null()), "nothing measured in {table} of {}", device["name"]);
+            assert!(
+                rows.iter().any(|r| r["skipped"].is_null()),
+                "nothing measured in {table} of {}",
+                device["name"]
+            );
             rows.iter().for_each(check_ratios);
         }
         let pool = device["pool"].as_array().unwrap();
@@ -112,7 +119,11 @@ fn an_unknown_device_is_an_error_that_lists_the_devices() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "--device {selector} was accepted");
         assert!(stderr.contains(&format!("no device \"{selector}\"")) && stderr.contains("cpu"), "{stderr}");
-        assert!(output.stdout.is_empty(), "measured before refusing: {}", String::from_utf8_lossy(&output.stdout));
+        assert!(
+            output.stdout.is_empty(),
+            "measured before refusing: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
     }
 }
 
@@ -162,5 +173,9 @@ fn bench_into_a_closed_pipe_is_no_panic() {
     let output = child.wait_with_output().expect("wait for unimem bench");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!stderr.contains("panicked"), "unimem bench panicked on a closed pipe:\n{stderr}");
-    assert!(output.status.success(), "unimem bench on a closed pipe exited with {}:\n{stderr}", output.status);
+    assert!(
+        output.status.success(),
+        "unimem bench on a closed pipe exited with {}:\n{stderr}",
+        output.status
+    );
 }

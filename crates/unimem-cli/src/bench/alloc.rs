@@ -83,7 +83,12 @@ fn raw_fresh(
 }
 
 /// Times freeing `count` blocks of a raw allocator (allocated untimed).
-fn raw_free(raw: &dyn RawAllocator, sampling: &Sampling, bytes: usize, count: usize) -> anyhow::Result<Figure> {
+fn raw_free(
+    raw: &dyn RawAllocator,
+    sampling: &Sampling,
+    bytes: usize,
+    count: usize,
+) -> anyhow::Result<Figure> {
     sampling.per_run(|| {
         let held = (0..count).map(|_| raw.allocate(bytes)).collect::<anyhow::Result<Vec<_>>>()?;
         let start = Instant::now();
@@ -135,7 +140,14 @@ pub fn rows(
     let raws = match raw::for_device(manager, id) {
         Ok(raws) => raws,
         Err(e) => {
-            emit(Row::skipped(Table::Allocation, id, "every row", 0, format!("no raw allocator: {e:#}"), None));
+            emit(Row::skipped(
+                Table::Allocation,
+                id,
+                "every row",
+                0,
+                format!("no raw allocator: {e:#}"),
+                None,
+            ));
             return;
         }
     };
@@ -165,10 +177,27 @@ pub fn rows(
                 });
                 failed.map_or(Ok(figure), Err)
             });
-            let row = Row::measured(Table::Allocation, id, "pool hit (allocate + return)", hit_bytes as u64, unimem, base);
+            let row = Row::measured(
+                Table::Allocation,
+                id,
+                "pool hit (allocate + return)",
+                hit_bytes as u64,
+                unimem,
+                base,
+            );
             finish(row, &mut notes);
         }
-        Err(e) => finish(Row::skipped(Table::Allocation, id, "pool hit (allocate + return)", hit_bytes as u64, e.to_string(), None), &mut notes),
+        Err(e) => finish(
+            Row::skipped(
+                Table::Allocation,
+                id,
+                "pool hit (allocate + return)",
+                hit_bytes as u64,
+                e.to_string(),
+                None,
+            ),
+            &mut notes,
+        ),
     }
 
     // Fresh allocations, small and large.
@@ -178,12 +207,20 @@ pub fn rows(
         for (touch, label) in [(true, "fresh + first write"), (false, "fresh, allocation call alone")] {
             step(label);
             // Device memory is zeroed by unimem at allocation: that fill is its first write.
-            match unimem_fresh(manager, device, sampling, bytes, AllocationMode::Pooled, touch && host, count) {
+            match unimem_fresh(manager, device, sampling, bytes, AllocationMode::Pooled, touch && host, count)
+            {
                 Ok(unimem) => {
-                    let base = baselines(&raws, &mut notes, |raw| raw_fresh(raw, sampling, bytes, touch, count));
-                    finish(Row::measured(Table::Allocation, id, label, bytes as u64, unimem, base), &mut notes);
+                    let base =
+                        baselines(&raws, &mut notes, |raw| raw_fresh(raw, sampling, bytes, touch, count));
+                    finish(
+                        Row::measured(Table::Allocation, id, label, bytes as u64, unimem, base),
+                        &mut notes,
+                    );
                 }
-                Err(e) => finish(Row::skipped(Table::Allocation, id, label, bytes as u64, e.to_string(), None), &mut notes),
+                Err(e) => finish(
+                    Row::skipped(Table::Allocation, id, label, bytes as u64, e.to_string(), None),
+                    &mut notes,
+                ),
             }
         }
     }
@@ -198,17 +235,34 @@ pub fn rows(
             Ok(unimem) => {
                 let pinned_raw: Vec<Box<dyn RawAllocator>> =
                     raw::pinned_for_device(manager, id).ok().flatten().into_iter().collect();
-                let base = baselines(&pinned_raw, &mut notes, |raw| raw_fresh(raw, sampling, pinned_bytes, true, 4));
-                finish(Row::measured(Table::Allocation, id, label, pinned_bytes as u64, unimem, base), &mut notes);
+                let base =
+                    baselines(&pinned_raw, &mut notes, |raw| raw_fresh(raw, sampling, pinned_bytes, true, 4));
+                finish(
+                    Row::measured(Table::Allocation, id, label, pinned_bytes as u64, unimem, base),
+                    &mut notes,
+                );
             }
             Err(e) => {
                 let reason = e.to_string();
                 let hint = pinned_hint(&reason);
-                finish(Row::skipped(Table::Allocation, id, label, pinned_bytes as u64, reason, hint), &mut notes);
+                finish(
+                    Row::skipped(Table::Allocation, id, label, pinned_bytes as u64, reason, hint),
+                    &mut notes,
+                );
             }
         }
     } else {
-        finish(Row::skipped(Table::Allocation, id, label, pinned_bytes as u64, "the device has no pinned memory", None), &mut notes);
+        finish(
+            Row::skipped(
+                Table::Allocation,
+                id,
+                label,
+                pinned_bytes as u64,
+                "the device has no pinned memory",
+                None,
+            ),
+            &mut notes,
+        );
     }
 
     // Disposal: returning buffers to the pool, against freeing them.
@@ -225,8 +279,21 @@ pub fn rows(
     match disposal {
         Ok(unimem) => {
             let base = baselines(&raws, &mut notes, |raw| raw_free(raw, sampling, bytes, count));
-            finish(Row::measured(Table::Allocation, id, "disposal (return to pool)", bytes as u64, unimem, base), &mut notes);
+            finish(
+                Row::measured(Table::Allocation, id, "disposal (return to pool)", bytes as u64, unimem, base),
+                &mut notes,
+            );
         }
-        Err(e) => finish(Row::skipped(Table::Allocation, id, "disposal (return to pool)", bytes as u64, e.to_string(), None), &mut notes),
+        Err(e) => finish(
+            Row::skipped(
+                Table::Allocation,
+                id,
+                "disposal (return to pool)",
+                bytes as u64,
+                e.to_string(),
+                None,
+            ),
+            &mut notes,
+        ),
     }
 }

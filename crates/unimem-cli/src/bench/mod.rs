@@ -78,7 +78,8 @@ fn select(manager: &MemoryManager, selectors: &[String]) -> anyhow::Result<Vec<D
             Err(_) => devices.iter().filter(|d| d.kind.to_string() == s).collect(),
         };
         if matching.is_empty() {
-            let known: Vec<String> = devices.iter().map(|d| format!("{} ({}, {})", d.id.index(), d.kind, d.name)).collect();
+            let known: Vec<String> =
+                devices.iter().map(|d| format!("{} ({}, {})", d.id.index(), d.kind, d.name)).collect();
             let mut message = format!("no device {selector:?}: the devices here are {}", known.join("; "));
             for note in manager.backend_notes() {
                 message.push_str(&format!("\n  no devices from {note}"));
@@ -124,7 +125,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     };
     let sizes = transfer::sizes(args.quick);
 
-    let to_stderr = json.as_ref().is_some_and(OutputFile::is_stdout) || csv.as_ref().is_some_and(OutputFile::is_stdout);
+    let to_stderr =
+        json.as_ref().is_some_and(OutputFile::is_stdout) || csv.as_ref().is_some_and(OutputFile::is_stdout);
     let bar = if std::io::stderr().is_terminal() {
         let bar = ProgressBar::new_spinner();
         bar.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("a valid template"));
@@ -140,7 +142,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let mut reports = Vec::new();
     for device in &devices {
         printer.device(device);
-        let mut report = DeviceReport { info: device.clone(), allocation: Vec::new(), transfer: Vec::new(), pool: Vec::new() };
+        let mut report = DeviceReport {
+            info: device.clone(),
+            allocation: Vec::new(),
+            transfer: Vec::new(),
+            pool: Vec::new(),
+        };
         let prefix = format!("{} {}", device.id, device.kind);
         let mut step = |what: &str| bar.set_message(format!("{prefix}: {what}"));
         {
@@ -195,7 +202,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         printer.note(&format!("CSV written to {name}"));
     }
     if let Some(dir) = &args.plot {
-        let written = plot::write_plots(&report, dir).with_context(|| format!("writing plots into {}", dir.display()))?;
+        let written = plot::write_plots(&report, dir)
+            .with_context(|| format!("writing plots into {}", dir.display()))?;
         for path in written {
             printer.note(&format!("plot written to {}", path.display()));
         }

@@ -51,7 +51,9 @@ impl OutputFile {
                 Ok("stdout".into())
             }
             Some((mut file, path)) => {
-                file.set_len(0).and_then(|()| file.write_all(bytes)).and_then(|()| file.flush())
+                file.set_len(0)
+                    .and_then(|()| file.write_all(bytes))
+                    .and_then(|()| file.flush())
                     .with_context(|| format!("writing {}", path.display()))?;
                 Ok(path.display().to_string())
             }
@@ -61,9 +63,11 @@ impl OutputFile {
 
 /// Creates `dir` if needed and checks that a file can be made in it.
 pub fn check_dir(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create the plot directory {}", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the plot directory {}", dir.display()))?;
     let probe = dir.join(".unimem-write-check");
-    File::create(&probe).with_context(|| format!("cannot write into the plot directory {}", dir.display()))?;
+    File::create(&probe)
+        .with_context(|| format!("cannot write into the plot directory {}", dir.display()))?;
     let _ = std::fs::remove_file(probe);
     Ok(())
 }
@@ -100,13 +104,24 @@ impl Printer {
         self.line(text);
     }
 
-    pub fn header(&mut self, manager: &MemoryManager, devices: &[DeviceInfo], sampling: &Sampling, quick: bool) {
-        self.line(&format!("unimem {} bench{}", env!("CARGO_PKG_VERSION"), if quick { " --quick" } else { "" }));
+    pub fn header(
+        &mut self,
+        manager: &MemoryManager,
+        devices: &[DeviceInfo],
+        sampling: &Sampling,
+        quick: bool,
+    ) {
+        self.line(&format!(
+            "unimem {} bench{}",
+            env!("CARGO_PKG_VERSION"),
+            if quick { " --quick" } else { "" }
+        ));
         self.line(&format!(
             "each figure: the median of {} samples after a warm-up, [min–max]; ratios are unimem against the baseline on the same work",
             sampling.samples
         ));
-        let names: Vec<String> = devices.iter().map(|d| format!("{} {} ({})", d.id, d.kind, d.name)).collect();
+        let names: Vec<String> =
+            devices.iter().map(|d| format!("{} {} ({})", d.id, d.kind, d.name)).collect();
         self.line(&format!("devices: {}", names.join("; ")));
         for note in manager.backend_notes() {
             self.line(&format!("no devices from {note}"));
@@ -124,7 +139,9 @@ impl Printer {
             self.last_table = Some(row.table);
             self.line(match row.table {
                 Table::Allocation => "\nAllocation (time per operation)",
-                Table::Transfer => "\nTransfer bandwidth (through the transfer engine: the strategy it chose)",
+                Table::Transfer => {
+                    "\nTransfer bandwidth (through the transfer engine: the strategy it chose)"
+                }
                 Table::Pool => "\nPool efficiency on workload traces (time per trace operation)",
             });
         }
@@ -231,7 +248,11 @@ pub fn machine() -> Machine {
 
 /// A CSV field, quoted where it must be.
 fn field(text: &str) -> String {
-    if text.contains([',', '"', '\n']) { format!("\"{}\"", text.replace('"', "\"\"")) } else { text.to_string() }
+    if text.contains([',', '"', '\n']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_string()
+    }
 }
 
 /// Every figure as CSV: one line per (row, baseline), a row without baselines on a line

@@ -173,7 +173,10 @@ pub fn for_device(manager: &MemoryManager, device: DeviceId) -> anyhow::Result<V
 }
 
 /// The raw allocator of pinned (page-locked, device-visible) host memory for `device`.
-pub fn pinned_for_device(manager: &MemoryManager, device: DeviceId) -> anyhow::Result<Option<Box<dyn RawAllocator>>> {
+pub fn pinned_for_device(
+    manager: &MemoryManager,
+    device: DeviceId,
+) -> anyhow::Result<Option<Box<dyn RawAllocator>>> {
     let info = manager.devices().into_iter().find(|d| d.id == device).context("no such device")?;
     Ok(match info.kind {
         DeviceKind::Cpu => Some(Box::new(LockedMalloc)),
@@ -195,7 +198,9 @@ mod opencl {
     use anyhow::Context as _;
     use unimem::opencl3::command_queue::{self, CL_BLOCKING, CommandQueue};
     use unimem::opencl3::event::Event;
-    use unimem::opencl3::memory::{self, CL_MAP_READ, CL_MAP_WRITE, CL_MEM_ALLOC_HOST_PTR, CL_MEM_READ_WRITE};
+    use unimem::opencl3::memory::{
+        self, CL_MAP_READ, CL_MAP_WRITE, CL_MEM_ALLOC_HOST_PTR, CL_MEM_READ_WRITE,
+    };
     use unimem::opencl3::types::{cl_context, cl_mem};
     use unimem::{DeviceId, MemoryManager};
 
@@ -258,7 +263,10 @@ mod opencl {
                         anyhow::bail!("clEnqueueMapBuffer: error {code}");
                     }
                 }
-                self.mapped.lock().unwrap_or_else(PoisonError::into_inner).insert(block.handle, host as usize);
+                self.mapped
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(block.handle, host as usize);
             }
             Ok(block)
         }
@@ -268,7 +276,11 @@ mod opencl {
         }
 
         fn host_ptr(&self, block: RawBlock) -> Option<*mut u8> {
-            self.mapped.lock().unwrap_or_else(PoisonError::into_inner).get(&block.handle).map(|&p| p as *mut u8)
+            self.mapped
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&block.handle)
+                .map(|&p| p as *mut u8)
         }
 
         fn write(&self, dst: RawBlock, src: &[u8]) -> anyhow::Result<()> {
@@ -357,10 +369,18 @@ mod opencl {
 
         fn free(&self, block: RawBlock) {
             let mem = block.handle as usize as cl_mem;
-            if let Some(host) = self.mapped.lock().unwrap_or_else(PoisonError::into_inner).remove(&block.handle) {
+            if let Some(host) =
+                self.mapped.lock().unwrap_or_else(PoisonError::into_inner).remove(&block.handle)
+            {
                 // SAFETY: the mapping made at allocation, unmapped once.
                 if let Ok(event) = unsafe {
-                    command_queue::enqueue_unmap_mem_object(self.queue.get(), mem, host as *mut _, 0, ptr::null())
+                    command_queue::enqueue_unmap_mem_object(
+                        self.queue.get(),
+                        mem,
+                        host as *mut _,
+                        0,
+                        ptr::null(),
+                    )
                 } {
                     drop(Event::new(event));
                 }
@@ -431,7 +451,10 @@ mod cuda {
         }
     }
 
-    pub fn allocators(manager: &MemoryManager, device: DeviceId) -> anyhow::Result<Vec<Box<dyn RawAllocator>>> {
+    pub fn allocators(
+        manager: &MemoryManager,
+        device: DeviceId,
+    ) -> anyhow::Result<Vec<Box<dyn RawAllocator>>> {
         let cuda = manager.cuda_device(device)?;
         let context = std::sync::Arc::clone(cuda.context());
         let stream = cuda.stream().cu_stream();
@@ -470,7 +493,9 @@ mod cuda {
                             .context("cuMemsetD8Async")?;
                         result::stream::synchronize(stream).context("cuStreamSynchronize")?;
                     }
-                    None => result::memset_d8_sync(block.handle, 0, block.bytes.max(1)).context("cuMemsetD8")?,
+                    None => {
+                        result::memset_d8_sync(block.handle, 0, block.bytes.max(1)).context("cuMemsetD8")?
+                    }
                 }
             }
             Ok(())

@@ -109,12 +109,14 @@ pub fn training(steps: usize) -> Trace {
         next
     };
     const MIB: usize = 1 << 20;
-    let parameter_sizes: Vec<usize> = (0..12).map(|i| [MIB, 4 * MIB, 16 * MIB, 2 * MIB][i % 4] + i * 4096).collect();
+    let parameter_sizes: Vec<usize> =
+        (0..12).map(|i| [MIB, 4 * MIB, 16 * MIB, 2 * MIB][i % 4] + i * 4096).collect();
     let parameters: Vec<u64> = parameter_sizes.iter().map(|&b| alloc(&mut ops, b)).collect();
     let layers = [256 << 10, MIB, 2 * MIB, 4 * MIB, 8 * MIB, 4 * MIB, 2 * MIB, MIB];
     for _ in 0..steps {
         let scale = 0.75 + rng.f64() * 0.25;
-        let activations: Vec<u64> = layers.iter().map(|&b| alloc(&mut ops, (b as f64 * scale) as usize)).collect();
+        let activations: Vec<u64> =
+            layers.iter().map(|&b| alloc(&mut ops, (b as f64 * scale) as usize)).collect();
         let mut gradients = Vec::new();
         for (i, activation) in activations.iter().rev().enumerate() {
             if let Some(&bytes) = parameter_sizes.get(i) {
@@ -133,7 +135,8 @@ pub fn training(steps: usize) -> Trace {
 /// comments. Ids still live at the end are freed at the end. Every error names the file
 /// and the line.
 pub fn parse_csv(path: &Path) -> anyhow::Result<Trace> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the trace {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read the trace {}", path.display()))?;
     let mut ops = Vec::new();
     let mut live = std::collections::HashSet::new();
     for (index, line) in text.lines().enumerate() {
@@ -149,8 +152,9 @@ pub fn parse_csv(path: &Path) -> anyhow::Result<Trace> {
         let id: u64 = id.parse().with_context(|| format!("{}: the id {id:?} is not a whole number", at()))?;
         match op.to_ascii_lowercase().as_str() {
             "alloc" => {
-                let bytes: u64 =
-                    size.parse().with_context(|| format!("{}: the size {size:?} is not a whole number", at()))?;
+                let bytes: u64 = size
+                    .parse()
+                    .with_context(|| format!("{}: the size {size:?} is not a whole number", at()))?;
                 if bytes == 0 || bytes > 1 << 40 {
                     bail!("{}: the size {bytes} is outside 1 byte..1 TiB", at());
                 }
@@ -171,7 +175,8 @@ pub fn parse_csv(path: &Path) -> anyhow::Result<Trace> {
     if ops.is_empty() {
         bail!("{}: the trace has no operations", path.display());
     }
-    let name = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let name =
+        path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
     Ok(Trace { name, ops }.close())
 }
 
@@ -247,7 +252,8 @@ pub fn pool_rows(
     let raws = raw::for_device(manager, device).unwrap_or_default();
     for trace in traces {
         for divisions in [1, 4] {
-            let label = if divisions == 1 { "21 classes".to_string() } else { format!("{divisions} divisions") };
+            let label =
+                if divisions == 1 { "21 classes".to_string() } else { format!("{divisions} divisions") };
             let operation = format!("{} trace, {label}", trace.name);
             let largest = trace.largest() as u64;
             match pool_row(manager, device, trace, divisions, sampling, &raws, &operation) {
@@ -342,11 +348,16 @@ mod tests {
         assert!(balanced(&trace));
         assert!(trace.peak_requested() < 512 << 20);
         // The activations of the first step are freed in the reverse order of allocation.
-        let first: Vec<u64> = trace.ops[12..20].iter().map(|op| if let Op::Alloc { id, .. } = op { *id } else { 0 }).collect();
-        let frees: Vec<u64> = trace.ops[20..].iter().filter_map(|op| match *op {
-            Op::Free { id } if first.contains(&id) => Some(id),
-            _ => None,
-        }).take(8).collect();
+        let first: Vec<u64> =
+            trace.ops[12..20].iter().map(|op| if let Op::Alloc { id, .. } = op { *id } else { 0 }).collect();
+        let frees: Vec<u64> = trace.ops[20..]
+            .iter()
+            .filter_map(|op| match *op {
+                Op::Free { id } if first.contains(&id) => Some(id),
+                _ => None,
+            })
+            .take(8)
+            .collect();
         assert_eq!(frees, first.iter().rev().copied().collect::<Vec<_>>());
     }
 
@@ -360,13 +371,17 @@ mod tests {
 
     #[test]
     fn user_traces_parse_and_errors_name_the_line() {
-        let trace = parse("good", "op,size,id\n# a comment\nalloc,4096,1\n\nalloc, 100, 2\nfree,,1\n").unwrap();
-        assert_eq!(trace.ops, [
-            Op::Alloc { id: 1, bytes: 4096 },
-            Op::Alloc { id: 2, bytes: 100 },
-            Op::Free { id: 1 },
-            Op::Free { id: 2 }
-        ]);
+        let trace =
+            parse("good", "op,size,id\n# a comment\nalloc,4096,1\n\nalloc, 100, 2\nfree,,1\n").unwrap();
+        assert_eq!(
+            trace.ops,
+            [
+                Op::Alloc { id: 1, bytes: 4096 },
+                Op::Alloc { id: 2, bytes: 100 },
+                Op::Free { id: 1 },
+                Op::Free { id: 2 }
+            ]
+        );
         for (name, text, needle) in [
             ("op", "alloc,1,1\nresize,1,1\n", "line 2: unknown operation"),
             ("size", "alloc,12x,1\n", "line 1: the size \"12x\""),
@@ -390,13 +405,18 @@ mod tests {
             samples: 1,
         };
         let mut rows = Vec::new();
-        pool_rows(&manager, DeviceId::CPU, &[random(1, 200), training(2)], &sampling, &mut |row| rows.push(row));
+        pool_rows(&manager, DeviceId::CPU, &[random(1, 200), training(2)], &sampling, &mut |row| {
+            rows.push(row)
+        });
         assert_eq!(rows.len(), 4);
         for row in rows {
             let pool = row.pool.as_ref().unwrap_or_else(|| panic!("{row:?}"));
             assert!((0.0..=1.0).contains(&pool.hit_rate) && pool.hit_rate > 0.0, "{pool:?}");
             assert!(pool.overhead >= 1.0 && pool.overhead.is_finite(), "{pool:?}");
-            assert!(row.baselines.len() >= 2 && row.baselines.iter().all(|b| b.speedup.is_finite() && b.speedup > 0.0));
+            assert!(
+                row.baselines.len() >= 2
+                    && row.baselines.iter().all(|b| b.speedup.is_finite() && b.speedup > 0.0)
+            );
         }
     }
 }

@@ -72,7 +72,12 @@ fn measure(
 }
 
 /// A buffer of `bytes` bytes on `device`, written once.
-fn filled(manager: &MemoryManager, device: DeviceId, bytes: usize, mode: AllocationMode) -> unimem::Result<Buffer<u8>> {
+fn filled(
+    manager: &MemoryManager,
+    device: DeviceId,
+    bytes: usize,
+    mode: AllocationMode,
+) -> unimem::Result<Buffer<u8>> {
     let mut buffer = manager.allocate_on::<u8>(device, bytes, mode)?;
     buffer.fill(0x5a)?;
     Ok(buffer)
@@ -91,7 +96,6 @@ impl<'a> RawOwned<'a> {
         raw.first_write(block)?;
         Ok(owned)
     }
-
 }
 
 impl Drop for RawOwned<'_> {
@@ -113,7 +117,14 @@ pub fn rows(
         let bytes = bytes as usize;
         step(&format!("transfers of {}", super::fmt_bytes(bytes as u64)));
         if let Err(e) = rows_of_size(manager, device, sampling, bytes, emit) {
-            emit(Row::skipped(Table::Transfer, device.id, "every path", bytes as u64, format!("{e:#}"), None));
+            emit(Row::skipped(
+                Table::Transfer,
+                device.id,
+                "every path",
+                bytes as u64,
+                format!("{e:#}"),
+                None,
+            ));
         }
     }
 }
@@ -261,7 +272,14 @@ fn rows_of_size(
                     Some(("memcpy (one thread)", &mut memcpy)),
                 ));
             }
-            Err(e) => emit(Row::skipped(Table::Transfer, id, "host → unified (zero-copy)", bytes as u64, e.to_string(), None)),
+            Err(e) => emit(Row::skipped(
+                Table::Transfer,
+                id,
+                "host → unified (zero-copy)",
+                bytes as u64,
+                e.to_string(),
+                None,
+            )),
         }
     }
 
@@ -273,7 +291,8 @@ fn rows_of_size(
         let op = format!("device → {} (peer)", other.id);
         let mut theirs = filled(manager, other.id, bytes, AllocationMode::Pooled)?;
         let other_raws = raw::for_device(manager, other.id)?;
-        let other_raw = other_raws.first().map(|r| r.as_ref()).ok_or_else(|| anyhow::anyhow!("no raw allocator"))?;
+        let other_raw =
+            other_raws.first().map(|r| r.as_ref()).ok_or_else(|| anyhow::anyhow!("no raw allocator"))?;
         let raw_theirs = RawOwned::new(other_raw, bytes)?;
         let mut copy = || other_raw.copy(raw_a.block, raw_theirs.block, bytes);
         emit(measure(
