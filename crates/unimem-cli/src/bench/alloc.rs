@@ -67,6 +67,7 @@ fn raw_fresh(
     count: usize,
 ) -> anyhow::Result<Figure> {
     sampling.per_run(|| {
+        raw.release_cached();
         let mut held = Vec::with_capacity(count);
         let start = Instant::now();
         let outcome = (0..count).try_for_each(|_| {

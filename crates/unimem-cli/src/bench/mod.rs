@@ -108,7 +108,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         output::check_dir(dir)?;
     }
     let mut traces = Vec::new();
-    let (random_ops, steps) = if args.quick { (300, 4) } else { (3000, 20) };
+    let (random_ops, steps) = if args.quick { (300, 4) } else { (1000, 20) };
     traces.push(traces::random(args.seed, random_ops));
     traces.push(traces::training(steps));
     for path in &args.trace {

@@ -50,7 +50,9 @@ fn series_of<'a>(
     rows: impl Iterator<Item = (String, &'a Row)>,
     y: impl Fn(&super::measure::Figure, u64) -> f64,
 ) -> Vec<Series> {
-    let mut by_name: BTreeMap<(String, bool), (usize, Vec<(f64, f64)>)> = BTreeMap::new();
+    // (series name, is a baseline) -> (colour, points)
+    type Points = (usize, Vec<(f64, f64)>);
+    let mut by_name: BTreeMap<(String, bool), Points> = BTreeMap::new();
     let mut colours: BTreeMap<String, usize> = BTreeMap::new();
     for (device, row) in rows {
         let Some(unimem) = row.unimem else { continue };

@@ -28,6 +28,9 @@ pub trait RawAllocator {
     fn first_write(&self, block: RawBlock) -> anyhow::Result<()>;
     /// Frees `block`, which came from `allocate` of this allocator and is freed once.
     fn free(&self, block: RawBlock);
+    /// Gives memory cached after frees back to the system, so that the next allocations
+    /// are fresh (as unimem's pool is trimmed before a "fresh allocation" sample).
+    fn release_cached(&self) {}
     /// The driver calls of `write`, `read` and `copy`, as the tables name them.
     fn copy_calls(&self) -> [&'static str; 3] {
         ["write", "read", "copy"]
@@ -122,6 +125,14 @@ impl RawAllocator for Malloc {
         // SAFETY: the pointer came from malloc and is freed once.
         unsafe { libc::free(block.handle as *mut libc::c_void) };
     }
+
+    fn release_cached(&self) {
+        #[cfg(target_env = "gnu")]
+        // SAFETY: malloc_trim only returns free memory to the system.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
 }
 
 /// mimalloc, called as an allocator (not installed as the global one).
@@ -154,6 +165,11 @@ impl RawAllocator for Mimalloc {
         let layout = Layout::from_size_align(block.bytes.max(1), HOST_ALIGN).expect("allocated with it");
         // SAFETY: allocated by MiMalloc with this layout, freed once.
         unsafe { mimalloc::MiMalloc.dealloc(block.handle as *mut u8, layout) };
+    }
+
+    fn release_cached(&self) {
+        // SAFETY: mi_collect only returns free memory to the system.
+        unsafe { libmimalloc_sys::mi_collect(true) };
     }
 }
 
