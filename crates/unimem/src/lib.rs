@@ -32,6 +32,7 @@ mod backend;
 mod buffer;
 mod device;
 mod error;
+mod handoff;
 mod host_lines;
 mod manager;
 pub mod object_pool;
@@ -39,6 +40,8 @@ mod options;
 pub mod peer;
 mod pool;
 mod stats;
+mod sync;
+mod thread_slots;
 pub mod transfer;
 
 pub use backend::BackendError;

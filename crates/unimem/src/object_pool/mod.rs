@@ -13,7 +13,6 @@
 
 mod guard;
 mod shared;
-mod thread_slots;
 
 use std::cell::UnsafeCell;
 use std::convert::Infallible;
@@ -26,9 +25,9 @@ use crossbeam_utils::CachePadded;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::thread_slots::ThreadSlots;
 pub use guard::{Pooled, PooledOwned};
 use shared::Shared;
-use thread_slots::ThreadSlots;
 
 /// The primitives `shared.rs` is written against; its loom test swaps in loom's.
 mod sync {

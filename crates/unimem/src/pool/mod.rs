@@ -1,25 +1,40 @@
 //! The size-class pool of one (device, memory kind).
 //!
 //! Memory is handed out in [`Block`]s: one backend allocation, rounded up to its size class.
-//! A block that comes back goes first to the returning thread's shard (see [`shard`]), then
+//! A block that comes back goes first to the returning thread's cache (see [`cache`]), then
 //! to a shared per-class store, and is freed only when both are full or the pool is bounded
 //! out. The bounds (`max_pool_bytes_per_class`, `max_pool_bytes`) are kept exactly with
-//! *credit*: before a shard or the shared store may keep a block it claims the block's size
-//! from atomic budgets, and it gives the credit back when trimmed. Shards keep their credit
+//! *credit*: before a cache or the shared store may keep a block it claims the block's size
+//! from atomic budgets, and it gives the credit back when trimmed. Caches keep their credit
 //! while they hand blocks out, so a steady allocate/free loop touches no shared atomic.
+//!
+//! An allocation that misses its own cache looks in the shared store, then in other threads'
+//! caches (taking their idle blocks of the class under the [`handoff`](crate::handoff)
+//! protocol), and only then asks the backend. Reuse across threads, the shape of a pipeline
+//! where one thread allocates and another drops, is kept cheap by *demand*: each allocation
+//! served from outside its own cache asks, through a per-class counter, for one returned
+//! block to go to the shared store instead of the returning thread's cache. A thread that
+//! exits hands its cache to the shared store.
 
+pub(crate) mod cache;
 mod reaper;
-pub(crate) mod shard;
 pub(crate) mod size_class;
 
 use crate::backend::{Backend, BackendError, Fence, Queue, RawAllocation};
 use crate::device::{DeviceId, MemoryKind};
 use crate::error::OutOfMemoryCause;
+use crate::handoff::{Handoff, StealLock};
 use crate::stats::{ClassOccupancy, PoolStatistics};
-use shard::{ShardLock, thread_slot};
+use crate::thread_slots::{ThreadExit, ThreadSlots, on_thread_exit};
+use cache::{Body, Cache, CacheClass};
+use crossbeam_utils::CachePadded;
 use size_class::SizeClasses;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+/// Most returns one class's demand can ask for at once: allocations served from outside
+/// their own cache beyond this ask for nothing more until returns have paid the demand down.
+const MAX_DEMAND: u32 = 2 * cache::SLOTS as u32;
 
 /// Where a block's memory came from, and so how it is freed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,12 +174,17 @@ pub(crate) struct DevicePool {
     backend: Arc<dyn Backend>,
     classes: SizeClasses,
     limits: PoolLimits,
-    shards: Box<[ShardLock]>,
-    /// Per class: blocks that did not fit in a shard. Boxed: a block moves between a buffer
+    /// Per thread: its cache.
+    caches: ThreadSlots<CachePadded<Cache>>,
+    /// Serialises threads taking blocks out of other threads' caches.
+    steal_lock: StealLock,
+    /// Per class: returns wanted in the shared store (see the module documentation).
+    demand: Box<[AtomicU32]>,
+    /// Per class: blocks that did not fit in a cache. Boxed: a block moves between a buffer
     /// and the pool without being copied or reallocated.
     #[allow(clippy::vec_box, reason = "blocks move in and out of buffers as boxes")]
     shared: Box<[Mutex<Vec<Box<Block>>>]>,
-    /// Per class: bytes of budget claimed by shards' credit and by the shared store.
+    /// Per class: bytes of budget claimed by caches' credit and by the shared store.
     class_budget: Box<[AtomicU64]>,
     total_budget: AtomicU64,
     /// Set when the manager is gone: returned blocks are freed, not stored.
@@ -204,12 +224,15 @@ impl DevicePool {
         let classes = SizeClasses::new(divisions);
         let n = classes.count();
         let fenced = backend.work_queue().is_some();
+        crate::sync::init_asymmetric_fence();
         DevicePool {
             manager_id,
             device,
             kind,
             backend,
-            shards: shard::new_shards(n),
+            caches: ThreadSlots::new(),
+            steal_lock: StealLock::default(),
+            demand: (0..n).map(|_| AtomicU32::new(0)).collect(),
             shared: (0..n).map(|_| Mutex::new(Vec::new())).collect(),
             class_budget: (0..n).map(|_| AtomicU64::new(0)).collect(),
             total_budget: AtomicU64::new(0),
@@ -229,29 +252,25 @@ impl DevicePool {
         &self.engine
     }
 
-    #[inline]
-    fn shard(&self) -> &ShardLock {
-        let shards = &self.shards;
-        &shards[thread_slot() & (shards.len() - 1)]
+    /// The calling thread's cache, if it has made one.
+    #[inline(always)]
+    fn my_cache(&self) -> Option<&Body> {
+        self.caches.current().and_then(|cache| cache.body())
     }
 
     /// A block of at least `bytes`, pooled if `pooled` and the size has a class.
     ///
-    /// The hit path (this thread's shard has a block of the class) is inlined into the
+    /// The hit path (this thread's cache has a block of the class) is inlined into the
     /// caller; everything else is out of line.
     #[inline]
     pub(crate) fn acquire(self: &Arc<Self>, bytes: usize, pooled: bool) -> Result<Box<Block>, AcquireError> {
         let class = if pooled && self.limits.pooling { self.classes.class_of(bytes) } else { None };
         if let Some(class) = class
-            && let Some(mut shard) = self.shard().try_lock()
-            && let Some(block) = shard.classes.get_mut(class).and_then(|c| c.pop())
+            && let Some(body) = self.my_cache()
+            // SAFETY: `my_cache` is the calling thread's own cache (`ThreadSlots::current`
+            // gives each live thread its own slot), and `pop` does not re-enter the pool.
+            && let Some(Some(block)) = unsafe { body.stacks.owner(|stacks| body.pop(stacks, class, bytes)) }
         {
-            let c = &mut shard.counters;
-            c.hits += 1;
-            c.live += 1;
-            c.live_bytes += to_i64(block.capacity());
-            c.requested += to_i64(bytes);
-            drop(shard);
             return if block.fence.is_none() { Ok(block) } else { self.ready(block, bytes) };
         }
         self.acquire_slow(bytes, class)
@@ -271,11 +290,34 @@ impl DevicePool {
             return Ok(block);
         };
         let cap = self.classes.size_of(class);
-        let shared = self.shared.get(class).and_then(|s| lock(s).pop());
-        if let Some(block) = shared {
+        self.init_cache();
+        if let Some(body) = self.my_cache() {
+            // This cache has no block of the class: its spare credit goes back, so that a
+            // thread that only allocates does not sit on room that returns elsewhere need.
+            // SAFETY: as in `acquire`.
+            let spare = unsafe {
+                body.stacks.owner(|stacks| {
+                    stacks.get_mut(class).map_or(0, |slot| {
+                        let spare = slot.take_spare_credit();
+                        body.publish(class, slot);
+                        spare
+                    })
+                })
+            };
+            self.release_budget(class, u64::from(spare.unwrap_or(0)));
+        }
+        let found = match self.shared.get(class).and_then(|s| lock(s).pop()) {
+            Some(block) => Some(block),
+            None => self.steal(class),
+        };
+        if let Some(block) = found {
             self.release_budget(class, 1);
             self.count_live(1, cap, bytes);
             self.counters.hits.fetch_add(1, Relaxed);
+            // Served from outside this thread's cache: ask for a return to the shared store.
+            if let Some(demand) = self.demand.get(class) {
+                let _ = demand.fetch_update(Relaxed, Relaxed, |d| (d < MAX_DEMAND).then_some(d + 1));
+            }
             return self.ready(block, bytes);
         }
         // Classes are at most 1 GiB, so `class` fits in u32.
@@ -476,38 +518,58 @@ impl DevicePool {
             pool.count_live(-1, block.capacity(), requested);
             return Some(block);
         };
-        let mut block = block;
-        if let Some(mut shard) = pool.shard().try_lock() {
-            // `closed` is read under the shard lock: `close` sets it before it drains each
-            // shard under the same lock, so a block stored here is either drained by `close`
-            // or not stored at all.
-            if !pool.closed.load(Relaxed) {
-                let shard = &mut *shard;
-                if let Some(slot) = shard.classes.get_mut(class) {
-                    let cap = block.capacity();
-                    if slot.len() == usize::from(slot.credit) {
-                        pool.grow_credit(slot, class);
-                    }
-                    match slot.push_credited(block) {
-                        Ok(()) => {
-                            let c = &mut shard.counters;
-                            c.live -= 1;
-                            c.live_bytes -= to_i64(cap);
-                            c.requested -= to_i64(requested);
-                            return None; // The unlock that follows is the last use of `pool`.
-                        }
-                        Err(b) => block = b,
-                    }
-                }
-            }
+        let mut block = Some(block);
+        // No demand for returns in the shared store: this thread's cache keeps it.
+        if pool.demand.get(class).is_some_and(|demand| demand.load(Relaxed) == 0)
+            && let Some(body) = pool.my_cache()
+            // SAFETY: as in `acquire`; `keep` does not re-enter the pool's caches.
+            && let Some(true) = unsafe { body.stacks.owner(|stacks| pool.keep(body, stacks, class, &mut block, requested)) }
+        {
+            // The cache's release of its owner flag was the last use of `pool`: from then
+            // on a stealer may take the block and drop the pool with it.
+            return None;
         }
-        pool.store_shared(block, class, requested)
+        pool.store_shared(block?, class, requested)
     }
 
-    /// Claims one more block of credit for a shard's class, if the bounds allow.
+    /// The owner's side of [`store`](Self::store): keeps `block` in `stacks` (this thread's
+    /// cache) if the pool is open and the bounds allow. Returns whether it did.
+    #[inline(always)]
+    fn keep(
+        &self,
+        body: &Body,
+        stacks: &mut [CacheClass],
+        class: usize,
+        block: &mut Option<Box<Block>>,
+        requested: usize,
+    ) -> bool {
+        // `closed` is read inside the owner's side of the handoff: `close` sets it before it
+        // claims every cache to drain it, so a block kept here is either drained by `close`
+        // or not kept at all (the handoff orders the two; see `handoff`).
+        if self.closed.load(Relaxed) {
+            return false;
+        }
+        let (Some(slot), Some(taken)) = (stacks.get_mut(class), block.take()) else { return false };
+        if slot.len() == slot.credit {
+            self.grow_credit(slot, class);
+        }
+        let cap = taken.capacity();
+        match slot.push_credited(taken) {
+            Ok(()) => {
+                body.pushed(class, slot, cap, requested);
+                true
+            }
+            Err(taken) => {
+                *block = Some(taken);
+                false
+            }
+        }
+    }
+
+    /// Claims one more block of credit for a cache's class, if the bounds allow.
     #[cold]
     #[inline(never)]
-    fn grow_credit(&self, slot: &mut shard::ShardClass, class: usize) {
+    fn grow_credit(&self, slot: &mut CacheClass, class: usize) {
         if slot.can_grow() && self.claim_budget(class, 1) {
             slot.credit += 1;
         }
@@ -521,17 +583,105 @@ impl DevicePool {
         let Some(shared) = self.shared.get(class) else {
             return Some(block);
         };
+        if let Some(demand) = self.demand.get(class) {
+            let _ = demand.fetch_update(Relaxed, Relaxed, |d| d.checked_sub(1));
+        }
+        let mut claimed = self.claim_budget(class, 1);
+        if !claimed && self.reclaim_spare_credit(class) {
+            claimed = self.claim_budget(class, 1);
+        }
         let mut shared = lock(shared);
-        if self.closed.load(Relaxed) {
+        if !claimed || self.closed.load(Relaxed) {
+            drop(shared);
+            if claimed {
+                self.release_budget(class, 1);
+            } else {
+                self.counters.overflows.fetch_add(1, Relaxed);
+            }
             return Some(block);
         }
-        if self.claim_budget(class, 1) {
-            shared.push(block);
-            return None; // The unlock that follows is the last use of the pool.
+        shared.push(block);
+        None // The unlock that follows is the last use of the pool.
+    }
+
+    /// Makes this thread's cache if it has none yet, and asks to hear when the thread exits.
+    fn init_cache(self: &Arc<Self>) {
+        let Some(cache) = self.caches.current() else { return };
+        if cache.body().is_none() && cache.body_or_init(self.classes.count()).1 {
+            let weak: std::sync::Weak<DevicePool> = Arc::downgrade(self);
+            on_thread_exit(weak);
         }
-        drop(shared);
-        self.counters.overflows.fetch_add(1, Relaxed);
-        Some(block)
+    }
+
+    /// The caches other than the calling thread's that `wanted` picks, with their bodies.
+    fn other_caches(&self, wanted: impl Fn(&Body) -> bool) -> (Vec<&Handoff<Box<[CacheClass]>>>, Vec<&Body>) {
+        let mine = self.my_cache().map(std::ptr::from_ref::<Body>);
+        self.all_caches(|body| Some(std::ptr::from_ref::<Body>(body)) != mine && wanted(body))
+    }
+
+    /// Every thread's cache that `wanted` picks, with their bodies.
+    fn all_caches(&self, wanted: impl Fn(&Body) -> bool) -> (Vec<&Handoff<Box<[CacheClass]>>>, Vec<&Body>) {
+        self.caches
+            .iter()
+            .filter_map(|cache| cache.body())
+            .filter(|body| wanted(body))
+            .map(|body| (&body.stacks, body))
+            .unzip()
+    }
+
+    /// Takes the idle blocks of `class` from other threads' caches: one for the caller, the
+    /// rest to the shared store, with the credit that paid for them (so the budget does not
+    /// change). Their spare credit for the class is given back too.
+    #[cold]
+    fn steal(&self, class: usize) -> Option<Box<Block>> {
+        let (cells, bodies) = self.other_caches(|body| body.held(class) > 0);
+        let mut taken = Vec::new();
+        self.steal_lock.steal(&cells, |n, stacks| {
+            if let Some(slot) = stacks.get_mut(class) {
+                slot.take_all(&mut taken);
+                self.release_budget(class, u64::from(slot.take_spare_credit()));
+                bodies[n].publish(class, slot);
+            }
+        });
+        let first = taken.pop()?;
+        self.keep_shared(class, taken);
+        Some(first)
+    }
+
+    /// Gives back the spare credit of `class` in other threads' caches (credit that no held
+    /// block uses); returns whether there was any.
+    #[cold]
+    fn reclaim_spare_credit(&self, class: usize) -> bool {
+        let (cells, bodies) = self.other_caches(|body| body.has_spare_credit(class));
+        let mut spare = 0;
+        self.steal_lock.steal(&cells, |n, stacks| {
+            if let Some(slot) = stacks.get_mut(class) {
+                spare += u64::from(slot.take_spare_credit());
+                bodies[n].publish(class, slot);
+            }
+        });
+        self.release_budget(class, spare);
+        spare > 0
+    }
+
+    /// Puts `blocks` of `class`, already paid for by budget, into the shared store (or frees
+    /// them, giving the budget back, if the pool is closed).
+    #[allow(clippy::vec_box, reason = "blocks move in and out of buffers as boxes")]
+    fn keep_shared(&self, class: usize, mut blocks: Vec<Box<Block>>) {
+        if blocks.is_empty() {
+            return;
+        }
+        if let Some(shared) = self.shared.get(class) {
+            let mut shared = lock(shared);
+            if !self.closed.load(Relaxed) {
+                shared.append(&mut blocks);
+                return;
+            }
+        }
+        self.release_budget(class, to_u64(blocks.len()));
+        for block in blocks {
+            block.retire();
+        }
     }
 
     /// The out-of-memory error for `bytes` of host memory that a buffer of this pool needed
@@ -607,19 +757,24 @@ impl DevicePool {
     #[allow(clippy::vec_box, reason = "blocks move in and out of buffers as boxes")]
     fn take_class(&self, class: usize, take: u64, freed: &mut Vec<Box<Block>>) -> u64 {
         let mut left = take;
-        for shard in self.shards.iter() {
-            let mut shard = shard.lock();
-            let Some(slot) = shard.classes.get_mut(class) else { break };
+        // Every cache once the pool is closed (see `keep`); otherwise those that hold blocks
+        // of the class or credit for it.
+        let closed = self.closed.load(Relaxed);
+        let (cells, bodies) =
+            self.all_caches(|body| closed || body.held(class) > 0 || body.has_spare_credit(class));
+        self.steal_lock.steal(&cells, |n, stacks| {
+            let Some(slot) = stacks.get_mut(class) else { return };
             while left > 0 {
                 let Some(block) = slot.pop() else { break };
+                slot.credit -= 1;
+                self.release_budget(class, 1);
                 freed.push(block);
                 left -= 1;
             }
             // Give back the credit that no pooled block uses any more.
-            let unused = slot.credit.saturating_sub(slot.len() as u8);
-            slot.credit -= unused;
-            self.release_budget(class, u64::from(unused));
-        }
+            self.release_budget(class, u64::from(slot.take_spare_credit()));
+            bodies[n].publish(class, slot);
+        });
         if let Some(shared) = self.shared.get(class) {
             let mut shared = lock(shared);
             while left > 0 {
@@ -689,10 +844,9 @@ impl DevicePool {
     /// Occupied classes, with their indices.
     fn occupancy(&self) -> Vec<(usize, ClassOccupancy)> {
         let mut buffers = vec![0u64; self.classes.count()];
-        for shard in self.shards.iter() {
-            let shard = shard.lock();
-            for (n, slot) in buffers.iter_mut().zip(shard.classes.iter()) {
-                *n += to_u64(slot.len());
+        for body in self.caches.iter().filter_map(|cache| cache.body()) {
+            for (class, n) in buffers.iter_mut().enumerate() {
+                *n += body.held(class);
             }
         }
         for (n, shared) in buffers.iter_mut().zip(self.shared.iter()) {
@@ -711,18 +865,18 @@ impl DevicePool {
     pub(crate) fn statistics(&self) -> PoolStatistics {
         self.free_completed();
         let c = &self.counters;
-        let mut sum = shard::ShardCounters {
+        let mut sum = Sums {
             hits: c.hits.load(Relaxed),
             live: c.live.load(Relaxed),
             live_bytes: c.live_bytes.load(Relaxed),
             requested: c.requested.load(Relaxed),
         };
-        for shard in self.shards.iter() {
-            let s = shard.lock().counters;
-            sum.hits = sum.hits.saturating_add(s.hits);
-            sum.live = sum.live.saturating_add(s.live);
-            sum.live_bytes = sum.live_bytes.saturating_add(s.live_bytes);
-            sum.requested = sum.requested.saturating_add(s.requested);
+        for body in self.caches.iter().filter_map(|cache| cache.body()) {
+            let s = &body.counters;
+            sum.hits = sum.hits.wrapping_add(s.hits.load(Relaxed));
+            sum.live = sum.live.wrapping_add(s.live.load(Relaxed));
+            sum.live_bytes = sum.live_bytes.wrapping_add(s.live_bytes.load(Relaxed));
+            sum.requested = sum.requested.wrapping_add(s.requested.load(Relaxed));
         }
         let classes: Vec<ClassOccupancy> = self.occupancy().into_iter().map(|(_, o)| o).collect();
         let nonneg = |v: i64| u64::try_from(v).unwrap_or(0);
@@ -747,6 +901,54 @@ impl DevicePool {
             syncs_to_host: c.syncs_to_host.load(Relaxed),
             syncs_to_device: c.syncs_to_device.load(Relaxed),
             classes,
+        }
+    }
+}
+
+/// The pool's counters summed with its caches'.
+struct Sums {
+    hits: u64,
+    live: i64,
+    live_bytes: i64,
+    requested: i64,
+}
+
+impl ThreadExit for DevicePool {
+    /// Hands the exiting thread's cache to the shared store, with the credit that paid for
+    /// its blocks, and gives back its spare credit.
+    fn thread_exited(&self, index: usize) {
+        let Some(body) = self.caches.get(index).and_then(|cache| cache.body()) else { return };
+        let mut blocks = Vec::new();
+        let mut spare = Vec::new();
+        let take = |stacks: &mut Box<[CacheClass]>| {
+            for (class, slot) in stacks.iter_mut().enumerate() {
+                let mut taken = Vec::new();
+                slot.take_all(&mut taken);
+                spare.push((class, slot.take_spare_credit()));
+                body.publish(class, slot);
+                if !taken.is_empty() {
+                    blocks.push((class, taken));
+                }
+            }
+        };
+        let mut take = Some(take);
+        let mut round = 0;
+        // This thread is the cache's owner until its index is freed, after this returns; a
+        // stealer that has the cache now is done within a few instructions.
+        loop {
+            // SAFETY: called on the exiting thread, the cache's owner (see `ThreadExit`), and
+            // the closure does not re-enter the pool's caches.
+            let done = unsafe { body.stacks.owner(|stacks| take.take().map(|mut take| take(stacks))) };
+            if done.is_some() {
+                break;
+            }
+            crate::sync::spin_wait(&mut round);
+        }
+        for (class, units) in spare {
+            self.release_budget(class, u64::from(units));
+        }
+        for (class, taken) in blocks {
+            self.keep_shared(class, taken);
         }
     }
 }

@@ -1,4 +1,5 @@
-//! One slot per thread inside one object: the per-thread buckets of an `ObjectPool`.
+//! One slot per thread inside one object: the per-thread caches of the size-class pools and
+//! the per-thread buckets of an `ObjectPool`.
 //!
 //! Every live thread holds a small index, recycled when the thread exits (a free list
 //! behind a mutex, touched once per thread lifetime). A `ThreadSlots<S>` keeps its slots in
@@ -11,11 +12,22 @@
 //! panics. An object-pool guard may well be dropped from a thread-local destructor, and a
 //! guard's `Drop` must not panic. Here [`ThreadSlots::current`] returns `None` instead, and
 //! the pool takes its shared path.
+//!
+//! A pool can ask to hear when a thread that used it exits ([`on_thread_exit`]): the thread
+//! then hands its cache back before its index is freed for another thread.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::sync::Mutex;
 use std::sync::PoisonError;
+use std::sync::Weak;
 use std::sync::atomic::{AtomicPtr, Ordering};
+
+/// Something that keeps per-thread state and wants it back when a thread exits.
+pub(crate) trait ThreadExit: Send + Sync {
+    /// The thread whose index is `index` is exiting; runs on that thread, from a
+    /// thread-local destructor, before the index can go to another thread.
+    fn thread_exited(&self, index: usize);
+}
 
 /// Bucket `b` holds `2^b` slots; this many buckets cover every `usize` index.
 const BUCKETS: usize = usize::BITS as usize;
@@ -57,12 +69,20 @@ impl IndexAllocator {
 struct ThreadIndex {
     index: Cell<usize>,
     place: Cell<Place>,
+    /// Who to tell when this thread exits.
+    on_exit: RefCell<Vec<Weak<dyn ThreadExit>>>,
 }
 
 impl Drop for ThreadIndex {
     fn drop(&mut self) {
         let index = self.index.get();
         if index != UNASSIGNED {
+            // Before the index is freed: until then no other thread can own its slots.
+            for hook in self.on_exit.take() {
+                if let Some(hook) = hook.upgrade() {
+                    hook.thread_exited(index);
+                }
+            }
             // A poisoned lock still holds a consistent free list: every critical section
             // is a single push or pop.
             FREE_INDICES.lock().unwrap_or_else(PoisonError::into_inner).free.push(index);
@@ -71,8 +91,23 @@ impl Drop for ThreadIndex {
 }
 
 thread_local! {
-    static THREAD_INDEX: ThreadIndex =
-        const { ThreadIndex { index: Cell::new(UNASSIGNED), place: Cell::new(NO_PLACE) } };
+    static THREAD_INDEX: ThreadIndex = const {
+        ThreadIndex { index: Cell::new(UNASSIGNED), place: Cell::new(NO_PLACE), on_exit: RefCell::new(Vec::new()) }
+    };
+}
+
+/// Calls `hook.thread_exited(index)` when the calling thread exits (unless the hook is gone
+/// by then). Does nothing on a thread whose thread-locals are being destroyed.
+pub(crate) fn on_thread_exit(hook: Weak<dyn ThreadExit>) {
+    let _ = THREAD_INDEX.try_with(|slot| {
+        let Ok(mut hooks) = slot.on_exit.try_borrow_mut() else { return };
+        // Hooks of pools that are gone are dropped as the list doubles: the list stays
+        // proportional to the pools alive, however many come and go on a long-lived thread.
+        if hooks.len() >= 8 && hooks.len().is_power_of_two() {
+            hooks.retain(|hook| hook.strong_count() > 0);
+        }
+        hooks.push(hook);
+    });
 }
 
 /// Where the calling thread's slot lives, or `None` while its thread-locals are being
@@ -168,6 +203,14 @@ impl<S: Default> ThreadSlots<S> {
 }
 
 impl<S> ThreadSlots<S> {
+    /// The slot of thread index `index`, if its bucket exists.
+    pub(crate) fn get(&self, index: usize) -> Option<&S> {
+        let (bucket, offset) = locate(index);
+        let base = self.buckets.get(bucket)?.load(Ordering::Acquire);
+        // SAFETY: as in `current`.
+        (!base.is_null()).then(|| unsafe { &*base.add(offset) })
+    }
+
     /// Every slot created so far, from any thread.
     pub(crate) fn iter(&self) -> impl Iterator<Item = &S> {
         self.buckets.iter().enumerate().flat_map(|(bucket, pointer)| {

@@ -1,0 +1,194 @@
+//! Per-thread caches: the pool's hit path.
+//!
+//! Each thread that allocates from a pool gets its own cache there (a slot of
+//! [`ThreadSlots`](crate::thread_slots::ThreadSlots)): per size class, a short LIFO stack of
+//! blocks, and the counters of the operations done through it. The owner reaches its cache
+//! through a [`Handoff`]: no lock and no atomic read-modify-write on a hit or a return.
+//! Other threads take blocks out of it under the handoff's stealer protocol (a miss that
+//! finds the class idle here, `trim`, a pool being closed), and the thread gives everything
+//! back to the pool's shared store when it exits.
+
+use super::Block;
+use crate::handoff::Handoff;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicI64, AtomicU16, AtomicU64, Ordering::Relaxed};
+
+/// Blocks one cache keeps per size class.
+pub(crate) const SLOTS: usize = 4;
+
+/// One size class inside a cache.
+#[derive(Default)]
+pub(crate) struct CacheClass {
+    /// Blocks held, the newest last; `slots[..len]` are `Some`.
+    slots: [Option<Box<Block>>; SLOTS],
+    len: u8,
+    /// Blocks' worth of the pool's budget this cache has claimed for the class; `len <= credit`.
+    pub(crate) credit: u8,
+}
+
+impl CacheClass {
+    #[inline]
+    pub(crate) fn pop(&mut self) -> Option<Box<Block>> {
+        let len = usize::from(self.len).checked_sub(1)?;
+        let block = self.slots.get_mut(len)?.take()?;
+        self.len -= 1;
+        Some(block)
+    }
+
+    /// Pushes `block` if a slot is free and already paid for by credit; gives it back
+    /// otherwise.
+    #[inline]
+    pub(crate) fn push_credited(&mut self, block: Box<Block>) -> Result<(), Box<Block>> {
+        if self.len >= self.credit {
+            return Err(block);
+        }
+        match self.slots.get_mut(usize::from(self.len)) {
+            Some(slot) => {
+                *slot = Some(block);
+                self.len += 1;
+                Ok(())
+            }
+            None => Err(block),
+        }
+    }
+
+    /// Whether one more block of credit may be claimed.
+    pub(crate) fn can_grow(&self) -> bool {
+        usize::from(self.credit) < SLOTS
+    }
+
+    pub(crate) fn len(&self) -> u8 {
+        self.len
+    }
+
+    /// Gives up the credit not used by a held block; returns how many blocks' worth.
+    pub(crate) fn take_spare_credit(&mut self) -> u8 {
+        let spare = self.credit - self.len;
+        self.credit = self.len;
+        spare
+    }
+
+    /// Takes every block, with the credit that paid for it.
+    #[allow(clippy::vec_box, reason = "blocks move in and out of buffers as boxes")]
+    pub(crate) fn take_all(&mut self, into: &mut Vec<Box<Block>>) {
+        while let Some(block) = self.pop() {
+            self.credit -= 1;
+            into.push(block);
+        }
+    }
+}
+
+/// Counters of the operations done through one cache, written by its owner only (a load and
+/// a store: no read-modify-write) and read by anyone. Buffers may be rented through one
+/// cache and returned through another, so the signed ones are only meaningful summed.
+#[derive(Default)]
+pub(crate) struct CacheCounters {
+    pub hits: AtomicU64,
+    pub live: AtomicI64,
+    pub live_bytes: AtomicI64,
+    pub requested: AtomicI64,
+}
+
+impl CacheCounters {
+    /// Counts a buffer handed out (`sign = 1`) or returned (`sign = -1`) through the cache.
+    /// Only the owner calls it.
+    #[inline(always)]
+    fn count(&self, sign: i64, cap: usize, requested: usize) {
+        let add = |counter: &AtomicI64, n: i64| counter.store(counter.load(Relaxed).wrapping_add(n), Relaxed);
+        add(&self.live, sign);
+        add(&self.live_bytes, sign.wrapping_mul(cap as i64));
+        add(&self.requested, sign.wrapping_mul(requested as i64));
+    }
+}
+
+/// A cache's contents, made by its owner's first allocation.
+pub(crate) struct Body {
+    pub(crate) stacks: Handoff<Box<[CacheClass]>>,
+    /// Per class, as in `stacks`: blocks held (low byte) and credit (high byte). Written by
+    /// whoever holds the stacks (owner or stealer), read by anyone: statistics, and
+    /// stealers choosing whom to take blocks or spare credit from.
+    pub(crate) lens: Box<[AtomicU16]>,
+    pub(crate) counters: CacheCounters,
+}
+
+impl Body {
+    fn new(classes: usize) -> Self {
+        Body {
+            stacks: Handoff::new((0..classes).map(|_| CacheClass::default()).collect()),
+            lens: (0..classes).map(|_| AtomicU16::new(0)).collect(),
+            counters: CacheCounters::default(),
+        }
+    }
+
+    /// Pops a block of `class` for a caller that asked for `requested` bytes. Runs inside
+    /// the owner's side of the handoff, on `stacks`.
+    #[inline(always)]
+    pub(crate) fn pop(
+        &self,
+        stacks: &mut [CacheClass],
+        class: usize,
+        requested: usize,
+    ) -> Option<Box<Block>> {
+        let slot = stacks.get_mut(class)?;
+        let block = slot.pop()?;
+        self.publish(class, slot);
+        let c = &self.counters;
+        c.hits.store(c.hits.load(Relaxed) + 1, Relaxed);
+        c.count(1, block.capacity(), requested);
+        Some(block)
+    }
+
+    /// Counts a block pushed into `slot` (class `class`) by the owner, for a buffer of
+    /// `requested` bytes and capacity `cap`.
+    #[inline(always)]
+    pub(crate) fn pushed(&self, class: usize, slot: &CacheClass, cap: usize, requested: usize) {
+        self.publish(class, slot);
+        self.counters.count(-1, cap, requested);
+    }
+
+    /// Publishes the length and credit of `slot`; called by whoever holds the stacks.
+    #[inline(always)]
+    pub(crate) fn publish(&self, class: usize, slot: &CacheClass) {
+        if let Some(len) = self.lens.get(class) {
+            len.store(u16::from(slot.len) | u16::from(slot.credit) << 8, Relaxed);
+        }
+    }
+
+    /// Blocks of `class` held, as last published.
+    #[inline]
+    pub(crate) fn held(&self, class: usize) -> u64 {
+        self.lens.get(class).map_or(0, |len| u64::from(len.load(Relaxed) & 0xff))
+    }
+
+    /// Whether the cache, as last published, has credit for `class` beyond its blocks.
+    pub(crate) fn has_spare_credit(&self, class: usize) -> bool {
+        self.lens.get(class).is_some_and(|len| {
+            let len = len.load(Relaxed);
+            len >> 8 > len & 0xff
+        })
+    }
+}
+
+/// One thread's cache in one pool. Padded: neighbouring threads' caches share no line.
+#[derive(Default)]
+pub(crate) struct Cache {
+    body: OnceLock<Body>,
+}
+
+impl Cache {
+    /// The contents, if the owner has made them.
+    #[inline(always)]
+    pub(crate) fn body(&self) -> Option<&Body> {
+        self.body.get()
+    }
+
+    /// The contents, made now if needed (by the owner); `true` if they were just made.
+    pub(crate) fn body_or_init(&self, classes: usize) -> (&Body, bool) {
+        let mut made = false;
+        let body = self.body.get_or_init(|| {
+            made = true;
+            Body::new(classes)
+        });
+        (body, made)
+    }
+}
