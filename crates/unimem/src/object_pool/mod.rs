@@ -1,20 +1,25 @@
 //! [`ObjectPool<T>`]: reusable objects with a per-thread fast path.
 //!
 //! Each thread that uses a pool gets its own bucket (a LIFO stack), reached through a
-//! thread-local index: renting and returning on the same thread touch no atomic
-//! read-modify-write and no lock. Objects that do not fit in the returning thread's bucket
-//! go to a shared overflow store, where any thread's `rent` finds them; past the bounds
-//! they are dropped. The total bound is exact across threads: see `shared.rs`.
+//! thread-local index and the [`handoff`](crate::handoff) protocol: renting and returning on
+//! the same thread touch no atomic read-modify-write and no lock. Objects that do not fit in
+//! the returning thread's bucket go to a shared overflow store, where any thread's `rent`
+//! finds them; past the bounds they are dropped. The total bound is exact across threads:
+//! see `shared.rs`.
 //!
-//! Buckets belong to threads, so idle objects in a bucket stay there until that thread
-//! rents them, the thread's index is reused by a later thread, [`ObjectPool::clear`] runs,
-//! or the pool is dropped. A bucket that runs empty gives its unused share of the total
-//! bound back, so an idle thread holds at most [`CREDIT_BATCH`] unused units.
+//! A rent that finds its own bucket empty looks in the shared store, then takes the idle
+//! objects of other threads' buckets (with the share of the total bound that paid for them),
+//! and only then calls the factory: no object idles in one bucket while another thread's
+//! rent makes a new one. When rents are served from outside their own bucket (one thread
+//! rents, another returns, as in a pipeline), each asks through a *demand* counter for one
+//! return to go to the shared store instead of the returning thread's bucket, so that the
+//! objects flow to where they are rented without a steal each time. A bucket that runs empty
+//! gives its unused share of the total bound back, so an idle thread holds at most
+//! [`CREDIT_BATCH`] unused units.
 
 mod guard;
 mod shared;
 
-use std::cell::UnsafeCell;
 use std::convert::Infallible;
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
@@ -25,6 +30,7 @@ use crossbeam_utils::CachePadded;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::handoff::{Handoff, StealLock};
 use crate::thread_slots::ThreadSlots;
 pub use guard::{Pooled, PooledOwned};
 use shared::Shared;
@@ -75,6 +81,11 @@ pub struct ObjectPool<T> {
     /// Padded: neighbouring threads' buckets must not share a cache line.
     locals: ThreadSlots<CachePadded<Local<T>>>,
     shared: Shared<Slot<T>>,
+    /// Serialises rents taking objects out of other threads' buckets.
+    steal_lock: StealLock,
+    /// Returns wanted in the shared store (see the module documentation). Padded: rents
+    /// and returns on every thread read it.
+    demand: CachePadded<AtomicUsize>,
     /// Events of threads with no bucket (during thread-local teardown).
     counters: Counters,
     factory: Factory<T>,
@@ -109,6 +120,8 @@ impl<T> ObjectPool<T> {
         Self {
             locals: ThreadSlots::new(),
             shared: Shared::new(max_total),
+            steal_lock: StealLock::default(),
+            demand: CachePadded::new(AtomicUsize::new(0)),
             counters: Counters::default(),
             factory,
             reset,
@@ -117,8 +130,9 @@ impl<T> ObjectPool<T> {
         }
     }
 
-    /// Takes an idle object (this thread's bucket first, then the shared store) or makes a
-    /// new one with the factory. The guard returns it when dropped.
+    /// Takes an idle object (this thread's bucket first, then the shared store, then other
+    /// threads' buckets) or makes a new one with the factory. The guard returns it when
+    /// dropped.
     ///
     /// A panic in the factory propagates and leaves the pool unchanged.
     #[inline]
@@ -198,12 +212,12 @@ impl<T> ObjectPool<T> {
     /// `make` fails.
     #[inline]
     fn take_or_make<E>(&self, make: impl FnOnce() -> Result<T, E>) -> Result<Slot<T>, E> {
-        if let Some(local) = self.local() {
-            // SAFETY: `local` is this thread's bucket, borrowed nowhere else right now.
-            if let Some(value) = unsafe { local.pop() } {
-                local.counters.bump_owned(Event::Hit);
-                return Ok(value);
-            }
+        if let Some(local) = self.local()
+            // SAFETY: `local` is this thread's bucket, and `pop` does not re-enter the pool.
+            && let Some(Some(value)) = unsafe { local.owned.owner(|owned| local.pop(owned)) }
+        {
+            local.counters.bump_owned(Event::Hit);
+            return Ok(value);
         }
         self.take_or_make_slow(make)
     }
@@ -216,11 +230,15 @@ impl<T> ObjectPool<T> {
             // The bucket is empty: its unused share of the total bound goes back, so that
             // a thread that only rents does not sit on room other threads need.
             // SAFETY: as in `take_or_make`.
-            self.shared.release(unsafe { local.take_credit() });
+            self.shared.release(unsafe { local.owned.owner(Owned::take_credit) }.unwrap_or(0));
         }
-        let value = match self.shared.pop() {
+        let value = match self.shared.pop().or_else(|| self.steal(local)) {
             Some(value) => {
                 self.count(local, Event::Hit);
+                // Served from outside this bucket: ask for one return to the shared store.
+                let _ = self.demand.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| {
+                    (d < 2 * CREDIT_BATCH).then_some(d + 1)
+                });
                 value
             }
             None => {
@@ -249,30 +267,72 @@ impl<T> ObjectPool<T> {
         self.give_back(value);
     }
 
+    /// Takes the idle objects of other threads' buckets: one for the caller, the rest to the
+    /// shared store with the share of the total bound that paid for them. Their spare share
+    /// goes back too.
+    #[cold]
+    fn steal(&self, mine: Option<&Local<T>>) -> Option<Slot<T>> {
+        let mine = mine.map(std::ptr::from_ref);
+        let victims: Vec<&Local<T>> = self
+            .locals
+            .iter()
+            .map(|padded| &**padded)
+            .filter(|local| Some(std::ptr::from_ref(*local)) != mine && local.idle.load(Ordering::Relaxed) > 0)
+            .collect();
+        let cells: Vec<_> = victims.iter().map(|local| &local.owned).collect();
+        let mut taken = Vec::new();
+        let mut units = 0;
+        self.steal_lock.steal(&cells, |n, owned| {
+            taken.append(&mut owned.drain());
+            units += std::mem::take(&mut owned.credit);
+            victims[n].idle.store(0, Ordering::Relaxed);
+        });
+        let first = taken.pop()?;
+        // The units of the objects handed to the store move with them; the rest (the
+        // victims' spare share and the caller's object's unit) go back to the budget.
+        units -= taken.len();
+        self.shared.push_paid(taken);
+        self.shared.release(units);
+        Some(first)
+    }
+
     /// Keeps `value` (already reset) in this thread's bucket, the shared store, or drops it.
     #[inline]
     fn give_back(&self, value: Slot<T>) {
         let local = self.local();
-        if let Some(local) = local {
-            // SAFETY: as in `take_or_make`.
-            match unsafe { local.push(value) } {
-                Ok(()) => local.counters.bump_owned(Event::Return),
-                Err(value) => self.give_back_slow(Some(local), value),
+        if let Some(local) = local
+            && self.demand.load(Ordering::Relaxed) == 0
+        {
+            let mut value = Some(value);
+            // SAFETY: as in `take_or_make`; `push` does not re-enter the pool.
+            if let Some(true) = unsafe { local.owned.owner(|owned| local.push(owned, &mut value)) } {
+                return local.counters.bump_owned(Event::Return);
+            }
+            if let Some(value) = value {
+                self.give_back_slow(Some(local), value);
             }
         } else {
-            self.give_back_slow(None, value);
+            self.give_back_slow(local, value);
         }
     }
 
     #[cold]
     #[inline(never)]
     fn give_back_slow(&self, local: Option<&Local<T>>, value: Slot<T>) {
-        let value = match local {
-            // SAFETY: as in `take_or_make`.
-            Some(local) => match unsafe { local.grow_and_push(value, &self.shared, self.max_per_bucket) } {
-                Ok(()) => return local.counters.bump_owned(Event::Return),
-                Err(value) => value,
-            },
+        let wanted = self.demand.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| d.checked_sub(1)).is_ok();
+        let value = match local.filter(|_| !wanted) {
+            Some(local) => {
+                let mut value = Some(value);
+                // SAFETY: as in `take_or_make`; `grow_and_push` does not re-enter the pool.
+                let kept = unsafe {
+                    local.owned.owner(|owned| local.grow_and_push(owned, &mut value, &self.shared, self.max_per_bucket))
+                };
+                debug_assert!(value.is_some() || kept == Some(true));
+                match value {
+                    None => return local.counters.bump_owned(Event::Return),
+                    Some(value) => value,
+                }
+            }
             None => value,
         };
         match self.shared.push(value) {
@@ -297,18 +357,23 @@ impl<T> ObjectPool<T> {
         }
     }
 
-    /// Drops the idle objects of the shared store and of the calling thread's bucket.
-    /// Other threads' buckets are theirs; [`ObjectPool::clear`] empties them all.
+    /// Drops every idle object: the shared store's and every thread's bucket's (each taken
+    /// from its thread for a moment under the handoff protocol, so it may run on any thread
+    /// while others rent). [`ObjectPool::clear`] does the same through `&mut self`.
     pub fn trim(&self) {
         let local = self.local();
         let mut idle = self.shared.take_all();
-        if let Some(local) = local {
-            // SAFETY: as in `take_or_make`.
-            let (stack, credit) = unsafe { local.take_all() };
-            self.shared.release(credit);
-            idle.extend(stack);
-        }
+        let buckets: Vec<&Local<T>> = self.locals.iter().map(|padded| &**padded).collect();
+        let cells: Vec<_> = buckets.iter().map(|local| &local.owned).collect();
+        let mut credit = 0;
+        self.steal_lock.steal(&cells, |n, owned| {
+            idle.append(&mut owned.drain());
+            credit += std::mem::take(&mut owned.credit);
+            buckets[n].idle.store(0, Ordering::Relaxed);
+        });
+        self.shared.release(credit);
         self.add(local, Event::Trimmed, idle.len());
+        // Dropped here, outside every bucket and lock: `T::drop` may use the pool.
         drop(idle);
     }
 
@@ -551,10 +616,11 @@ impl Counters {
 
 /// One thread's bucket.
 struct Local<T> {
-    owned: UnsafeCell<Owned<T>>,
-    /// Idle objects in `owned` (`top` and `stack`), written only by the owner and published
-    /// for statistics.
+    owned: Handoff<Owned<T>>,
+    /// Idle objects in `owned` (`top` and `stack`), written by whoever holds `owned` (the
+    /// owner, or a stealer) and read by anyone: statistics, and stealers choosing buckets.
     idle: AtomicUsize,
+    /// Written by the owning thread only.
     counters: Counters,
 }
 
@@ -578,111 +644,67 @@ impl<T> Owned<T> {
         idle.extend(self.top.take());
         idle
     }
+
+    /// Gives up the credit the bucket holds beyond its idle objects; returns the units.
+    fn take_credit(&mut self) -> usize {
+        let spare = self.credit - self.idle();
+        self.credit -= spare;
+        spare
+    }
 }
 
 impl<T> Default for Local<T> {
     fn default() -> Self {
         Self {
-            owned: UnsafeCell::new(Owned { top: None, stack: Vec::new(), credit: 0 }),
+            owned: Handoff::new(Owned { top: None, stack: Vec::new(), credit: 0 }),
             idle: AtomicUsize::new(0),
             counters: Counters::default(),
         }
     }
 }
 
-// SAFETY: `owned` is only reached through the unsafe methods below, whose callers must be
-// the thread that `ThreadSlots::current` gave this bucket to; a bucket passes to another
-// thread only after its owner exited (the index hand-over is ordered by a mutex). Other
-// threads read only the atomics. The stack moves `T` values between threads, so `T: Send`.
-unsafe impl<T: Send> Sync for Local<T> {}
-
-// Each method below holds `&mut Owned` only for a few `Vec` operations and calls no user
-// code (no factory, reset hook or `T::drop`), so no second `&mut` can be made while one
-// lives, even if user code re-enters the pool.
+// The methods below run inside the owner's side of the bucket's handoff, on its `Owned`.
+// Each does a few `Vec` operations and calls no user code (no factory, reset hook or
+// `T::drop`), so nothing can re-enter the pool while the bucket is held.
 impl<T> Local<T> {
-    /// # Safety
-    /// The caller is the thread that `ThreadSlots::current` returned this bucket to, and
-    /// drops the reference before it runs any user code.
-    #[inline]
-    #[allow(clippy::mut_from_ref)] // the point of the `UnsafeCell`; see the `Sync` impl.
-    unsafe fn owned(&self) -> &mut Owned<T> {
-        // SAFETY: the caller upholds the contract above, so this is the only reference.
-        unsafe { &mut *self.owned.get() }
-    }
-
-    /// # Safety
-    /// As for `owned`.
-    #[inline]
-    unsafe fn pop(&self) -> Option<Slot<T>> {
-        // SAFETY: forwarded to the caller.
-        let owned = unsafe { self.owned() };
+    #[inline(always)]
+    fn pop(&self, owned: &mut Owned<T>) -> Option<Slot<T>> {
         let value = match owned.top.take() {
             Some(value) => value,
             None => owned.stack.pop()?,
         };
-        // Only this thread writes `idle`: a load and a store, no read-modify-write.
+        // Written only by whoever holds `owned`: a load and a store, no read-modify-write.
         self.idle.store(self.idle.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
         Some(value)
     }
 
-    /// Pushes within the credit already held; hands the value back when there is none.
-    ///
-    /// # Safety
-    /// As for `owned`.
-    #[inline]
-    unsafe fn push(&self, value: Slot<T>) -> Result<(), Slot<T>> {
-        // SAFETY: forwarded to the caller.
-        let owned = unsafe { self.owned() };
+    /// Pushes `value` within the credit already held; leaves it in place when there is none.
+    /// Returns whether it was kept.
+    #[inline(always)]
+    fn push(&self, owned: &mut Owned<T>, value: &mut Option<Slot<T>>) -> bool {
         let idle = self.idle.load(Ordering::Relaxed);
         if idle >= owned.credit {
-            return Err(value);
+            return false;
         }
+        let Some(value) = value.take() else { return false };
         if let Some(older) = owned.top.replace(value) {
             owned.stack.push(older);
         }
         self.idle.store(idle + 1, Ordering::Relaxed);
-        Ok(())
+        true
     }
 
     /// Claims more of the total bound (up to `max_per_bucket` in all), then pushes.
-    ///
-    /// # Safety
-    /// As for `owned`.
-    unsafe fn grow_and_push(
+    fn grow_and_push(
         &self,
-        value: Slot<T>,
+        owned: &mut Owned<T>,
+        value: &mut Option<Slot<T>>,
         shared: &Shared<Slot<T>>,
         max_per_bucket: usize,
-    ) -> Result<(), Slot<T>> {
-        // SAFETY: forwarded to the caller.
-        let owned = unsafe { self.owned() };
+    ) -> bool {
         let want = max_per_bucket.saturating_sub(owned.credit).min(CREDIT_BATCH);
         owned.credit += shared.claim(want);
-        // SAFETY: forwarded; the `owned` borrow above ends before this one.
-        unsafe { self.push(value) }
-    }
-
-    /// Gives up the credit the bucket holds beyond its idle objects; returns the units.
-    ///
-    /// # Safety
-    /// As for `owned`.
-    unsafe fn take_credit(&self) -> usize {
-        // SAFETY: forwarded to the caller.
-        let owned = unsafe { self.owned() };
-        let spare = owned.credit - owned.idle();
-        owned.credit -= spare;
-        spare
-    }
-
-    /// Empties the bucket: its idle objects and all its credit.
-    ///
-    /// # Safety
-    /// As for `owned`.
-    unsafe fn take_all(&self) -> (Vec<Slot<T>>, usize) {
-        // SAFETY: forwarded to the caller.
-        let owned = unsafe { self.owned() };
-        self.idle.store(0, Ordering::Relaxed);
-        (owned.drain(), std::mem::take(&mut owned.credit))
+        self.push(owned, value)
     }
 }
 

@@ -67,6 +67,17 @@ impl<T> Shared<T> {
         Ok(())
     }
 
+    /// Keeps `items` whose units of the total bound the caller already holds and hands over
+    /// (objects taken from a bucket with the bucket's credit for them).
+    pub(crate) fn push_paid(&self, mut new: Vec<T>) {
+        if new.is_empty() {
+            return;
+        }
+        let mut items = self.items.lock().unwrap_or_else(PoisonError::into_inner);
+        items.append(&mut new);
+        self.len.store(items.len(), Ordering::Relaxed);
+    }
+
     /// Takes an idle object if there is one.
     pub(crate) fn pop(&self) -> Option<T> {
         // A stale zero only sends this rent to the factory; the object stays for the next
