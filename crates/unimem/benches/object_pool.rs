@@ -6,13 +6,16 @@
 //!
 //! Groups: `single` (one thread, rent+return), `two_threads` (two threads sharing one
 //! pool, each rent+return; time per pair per thread), `take256` (rent 256, then return
-//! them all; time per object). The floor is a `thread_local!` `Vec` stack: no pool can
+//! them all; time per object), `pipeline` (one thread rents, another returns, 4 in flight;
+//! time per object; unimem's hit rate is printed after the group). The floor is a `thread_local!` `Vec` stack: no pool can
 //! do less work.
 //!
 //! Run: `cargo bench -p unimem --bench object_pool`
 
 #![allow(missing_docs, reason = "criterion's macros generate undocumented functions")]
 
+#[path = "support/pipeline.rs"]
+mod pipeline;
 #[path = "support/two_threads.rs"]
 mod support;
 
@@ -275,9 +278,60 @@ fn take_then_return(c: &mut Criterion) {
     group.finish();
 }
 
+fn producer_consumer(c: &mut Criterion) {
+    let mut group = c.benchmark_group("object_pool_pipeline");
+    for (label, bound) in [("unimem_default_bounds", None), ("unimem_bounds_8_8", Some(8))] {
+        let mut builder = ObjectPool::builder(fresh).reset(|v| v.clear());
+        if let Some(bound) = bound {
+            builder = builder.max_per_bucket(bound).max_total(bound);
+        }
+        let pool = std::sync::Arc::new(builder.build().expect("valid bounds"));
+        group.bench_function(label, |b| {
+            b.iter_custom(|iters| {
+                pipeline::pipeline(
+                    iters,
+                    || {
+                        let mut obj = pool.rent_owned();
+                        obj.push(1);
+                        obj
+                    },
+                    drop,
+                )
+            })
+        });
+        let stats = pool.statistics();
+        if stats.rents > 0 {
+            eprintln!(
+                "object_pool_pipeline/{label}: hit rate {:.2}% ({} rents, {} dropped past the bounds)",
+                stats.hit_rate() * 100.0,
+                stats.rents,
+                stats.dropped
+            );
+        }
+    }
+    let queue = ArrayQueue::new(8);
+    group.bench_function("crossbeam_array_queue_8", |b| {
+        b.iter_custom(|iters| {
+            pipeline::pipeline(
+                iters,
+                || {
+                    let mut obj = queue.pop().unwrap_or_else(fresh);
+                    obj.push(1);
+                    obj
+                },
+                |mut obj: Vec<u8>| {
+                    obj.clear();
+                    let _ = queue.push(obj);
+                },
+            )
+        })
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
-    targets = single, two_threads_sharing, take_then_return
+    targets = single, two_threads_sharing, take_then_return, producer_consumer
 }
 criterion_main!(benches);

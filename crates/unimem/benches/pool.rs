@@ -6,9 +6,14 @@
 //!   against `malloc` and mimalloc doing the same (64-byte aligned, like the pool).
 //! - `two_threads_one_class`: two threads allocating and dropping 4 KiB buffers of the same
 //!   class at once; the figure is the time per operation per thread.
+//! - `pipeline/<size>`: one thread allocates, another drops (4 in flight), nothing written:
+//!   the pool against mimalloc's and glibc's cross-thread free. The pool's hit rate over
+//!   the whole group is printed after it.
 
 #![allow(missing_docs, reason = "criterion's macros generate undocumented functions")]
 
+#[path = "support/pipeline.rs"]
+mod pipeline;
 #[path = "support/two_threads.rs"]
 mod support;
 
@@ -104,9 +109,70 @@ fn two_threads_one_class(c: &mut Criterion) {
     group.finish();
 }
 
+/// A pointer handed to another thread to be freed there.
+struct Raw(*mut u8);
+
+// SAFETY: the pointer is owned memory, freed by exactly one thread (the consumer).
+unsafe impl Send for Raw {}
+
+fn raw_alloc<A: GlobalAlloc>(allocator: &A, bytes: usize) -> Raw {
+    // SAFETY: the layout has a non-zero size.
+    let ptr = unsafe { allocator.alloc(Layout::from_size_align(bytes, 64).unwrap()) };
+    assert!(!ptr.is_null());
+    Raw(black_box(ptr))
+}
+
+fn raw_free<A: GlobalAlloc>(allocator: &A, raw: Raw, bytes: usize) {
+    // SAFETY: `raw` came from `raw_alloc` on this allocator with this size.
+    unsafe { allocator.dealloc(raw.0, Layout::from_size_align(bytes, 64).unwrap()) };
+}
+
+fn producer_consumer(c: &mut Criterion) {
+    let mut group = c.benchmark_group("pipeline");
+    for (bytes, name) in [SIZES[0], SIZES[1], SIZES[3]] {
+        if bytes >= 64 << 20 {
+            group.sample_size(20);
+        }
+        let manager = MemoryManager::new();
+        group.bench_with_input(BenchmarkId::new("unimem_pool", name), &bytes, |b, &bytes| {
+            b.iter_custom(|iters| {
+                pipeline::pipeline(
+                    iters,
+                    || manager.allocate::<u8>(bytes, AllocationMode::Pooled).unwrap(),
+                    drop,
+                )
+            })
+        });
+        let stats = manager.statistics();
+        if stats.pool_hits + stats.pool_misses > 0 {
+            eprintln!(
+                "pipeline/unimem_pool/{name}: hit rate {:.2}% ({} hits, {} misses)",
+                stats.hit_rate() * 100.0,
+                stats.pool_hits,
+                stats.pool_misses
+            );
+        }
+        group.bench_with_input(BenchmarkId::new("mimalloc", name), &bytes, |b, &bytes| {
+            b.iter_custom(|iters| {
+                pipeline::pipeline(
+                    iters,
+                    || raw_alloc(&MiMalloc, bytes),
+                    |raw| raw_free(&MiMalloc, raw, bytes),
+                )
+            })
+        });
+        group.bench_with_input(BenchmarkId::new("system_malloc", name), &bytes, |b, &bytes| {
+            b.iter_custom(|iters| {
+                pipeline::pipeline(iters, || raw_alloc(&System, bytes), |raw| raw_free(&System, raw, bytes))
+            })
+        });
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
-    targets = hit_return, alloc_write_drop, two_threads_one_class
+    targets = hit_return, alloc_write_drop, two_threads_one_class, producer_consumer
 }
 criterion_main!(benches);

@@ -676,7 +676,22 @@ impl<T: Element> Buffer<T> {
 }
 
 impl<T: Element> Drop for Buffer<T> {
+    #[inline]
     fn drop(&mut self) {
+        if *self.last_use_pending.get_mut() || *self.device_pending.get_mut() {
+            return self.drop_after_device_use();
+        }
+        // SAFETY: `drop` runs once and `block` is not used after it is taken.
+        let block = unsafe { ManuallyDrop::take(&mut self.block) };
+        block.recycle(self.size_in_bytes());
+    }
+}
+
+impl<T: Element> Buffer<T> {
+    /// `Drop` for a buffer whose memory a device or a caller's queue used last.
+    #[cold]
+    #[inline(never)]
+    fn drop_after_device_use(&mut self) {
         // Enqueued, not waited for: the block's fence (or the stream order) then keeps its
         // next user after the caller's streams.
         let unordered = *self.last_use_pending.get_mut() && self.ops().is_err();

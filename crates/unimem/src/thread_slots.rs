@@ -78,11 +78,14 @@ impl Drop for ThreadIndex {
         let index = self.index.get();
         if index != UNASSIGNED {
             // Before the index is freed: until then no other thread can own its slots.
+            LAST.set((0, std::ptr::null()));
             for hook in self.on_exit.take() {
                 if let Some(hook) = hook.upgrade() {
                     hook.thread_exited(index);
                 }
             }
+            // A hook may have reached a slot again; the index is freed after this.
+            LAST.set((0, std::ptr::null()));
             // A poisoned lock still holds a consistent free list: every critical section
             // is a single push or pop.
             FREE_INDICES.lock().unwrap_or_else(PoisonError::into_inner).free.push(index);
@@ -144,6 +147,15 @@ fn locate(index: usize) -> (usize, usize) {
 /// Per-thread slots of type `S`, created on a thread's first access.
 pub(crate) struct ThreadSlots<S> {
     buckets: [AtomicPtr<S>; BUCKETS],
+    /// Unique among all `ThreadSlots` ever made (never reused), for [`LAST`].
+    serial: u64,
+}
+
+thread_local! {
+    /// The slot this thread reached last: `(serial of its ThreadSlots, slot)`. A hit skips
+    /// the index lookup. Cleared when the thread's index is freed, so that a slot handed
+    /// to another thread is never reached through it.
+    static LAST: Cell<(u64, *const ())> = const { Cell::new((0, std::ptr::null())) };
 }
 
 // SAFETY: a `ThreadSlots<S>` owns its `S` values, so sending it sends them (`S: Send`).
@@ -155,15 +167,37 @@ unsafe impl<S: Sync> Sync for ThreadSlots<S> {}
 
 impl<S: Default> ThreadSlots<S> {
     pub(crate) fn new() -> Self {
-        Self { buckets: std::array::from_fn(|_| AtomicPtr::new(std::ptr::null_mut())) }
+        static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        Self {
+            buckets: std::array::from_fn(|_| AtomicPtr::new(std::ptr::null_mut())),
+            serial: SERIAL.fetch_add(1, Ordering::Relaxed),
+        }
     }
 
     /// The calling thread's slot, or `None` while the thread's thread-locals are being
     /// destroyed. The same thread always gets the same slot; no other live thread gets it.
     /// A slot outlives its thread and is handed to a later thread that reuses the index
     /// (the index is freed and reallocated under a mutex, which orders the two threads).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn current(&self) -> Option<&S> {
+        let (serial, slot) = LAST.get();
+        if serial == self.serial {
+            // SAFETY: `LAST` holds a slot of the `ThreadSlots` with this serial, which is
+            // `self` (serials are never reused); slots never move while `self` lives, and the
+            // entry is cleared before this thread's index (and so the slot) can pass on.
+            return Some(unsafe { &*slot.cast::<S>() });
+        }
+        self.current_slow()
+    }
+
+    #[inline(never)]
+    fn current_slow(&self) -> Option<&S> {
+        let slot = self.lookup()?;
+        LAST.set((self.serial, std::ptr::from_ref(slot).cast()));
+        Some(slot)
+    }
+
+    fn lookup(&self) -> Option<&S> {
         let Place { bucket, offset } = current_place()?;
         // The mask only tells the compiler what `locate` guarantees (`bucket < BUCKETS`),
         // which removes a bounds check.

@@ -64,7 +64,10 @@ fn a_pipeline_reuses_its_buffers_under_a_tight_class_bound() {
         let options = MemoryOptions::default().with_max_pool_bytes_per_class(4 << 10).unwrap();
         let manager = MemoryManager::builder().options(options).build();
         let stats = pipeline(&manager, 1 << 10, 2000, consumer_allocates);
-        assert_reuse(&format!("1 KiB under a 4 KiB class bound, consumer allocates: {consumer_allocates}"), stats);
+        assert_reuse(
+            &format!("1 KiB under a 4 KiB class bound, consumer allocates: {consumer_allocates}"),
+            stats,
+        );
         assert!(manager.statistics().total_pooled <= 4 << 10);
     }
 }
@@ -81,7 +84,8 @@ fn an_exited_threads_cache_goes_back_to_the_pool() {
     });
     let before = manager.statistics();
     assert_eq!(before.total_pooled, 4 * (64 << 10), "{before}");
-    let again: Vec<_> = (0..4).map(|_| manager.allocate::<u8>(64 << 10, AllocationMode::Pooled).unwrap()).collect();
+    let again: Vec<_> =
+        (0..4).map(|_| manager.allocate::<u8>(64 << 10, AllocationMode::Pooled).unwrap()).collect();
     let after = manager.statistics();
     assert_eq!(
         (after.pool_hits - before.pool_hits, after.pool_misses - before.pool_misses),

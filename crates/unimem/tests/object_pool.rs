@@ -370,8 +370,9 @@ fn a_failing_fallible_factory_leaves_statistics_and_idle_objects_unchanged() {
         scope.spawn(|| drop((0..3).map(|_| pool.rent()).collect::<Vec<_>>()));
     });
     // This thread takes all three: the shared one, then the other bucket's two.
-    let taken: Vec<_> =
-        (0..3).map(|_| pool.try_rent(|| Err::<Tracked, _>("not called: objects are idle")).unwrap()).collect();
+    let taken: Vec<_> = (0..3)
+        .map(|_| pool.try_rent(|| Err::<Tracked, _>("not called: objects are idle")).unwrap())
+        .collect();
     let before = pool.statistics();
     assert_eq!((before.idle, before.hits, before.misses), (0, 3, 4), "{before:?}");
     assert_eq!(pool.try_rent(|| Err::<Tracked, _>("no object")).err(), Some("no object"));

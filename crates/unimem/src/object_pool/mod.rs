@@ -13,7 +13,9 @@
 //! rent makes a new one. When rents are served from outside their own bucket (one thread
 //! rents, another returns, as in a pipeline), each asks through a *demand* counter for one
 //! return to go to the shared store instead of the returning thread's bucket, so that the
-//! objects flow to where they are rented without a steal each time. A bucket that runs empty
+//! objects flow to where they are rented without a steal each time. Only a thread that
+//! lately returns more than it rents answers (threads that rent and return alike keep their
+//! objects, or two of them would trade objects through the store forever). A bucket that runs empty
 //! gives its unused share of the total bound back, so an idle thread holds at most
 //! [`CREDIT_BATCH`] unused units.
 
@@ -277,7 +279,9 @@ impl<T> ObjectPool<T> {
             .locals
             .iter()
             .map(|padded| &**padded)
-            .filter(|local| Some(std::ptr::from_ref(*local)) != mine && local.idle.load(Ordering::Relaxed) > 0)
+            .filter(|local| {
+                Some(std::ptr::from_ref(*local)) != mine && local.idle.load(Ordering::Relaxed) > 0
+            })
             .collect();
         let cells: Vec<_> = victims.iter().map(|local| &local.owned).collect();
         let mut taken = Vec::new();
@@ -300,32 +304,30 @@ impl<T> ObjectPool<T> {
     #[inline]
     fn give_back(&self, value: Slot<T>) {
         let local = self.local();
-        if let Some(local) = local
-            && self.demand.load(Ordering::Relaxed) == 0
-        {
-            let mut value = Some(value);
-            // SAFETY: as in `take_or_make`; `push` does not re-enter the pool.
-            if let Some(true) = unsafe { local.owned.owner(|owned| local.push(owned, &mut value)) } {
-                return local.counters.bump_owned(Event::Return);
-            }
-            if let Some(value) = value {
-                self.give_back_slow(Some(local), value);
-            }
-        } else {
-            self.give_back_slow(local, value);
+        let Some(local) = local else { return self.give_back_slow(None, value, true) };
+        let demand = self.demand.load(Ordering::Relaxed);
+        let mut value = Some(value);
+        // SAFETY: as in `take_or_make`; `push` does not re-enter the pool.
+        let pushed = unsafe { local.owned.owner(|owned| local.push(owned, &mut value, demand)) };
+        match (pushed, value) {
+            (Some(Push::Kept), _) | (_, None) => local.counters.bump_owned(Event::Return),
+            (pushed, Some(value)) => self.give_back_slow(Some(local), value, pushed == Some(Push::Donate)),
         }
     }
 
+    /// Keeps `value` in this thread's bucket after claiming more of the bound, or (with
+    /// `donate`, or if that fails) in the shared store, or drops it.
     #[cold]
     #[inline(never)]
-    fn give_back_slow(&self, local: Option<&Local<T>>, value: Slot<T>) {
-        let wanted = self.demand.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| d.checked_sub(1)).is_ok();
-        let value = match local.filter(|_| !wanted) {
+    fn give_back_slow(&self, local: Option<&Local<T>>, value: Slot<T>, donate: bool) {
+        let value = match local.filter(|_| !donate) {
             Some(local) => {
                 let mut value = Some(value);
                 // SAFETY: as in `take_or_make`; `grow_and_push` does not re-enter the pool.
                 let kept = unsafe {
-                    local.owned.owner(|owned| local.grow_and_push(owned, &mut value, &self.shared, self.max_per_bucket))
+                    local.owned.owner(|owned| {
+                        local.grow_and_push(owned, &mut value, &self.shared, self.max_per_bucket)
+                    })
                 };
                 debug_assert!(value.is_some() || kept == Some(true));
                 match value {
@@ -335,6 +337,8 @@ impl<T> ObjectPool<T> {
             }
             None => value,
         };
+        // A return that reaches the shared store answers one unit of demand.
+        let _ = self.demand.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| d.checked_sub(1));
         match self.shared.push(value) {
             Ok(()) => self.count(local, Event::Return),
             Err(value) => {
@@ -632,6 +636,23 @@ struct Owned<T> {
     stack: Vec<Slot<T>>,
     /// Units of the total bound this bucket holds: idle objects `<= credit`.
     credit: usize,
+    /// Recent rents minus returns on the owning thread, within `-BALANCE..=BALANCE`:
+    /// negative on a thread that returns more than it rents (a pipeline's consumer).
+    balance: i8,
+}
+
+/// Bound of [`Owned`]'s balance: a thread's last few operations decide.
+const BALANCE: i8 = 8;
+
+/// What became of a value given to [`Local::push`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Push {
+    Kept,
+    /// No credit left: the caller claims more or uses the shared store.
+    Full,
+    /// Kept out for the shared store: rents elsewhere want it, and this thread returns more
+    /// than it rents.
+    Donate,
 }
 
 impl<T> Owned<T> {
@@ -656,7 +677,7 @@ impl<T> Owned<T> {
 impl<T> Default for Local<T> {
     fn default() -> Self {
         Self {
-            owned: Handoff::new(Owned { top: None, stack: Vec::new(), credit: 0 }),
+            owned: Handoff::new(Owned { top: None, stack: Vec::new(), credit: 0, balance: 0 }),
             idle: AtomicUsize::new(0),
             counters: Counters::default(),
         }
@@ -673,25 +694,31 @@ impl<T> Local<T> {
             Some(value) => value,
             None => owned.stack.pop()?,
         };
+        owned.balance = (owned.balance + 1).min(BALANCE);
         // Written only by whoever holds `owned`: a load and a store, no read-modify-write.
         self.idle.store(self.idle.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
         Some(value)
     }
 
-    /// Pushes `value` within the credit already held; leaves it in place when there is none.
-    /// Returns whether it was kept.
+    /// Pushes `value` within the credit already held; leaves it in place when there is none,
+    /// or when `demand` wants it in the shared store and this thread returns more than it
+    /// rents.
     #[inline(always)]
-    fn push(&self, owned: &mut Owned<T>, value: &mut Option<Slot<T>>) -> bool {
+    fn push(&self, owned: &mut Owned<T>, value: &mut Option<Slot<T>>, demand: usize) -> Push {
+        owned.balance = (owned.balance - 1).max(-BALANCE);
+        if demand > 0 && owned.balance < 0 {
+            return Push::Donate;
+        }
         let idle = self.idle.load(Ordering::Relaxed);
         if idle >= owned.credit {
-            return false;
+            return Push::Full;
         }
-        let Some(value) = value.take() else { return false };
+        let Some(value) = value.take() else { return Push::Full };
         if let Some(older) = owned.top.replace(value) {
             owned.stack.push(older);
         }
         self.idle.store(idle + 1, Ordering::Relaxed);
-        true
+        Push::Kept
     }
 
     /// Claims more of the total bound (up to `max_per_bucket` in all), then pushes.
@@ -704,7 +731,9 @@ impl<T> Local<T> {
     ) -> bool {
         let want = max_per_bucket.saturating_sub(owned.credit).min(CREDIT_BATCH);
         owned.credit += shared.claim(want);
-        self.push(owned, value)
+        // The balance was counted by the first attempt.
+        owned.balance = (owned.balance + 1).min(BALANCE);
+        self.push(owned, value, 0) == Push::Kept
     }
 }
 

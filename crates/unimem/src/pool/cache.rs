@@ -11,7 +11,7 @@
 use super::Block;
 use crate::handoff::Handoff;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicI64, AtomicU16, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering::Relaxed};
 
 /// Blocks one cache keeps per size class.
 pub(crate) const SLOTS: usize = 4;
@@ -24,9 +24,30 @@ pub(crate) struct CacheClass {
     len: u8,
     /// Blocks' worth of the pool's budget this cache has claimed for the class; `len <= credit`.
     pub(crate) credit: u8,
+    /// Recent allocations minus returns through this cache, within `-BALANCE..=BALANCE`:
+    /// negative on a thread that returns more of the class than it allocates (the consumer
+    /// of a pipeline), which is the one that should send its returns where others allocate.
+    balance: i8,
 }
 
+/// Bound of [`CacheClass`]'s balance: a thread's last few operations decide.
+const BALANCE: i8 = 8;
+
 impl CacheClass {
+    /// Counts an allocation of the class by this cache's owner.
+    #[inline(always)]
+    pub(crate) fn allocated(&mut self) {
+        self.balance = (self.balance + 1).min(BALANCE);
+    }
+
+    /// Counts a return of the class by this cache's owner; returns whether the owner now
+    /// returns more of the class than it allocates.
+    #[inline(always)]
+    pub(crate) fn returned(&mut self) -> bool {
+        self.balance = (self.balance - 1).max(-BALANCE);
+        self.balance < 0
+    }
+
     #[inline]
     pub(crate) fn pop(&mut self) -> Option<Box<Block>> {
         let len = usize::from(self.len).checked_sub(1)?;
@@ -104,10 +125,12 @@ impl CacheCounters {
 /// A cache's contents, made by its owner's first allocation.
 pub(crate) struct Body {
     pub(crate) stacks: Handoff<Box<[CacheClass]>>,
-    /// Per class, as in `stacks`: blocks held (low byte) and credit (high byte). Written by
-    /// whoever holds the stacks (owner or stealer), read by anyone: statistics, and
-    /// stealers choosing whom to take blocks or spare credit from.
-    pub(crate) lens: Box<[AtomicU16]>,
+    /// Per class, as in `stacks`: blocks held. Written by whoever holds the stacks (owner
+    /// or stealer), read by anyone: statistics, and stealers choosing whom to take from.
+    held: Box<[AtomicU8]>,
+    /// Per class, as in `stacks`: credit, published the same way when it changes (off the
+    /// hit path), for threads looking for spare credit.
+    credit: Box<[AtomicU8]>,
     pub(crate) counters: CacheCounters,
 }
 
@@ -115,7 +138,8 @@ impl Body {
     fn new(classes: usize) -> Self {
         Body {
             stacks: Handoff::new((0..classes).map(|_| CacheClass::default()).collect()),
-            lens: (0..classes).map(|_| AtomicU16::new(0)).collect(),
+            held: (0..classes).map(|_| AtomicU8::new(0)).collect(),
+            credit: (0..classes).map(|_| AtomicU8::new(0)).collect(),
             counters: CacheCounters::default(),
         }
     }
@@ -131,7 +155,8 @@ impl Body {
     ) -> Option<Box<Block>> {
         let slot = stacks.get_mut(class)?;
         let block = slot.pop()?;
-        self.publish(class, slot);
+        slot.allocated();
+        self.publish_len(class, slot);
         let c = &self.counters;
         c.hits.store(c.hits.load(Relaxed) + 1, Relaxed);
         c.count(1, block.capacity(), requested);
@@ -142,30 +167,35 @@ impl Body {
     /// `requested` bytes and capacity `cap`.
     #[inline(always)]
     pub(crate) fn pushed(&self, class: usize, slot: &CacheClass, cap: usize, requested: usize) {
-        self.publish(class, slot);
+        self.publish_len(class, slot);
         self.counters.count(-1, cap, requested);
     }
 
-    /// Publishes the length and credit of `slot`; called by whoever holds the stacks.
+    /// Publishes the length of `slot`; called by whoever holds the stacks.
     #[inline(always)]
+    fn publish_len(&self, class: usize, slot: &CacheClass) {
+        if let Some(held) = self.held.get(class) {
+            held.store(slot.len, Relaxed);
+        }
+    }
+
+    /// Publishes the length and credit of `slot`; called by whoever holds the stacks.
     pub(crate) fn publish(&self, class: usize, slot: &CacheClass) {
-        if let Some(len) = self.lens.get(class) {
-            len.store(u16::from(slot.len) | u16::from(slot.credit) << 8, Relaxed);
+        self.publish_len(class, slot);
+        if let Some(credit) = self.credit.get(class) {
+            credit.store(slot.credit, Relaxed);
         }
     }
 
     /// Blocks of `class` held, as last published.
     #[inline]
     pub(crate) fn held(&self, class: usize) -> u64 {
-        self.lens.get(class).map_or(0, |len| u64::from(len.load(Relaxed) & 0xff))
+        self.held.get(class).map_or(0, |held| u64::from(held.load(Relaxed)))
     }
 
     /// Whether the cache, as last published, has credit for `class` beyond its blocks.
     pub(crate) fn has_spare_credit(&self, class: usize) -> bool {
-        self.lens.get(class).is_some_and(|len| {
-            let len = len.load(Relaxed);
-            len >> 8 > len & 0xff
-        })
+        self.credit.get(class).is_some_and(|credit| u64::from(credit.load(Relaxed)) > self.held(class))
     }
 }
 

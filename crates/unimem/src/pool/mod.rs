@@ -13,8 +13,10 @@
 //! protocol), and only then asks the backend. Reuse across threads, the shape of a pipeline
 //! where one thread allocates and another drops, is kept cheap by *demand*: each allocation
 //! served from outside its own cache asks, through a per-class counter, for one returned
-//! block to go to the shared store instead of the returning thread's cache. A thread that
-//! exits hands its cache to the shared store.
+//! block to go to the shared store instead of the returning thread's cache. Only a thread
+//! that lately returns more of the class than it allocates answers (a thread that allocates
+//! and frees alike keeps its blocks, or two such threads would trade them through the shared
+//! store forever). A thread that exits hands its cache to the shared store.
 
 pub(crate) mod cache;
 mod reaper;
@@ -298,6 +300,7 @@ impl DevicePool {
             let spare = unsafe {
                 body.stacks.owner(|stacks| {
                     stacks.get_mut(class).map_or(0, |slot| {
+                        slot.allocated();
                         let spare = slot.take_spare_credit();
                         body.publish(class, slot);
                         spare
@@ -519,9 +522,7 @@ impl DevicePool {
             return Some(block);
         };
         let mut block = Some(block);
-        // No demand for returns in the shared store: this thread's cache keeps it.
-        if pool.demand.get(class).is_some_and(|demand| demand.load(Relaxed) == 0)
-            && let Some(body) = pool.my_cache()
+        if let Some(body) = pool.my_cache()
             // SAFETY: as in `acquire`; `keep` does not re-enter the pool's caches.
             && let Some(true) = unsafe { body.stacks.owner(|stacks| pool.keep(body, stacks, class, &mut block, requested)) }
         {
@@ -549,9 +550,15 @@ impl DevicePool {
         if self.closed.load(Relaxed) {
             return false;
         }
-        let (Some(slot), Some(taken)) = (stacks.get_mut(class), block.take()) else { return false };
+        let Some(slot) = stacks.get_mut(class) else { return false };
+        // A thread that returns more of the class than it allocates answers the demand of
+        // threads that allocate it (see the module documentation).
+        if slot.returned() && self.demand.get(class).is_some_and(|demand| demand.load(Relaxed) > 0) {
+            return false;
+        }
+        let Some(taken) = block.take() else { return false };
         if slot.len() == slot.credit {
-            self.grow_credit(slot, class);
+            self.grow_credit(body, slot, class);
         }
         let cap = taken.capacity();
         match slot.push_credited(taken) {
@@ -569,9 +576,10 @@ impl DevicePool {
     /// Claims one more block of credit for a cache's class, if the bounds allow.
     #[cold]
     #[inline(never)]
-    fn grow_credit(&self, slot: &mut CacheClass, class: usize) {
+    fn grow_credit(&self, body: &Body, slot: &mut CacheClass, class: usize) {
         if slot.can_grow() && self.claim_budget(class, 1) {
             slot.credit += 1;
+            body.publish(class, slot);
         }
     }
 
