@@ -622,13 +622,13 @@ impl DevicePool {
     }
 
     /// The caches other than the calling thread's that `wanted` picks, with their bodies.
-    fn other_caches(&self, wanted: impl Fn(&Body) -> bool) -> (Vec<&Handoff<Box<[CacheClass]>>>, Vec<&Body>) {
+    fn other_caches(&self, wanted: impl Fn(&Body) -> bool) -> Picked<'_> {
         let mine = self.my_cache().map(std::ptr::from_ref::<Body>);
         self.all_caches(|body| Some(std::ptr::from_ref::<Body>(body)) != mine && wanted(body))
     }
 
     /// Every thread's cache that `wanted` picks, with their bodies.
-    fn all_caches(&self, wanted: impl Fn(&Body) -> bool) -> (Vec<&Handoff<Box<[CacheClass]>>>, Vec<&Body>) {
+    fn all_caches(&self, wanted: impl Fn(&Body) -> bool) -> Picked<'_> {
         self.caches
             .iter()
             .filter_map(|cache| cache.body())
@@ -912,6 +912,9 @@ impl DevicePool {
         }
     }
 }
+
+/// Caches picked to steal from: their handoffs, and their bodies at the same indices.
+type Picked<'a> = (Vec<&'a Handoff<Box<[CacheClass]>>>, Vec<&'a Body>);
 
 /// The pool's counters summed with its caches'.
 struct Sums {
