@@ -232,7 +232,14 @@ impl<T> ObjectPool<T> {
             // The bucket is empty: its unused share of the total bound goes back, so that
             // a thread that only rents does not sit on room other threads need.
             // SAFETY: as in `take_or_make`.
-            self.shared.release(unsafe { local.owned.owner(Owned::take_credit) }.unwrap_or(0));
+            // The rent counts towards the bucket's balance like one from the bucket.
+            let spare = unsafe {
+                local.owned.owner(|owned| {
+                    owned.balance = (owned.balance + 1).min(BALANCE);
+                    owned.take_credit()
+                })
+            };
+            self.shared.release(spare.unwrap_or(0));
         }
         let value = match self.shared.pop().or_else(|| self.steal(local)) {
             Some(value) => {
