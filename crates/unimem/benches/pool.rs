@@ -6,7 +6,8 @@
 //!   against `malloc` and mimalloc doing the same (64-byte aligned, like the pool).
 //! - `two_threads_one_class`: two threads allocating and dropping 4 KiB buffers of the same
 //!   class at once; the figure is the time per operation per thread.
-//! - `pipeline/<size>`: one thread allocates, another drops (4 in flight), nothing written:
+//! - `pipeline/<size>` (4 KiB, 1 MiB, 256 MiB): one thread allocates, another drops (4 in
+//!   flight), nothing written:
 //!   the pool against mimalloc's and glibc's cross-thread free. The pool's hit rate over
 //!   the whole group is printed after it.
 
@@ -129,7 +130,7 @@ fn raw_free<A: GlobalAlloc>(allocator: &A, raw: Raw, bytes: usize) {
 
 fn producer_consumer(c: &mut Criterion) {
     let mut group = c.benchmark_group("pipeline");
-    for (bytes, name) in [SIZES[0], SIZES[1], SIZES[3]] {
+    for (bytes, name) in [(4 << 10, "4KiB"), SIZES[1], SIZES[3]] {
         if bytes >= 64 << 20 {
             group.sample_size(20);
         }
