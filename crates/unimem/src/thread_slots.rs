@@ -99,6 +99,21 @@ thread_local! {
     };
 }
 
+/// A number for the calling thread, unique among all threads of the process (never reused,
+/// unlike thread indices).
+pub(crate) fn thread_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    thread_local! {
+        static ID: Cell<u64> = const { Cell::new(0) };
+    }
+    ID.with(|id| {
+        if id.get() == 0 {
+            id.set(NEXT.fetch_add(1, Ordering::Relaxed));
+        }
+        id.get()
+    })
+}
+
 /// Calls `hook.thread_exited(index)` when the calling thread exits (unless the hook is gone
 /// by then). Does nothing on a thread whose thread-locals are being destroyed.
 pub(crate) fn on_thread_exit(hook: Weak<dyn ThreadExit>) {

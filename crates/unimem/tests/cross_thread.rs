@@ -76,11 +76,14 @@ fn a_pipeline_reuses_its_buffers_under_a_tight_class_bound() {
 fn an_exited_threads_cache_goes_back_to_the_pool() {
     let manager = MemoryManager::new();
     std::thread::scope(|scope| {
-        scope.spawn(|| {
+        // Joined, not left to the scope: a thread's exit (its thread-locals' destructors,
+        // which hand its cache back) is over only once `join` returns.
+        let exiting = scope.spawn(|| {
             let held: Vec<_> =
                 (0..4).map(|_| manager.allocate::<u8>(64 << 10, AllocationMode::Pooled).unwrap()).collect();
             drop(held);
         });
+        exiting.join().unwrap();
     });
     let before = manager.statistics();
     assert_eq!(before.total_pooled, 4 * (64 << 10), "{before}");
@@ -133,9 +136,10 @@ fn bounds_hold_and_statistics_balance_under_eight_threads() {
     let (tx, rx) = sync_channel::<Buffer<u8>>(16);
     let rx = std::sync::Mutex::new(rx);
     std::thread::scope(|scope| {
+        let mut threads = Vec::new();
         for thread in 0..8u64 {
             let (manager, tx, rx) = (&manager, tx.clone(), &rx);
-            scope.spawn(move || {
+            threads.push(scope.spawn(move || {
                 let mut held = Vec::new();
                 for round in 0..rounds {
                     let bytes = [1 << 10, 4 << 10, 16 << 10, 48 << 10][((round + thread) % 4) as usize];
@@ -159,7 +163,12 @@ fn bounds_hold_and_statistics_balance_under_eight_threads() {
                         }
                     }
                 }
-            });
+            }));
+        }
+        // Joined, not left to the scope: the exiting threads hand their caches back in
+        // their thread-locals' destructors, which the scope's own wait does not cover.
+        for thread in threads {
+            thread.join().unwrap();
         }
     });
     drop(tx);

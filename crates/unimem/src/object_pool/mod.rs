@@ -276,34 +276,41 @@ impl<T> ObjectPool<T> {
         self.give_back(value);
     }
 
-    /// Takes the idle objects of other threads' buckets: one for the caller, the rest to the
-    /// shared store with the share of the total bound that paid for them. Their spare share
-    /// goes back too.
+    /// Takes half the idle objects of the other bucket that holds the most (with the share
+    /// of the total bound that paid for them): one for the caller, the rest to the shared
+    /// store. Half, from one bucket: taking everything from everyone made threads that all
+    /// rent in bursts strip each other's buckets on every miss (8 threads under a bound of
+    /// 64 then hit 15% of rents instead of half).
     #[cold]
     fn steal(&self, mine: Option<&Local<T>>) -> Option<Slot<T>> {
         let mine = mine.map(std::ptr::from_ref);
-        let victims: Vec<&Local<T>> = self
+        let victim = self
             .locals
             .iter()
             .map(|padded| &**padded)
-            .filter(|local| {
-                Some(std::ptr::from_ref(*local)) != mine && local.idle.load(Ordering::Relaxed) > 0
-            })
-            .collect();
-        let cells: Vec<_> = victims.iter().map(|local| &local.owned).collect();
+            .filter(|local| Some(std::ptr::from_ref(*local)) != mine)
+            .max_by_key(|local| local.idle.load(Ordering::Relaxed))
+            .filter(|local| local.idle.load(Ordering::Relaxed) > 0)?;
         let mut taken = Vec::new();
-        let mut units = 0;
-        self.steal_lock.steal(&cells, |n, owned| {
-            taken.append(&mut owned.drain());
-            units += std::mem::take(&mut owned.credit);
-            victims[n].idle.store(0, Ordering::Relaxed);
+        self.steal_lock.steal(&[&victim.owned], |_, owned| {
+            let half = owned.idle().div_ceil(2);
+            taken.extend(owned.top.take());
+            while taken.len() < half {
+                let Some(value) = owned.stack.pop() else { break };
+                taken.push(value);
+            }
+            // `top` holds the newest object: refill it so that the owner's next rent stays
+            // on its fast path.
+            if owned.top.is_none() {
+                owned.top = owned.stack.pop();
+            }
+            owned.credit -= taken.len();
+            victim.idle.store(owned.idle(), Ordering::Relaxed);
         });
         let first = taken.pop()?;
-        // The units of the objects handed to the store move with them; the rest (the
-        // victims' spare share and the caller's object's unit) go back to the budget.
-        units -= taken.len();
+        // The objects handed to the store keep their units; the caller's goes back.
         self.shared.push_paid(taken);
-        self.shared.release(units);
+        self.shared.release(1);
         Some(first)
     }
 
@@ -327,32 +334,44 @@ impl<T> ObjectPool<T> {
     #[cold]
     #[inline(never)]
     fn give_back_slow(&self, local: Option<&Local<T>>, value: Slot<T>, donate: bool) {
-        let value = match local.filter(|_| !donate) {
-            Some(local) => {
-                let mut value = Some(value);
-                // SAFETY: as in `take_or_make`; `grow_and_push` does not re-enter the pool.
-                let kept = unsafe {
-                    local.owned.owner(|owned| {
-                        local.grow_and_push(owned, &mut value, &self.shared, self.max_per_bucket)
-                    })
-                };
-                debug_assert!(value.is_some() || kept == Some(true));
-                match value {
-                    None => return local.counters.bump_owned(Event::Return),
-                    Some(value) => value,
-                }
+        let mut value = value;
+        if donate {
+            match self.push_shared(value) {
+                Ok(()) => return self.count(local, Event::Return),
+                // The store has no room under the total bound: the bucket may still.
+                Err(back) => value = back,
             }
-            None => value,
-        };
-        // A return that reaches the shared store answers one unit of demand.
-        let _ = self.demand.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| d.checked_sub(1));
-        match self.shared.push(value) {
+        }
+        if let Some(local) = local {
+            let mut slot = Some(value);
+            // SAFETY: as in `take_or_make`; `grow_and_push` does not re-enter the pool.
+            let kept = unsafe {
+                local
+                    .owned
+                    .owner(|owned| local.grow_and_push(owned, &mut slot, &self.shared, self.max_per_bucket))
+            };
+            debug_assert!(slot.is_some() || kept == Some(true));
+            match slot {
+                None => return local.counters.bump_owned(Event::Return),
+                Some(back) => value = back,
+            }
+        }
+        let pushed = if donate { Err(value) } else { self.push_shared(value) };
+        match pushed {
             Ok(()) => self.count(local, Event::Return),
             Err(value) => {
                 self.count(local, Event::Dropped);
                 drop(value);
             }
         }
+    }
+
+    /// Keeps `value` in the shared store if the total bound allows; a return that reaches
+    /// the store answers one unit of demand.
+    fn push_shared(&self, value: Slot<T>) -> Result<(), Slot<T>> {
+        self.shared.push(value)?;
+        let _ = self.demand.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| d.checked_sub(1));
+        Ok(())
     }
 
     /// The calling thread's bucket (none during thread-local teardown).

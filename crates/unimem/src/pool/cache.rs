@@ -132,6 +132,9 @@ pub(crate) struct Body {
     /// hit path), for threads looking for spare credit.
     credit: Box<[AtomicU8]>,
     pub(crate) counters: CacheCounters,
+    /// The thread (`thread_slots::thread_id`) that asked to hear of its exit last: a slot
+    /// passes to a new thread when its old one exits, and each must ask.
+    pub(crate) hooked: AtomicU64,
 }
 
 impl Body {
@@ -141,6 +144,7 @@ impl Body {
             held: (0..classes).map(|_| AtomicU8::new(0)).collect(),
             credit: (0..classes).map(|_| AtomicU8::new(0)).collect(),
             counters: CacheCounters::default(),
+            hooked: AtomicU64::new(0),
         }
     }
 
@@ -212,13 +216,8 @@ impl Cache {
         self.body.get()
     }
 
-    /// The contents, made now if needed (by the owner); `true` if they were just made.
-    pub(crate) fn body_or_init(&self, classes: usize) -> (&Body, bool) {
-        let mut made = false;
-        let body = self.body.get_or_init(|| {
-            made = true;
-            Body::new(classes)
-        });
-        (body, made)
+    /// The contents, made now if needed (by the owner).
+    pub(crate) fn body_or_init(&self, classes: usize) -> &Body {
+        self.body.get_or_init(|| Body::new(classes))
     }
 }

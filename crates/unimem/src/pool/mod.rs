@@ -615,7 +615,11 @@ impl DevicePool {
     /// Makes this thread's cache if it has none yet, and asks to hear when the thread exits.
     fn init_cache(self: &Arc<Self>) {
         let Some(cache) = self.caches.current() else { return };
-        if cache.body().is_none() && cache.body_or_init(self.classes.count()).1 {
+        let body = cache.body_or_init(self.classes.count());
+        let me = crate::thread_slots::thread_id();
+        // Only this slot's owner writes it (as for the cache itself).
+        if body.hooked.load(Relaxed) != me {
+            body.hooked.store(me, Relaxed);
             let weak: std::sync::Weak<DevicePool> = Arc::downgrade(self);
             on_thread_exit(weak);
         }
@@ -851,14 +855,25 @@ impl DevicePool {
 
     /// Occupied classes, with their indices.
     fn occupancy(&self) -> Vec<(usize, ClassOccupancy)> {
-        let mut buffers = vec![0u64; self.classes.count()];
-        for body in self.caches.iter().filter_map(|cache| cache.body()) {
-            for (class, n) in buffers.iter_mut().enumerate() {
-                *n += body.held(class);
-            }
-        }
-        for (n, shared) in buffers.iter_mut().zip(self.shared.iter()) {
-            *n += to_u64(lock(shared).len());
+        let bodies: Vec<&Body> = self.caches.iter().filter_map(|cache| cache.body()).collect();
+        // Per class, the caches are read under the shared store's lock: a thread that exits
+        // moves its blocks into the store and publishes its emptied cache under that lock,
+        // so a snapshot taken as threads exit sees each block once.
+        let buffers: Vec<u64> = self
+            .shared
+            .iter()
+            .enumerate()
+            .map(|(class, shared)| {
+                let shared = lock(shared);
+                to_u64(shared.len()) + bodies.iter().map(|body| body.held(class)).sum::<u64>()
+            })
+            .collect();
+        let mut buffers = buffers;
+        // A snapshot taken while other threads work may still see one block twice (taken
+        // from the store, used and returned to a cache between the reads). Every pooled
+        // block is paid for by the class's budget, so no class shows more than that.
+        for ((class, n), budget) in buffers.iter_mut().enumerate().zip(self.class_budget.iter()) {
+            *n = (*n).min(budget.load(Relaxed) / to_u64(self.classes.size_of(class)));
         }
         buffers
             .into_iter()
@@ -892,7 +907,11 @@ impl DevicePool {
             device: Some(self.device),
             kind: Some(self.kind),
             allocated: nonneg(sum.live_bytes),
-            pooled: classes.iter().map(|o| o.class_bytes * o.buffers).sum(),
+            pooled: classes
+                .iter()
+                .map(|o| o.class_bytes * o.buffers)
+                .sum::<u64>()
+                .min(self.total_budget.load(Relaxed)),
             reserved: c.held.load(Relaxed),
             pending_free: c.pending_free.load(Relaxed),
             requested: nonneg(sum.requested),
@@ -929,16 +948,28 @@ impl ThreadExit for DevicePool {
     /// its blocks, and gives back its spare credit.
     fn thread_exited(&self, index: usize) {
         let Some(body) = self.caches.get(index).and_then(|cache| cache.body()) else { return };
-        let mut blocks = Vec::new();
-        let mut spare = Vec::new();
+        let mut closed = Vec::new();
         let take = |stacks: &mut Box<[CacheClass]>| {
             for (class, slot) in stacks.iter_mut().enumerate() {
                 let mut taken = Vec::new();
                 slot.take_all(&mut taken);
-                spare.push((class, slot.take_spare_credit()));
-                body.publish(class, slot);
+                self.release_budget(class, u64::from(slot.take_spare_credit()));
+                if taken.is_empty() {
+                    body.publish(class, slot);
+                    continue;
+                }
+                // Into the shared store, with the credit that paid for them, while the cache is
+                // still held, and published under the store's lock: a trim or a statistics
+                // snapshot on another thread finds every block in one place or the other.
+                if let Some(shared) = self.shared.get(class) {
+                    let mut shared = lock(shared);
+                    if !self.closed.load(Relaxed) {
+                        shared.append(&mut taken);
+                    }
+                    body.publish(class, slot);
+                }
                 if !taken.is_empty() {
-                    blocks.push((class, taken));
+                    closed.push((class, taken));
                 }
             }
         };
@@ -948,17 +979,16 @@ impl ThreadExit for DevicePool {
         // stealer that has the cache now is done within a few instructions.
         loop {
             // SAFETY: called on the exiting thread, the cache's owner (see `ThreadExit`), and
-            // the closure does not re-enter the pool's caches.
+            // the closure does not re-enter the pool's caches (it takes a shared store's lock,
+            // whose holders never wait for a cache).
             let done = unsafe { body.stacks.owner(|stacks| take.take().map(|mut take| take(stacks))) };
             if done.is_some() {
                 break;
             }
             crate::sync::spin_wait(&mut round);
         }
-        for (class, units) in spare {
-            self.release_budget(class, u64::from(units));
-        }
-        for (class, taken) in blocks {
+        // The pool was closed meanwhile: these are freed (and their budget given back).
+        for (class, taken) in closed {
             self.keep_shared(class, taken);
         }
     }
