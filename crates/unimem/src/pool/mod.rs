@@ -859,24 +859,16 @@ impl DevicePool {
         // Per class, the caches are read under the shared store's lock: a thread that exits
         // moves its blocks into the store and publishes its emptied cache under that lock,
         // so a snapshot taken as threads exit sees each block once.
-        let buffers: Vec<u64> = self
-            .shared
-            .iter()
-            .enumerate()
-            .map(|(class, shared)| {
-                let shared = lock(shared);
-                to_u64(shared.len()) + bodies.iter().map(|body| body.held(class)).sum::<u64>()
-            })
-            .collect();
-        let mut buffers = buffers;
         // A snapshot taken while other threads work may still see one block twice (taken
         // from the store, used and returned to a cache between the reads). Every pooled
         // block is paid for by the class's budget, so no class shows more than that.
-        for ((class, n), budget) in buffers.iter_mut().enumerate().zip(self.class_budget.iter()) {
-            *n = (*n).min(budget.load(Relaxed) / to_u64(self.classes.size_of(class)));
-        }
+        let buffers =
+            self.shared.iter().zip(self.class_budget.iter()).enumerate().map(|(class, (shared, budget))| {
+                let shared = lock(shared);
+                let counted = to_u64(shared.len()) + bodies.iter().map(|body| body.held(class)).sum::<u64>();
+                counted.min(budget.load(Relaxed) / to_u64(self.classes.size_of(class)))
+            });
         buffers
-            .into_iter()
             .enumerate()
             .filter(|&(_, n)| n > 0)
             .map(|(class, n)| {
