@@ -24,7 +24,7 @@
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 #![cfg_attr(
-    not(any(feature = "opencl", feature = "cuda")),
+    not(any(feature = "opencl", feature = "cuda", feature = "wgpu")),
     allow(dead_code, reason = "the device-memory paths have no caller without a device backend")
 )]
 
@@ -63,6 +63,10 @@ pub use options::MemoryOptions;
 pub use peer::{NoPeerPath, PeerAccess, PeerManager, PeerTopology};
 pub use pool::size_class::{MAX_CLASS_BYTES, MIN_CLASS_BYTES};
 pub use stats::{ClassOccupancy, MemoryStatistics, PoolStatistics};
+#[cfg(feature = "wgpu")]
+pub use backend::wgpu::{WgpuAccess, WgpuBackend};
+#[cfg(feature = "wgpu")]
+pub use wgpu;
 pub use transfer::{
     Declined, Destination, Source, Strategy, StrategyStatistics, TransferOptions, TransferReport,
     TransferStatistics,

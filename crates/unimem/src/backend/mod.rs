@@ -14,6 +14,8 @@ pub(crate) mod cuda;
 #[cfg(feature = "opencl")]
 pub(crate) mod opencl;
 pub(crate) mod pending;
+#[cfg(feature = "wgpu")]
+pub(crate) mod wgpu;
 
 use crate::device::{DeviceInfo, DeviceKind, MemoryKind};
 use pending::Pending;
@@ -65,7 +67,7 @@ pub(crate) fn accelerators(only: Option<&[DeviceKind]>) -> (Vec<Arc<dyn Backend>
     let wanted = |kind| only.is_none_or(|kinds| kinds.contains(&kind));
     #[allow(unused_mut, reason = "filled only when a device backend is compiled in")]
     let (mut found, mut notes): (Vec<Arc<dyn Backend>>, Vec<String>) = (Vec::new(), Vec::new());
-    for (kind, feature) in [(DeviceKind::Cuda, "cuda"), (DeviceKind::OpenCl, "opencl")] {
+    for (kind, feature) in [(DeviceKind::Cuda, "cuda"), (DeviceKind::OpenCl, "opencl"), (DeviceKind::Wgpu, "wgpu")] {
         if !wanted(kind) {
             continue;
         }
@@ -74,6 +76,8 @@ pub(crate) fn accelerators(only: Option<&[DeviceKind]>) -> (Vec<Arc<dyn Backend>
             DeviceKind::Cuda => add("CUDA", cuda::discover(), &mut found, &mut notes),
             #[cfg(feature = "opencl")]
             DeviceKind::OpenCl => add("OpenCL", opencl::discover(), &mut found, &mut notes),
+            #[cfg(feature = "wgpu")]
+            DeviceKind::Wgpu => add("wgpu", wgpu::discover(), &mut found, &mut notes),
             _ => false,
         };
         if !compiled && only.is_some() {
