@@ -90,7 +90,9 @@ fn devices(json: bool) -> anyhow::Result<()> {
     if !cfg!(feature = "cuda") {
         writeln!(out, "cuda: not built in (build with the default features)")?;
     }
-    writeln!(out, "wgpu: not built into this version")?;
+    if !cfg!(feature = "wgpu") {
+        writeln!(out, "wgpu: not built in (build with the default features)")?;
+    }
     out.flush()?;
     Ok(())
 }

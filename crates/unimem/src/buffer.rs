@@ -298,6 +298,10 @@ impl<T: Element> Buffer<T> {
     /// Records `fence`, after a caller's queue's last use of the memory (its raw-access guard
     /// dropped): unimem's next use of the memory, and the pool's next user of it once the
     /// buffer is dropped, are ordered after it.
+    #[cfg_attr(
+        not(any(feature = "opencl", feature = "cuda")),
+        allow(dead_code, reason = "used by the OpenCL and CUDA backends")
+    )]
     pub(crate) fn record_last_use(&mut self, fence: Fence) {
         self.last_use = Some(fence);
         *self.last_use_pending.get_mut() = true;

@@ -95,6 +95,10 @@ impl Staging {
     }
 
     /// Bytes of memory owned.
+    #[cfg_attr(
+        not(any(feature = "opencl", feature = "cuda")),
+        allow(dead_code, reason = "used by the OpenCL and CUDA backends")
+    )]
     pub(crate) fn len(&self) -> usize {
         self.bytes
     }

@@ -49,6 +49,8 @@ pub use backend::BackendError;
 pub use backend::cuda::{CudaAccess, CudaBackend};
 #[cfg(feature = "opencl")]
 pub use backend::opencl::{OpenClBackend, OpenClMem, OpenClSvm};
+#[cfg(feature = "wgpu")]
+pub use backend::wgpu::{WgpuAccess, WgpuBackend};
 pub use buffer::{Buffer, BufferView, BufferViewMut, Mapping};
 pub use bytemuck;
 #[cfg(feature = "cuda")]
@@ -63,14 +65,12 @@ pub use options::MemoryOptions;
 pub use peer::{NoPeerPath, PeerAccess, PeerManager, PeerTopology};
 pub use pool::size_class::{MAX_CLASS_BYTES, MIN_CLASS_BYTES};
 pub use stats::{ClassOccupancy, MemoryStatistics, PoolStatistics};
-#[cfg(feature = "wgpu")]
-pub use backend::wgpu::{WgpuAccess, WgpuBackend};
-#[cfg(feature = "wgpu")]
-pub use wgpu;
 pub use transfer::{
     Declined, Destination, Source, Strategy, StrategyStatistics, TransferOptions, TransferReport,
     TransferStatistics,
 };
+#[cfg(feature = "wgpu")]
+pub use wgpu;
 
 /// The element types a buffer can hold: plain data that any bit pattern makes valid
 /// (`bytemuck::Pod`), shareable between threads. All primitive numbers qualify, and so do

@@ -131,9 +131,11 @@ fn keep_busy(manager: &MemoryManager, device: DeviceId) -> unimem::Buffer<u32> {
     let mut busy = manager.allocate_on::<u32>(device, 1 << 16, AllocationMode::Unpooled).unwrap();
     let mut input = manager.allocate_on::<u32>(device, 1 << 16, AllocationMode::Unpooled).unwrap();
     let slow = Shader::new(gpu.device(), "slow_iota");
-    let (input, output) = (input.wgpu_buffer(MapMode::Read).unwrap(), busy.wgpu_buffer(MapMode::Write).unwrap());
-    slow.run(gpu, input.binding(), output.binding(), 1 << 16);
-    drop(output);
+    {
+        let (input, output) =
+            (input.wgpu_buffer(MapMode::Read).unwrap(), busy.wgpu_buffer(MapMode::Write).unwrap());
+        slow.run(gpu, input.binding(), output.binding(), 1 << 16);
+    }
     busy
 }
 
@@ -318,7 +320,8 @@ fn a_shader_writes_and_the_host_sees_it_in_every_mode() {
         input.map(MapMode::Write).unwrap().copy_from_slice(&src);
         output.as_mut_slice().map(|s| s.fill(7)).or_else(|_| output.fill(7)).unwrap();
         {
-            let (input, output) = (input.wgpu_buffer(MapMode::Read).unwrap(), output.wgpu_buffer(MapMode::Write).unwrap());
+            let (input, output) =
+                (input.wgpu_buffer(MapMode::Read).unwrap(), output.wgpu_buffer(MapMode::Write).unwrap());
             scale.run(gpu, input.binding(), output.binding(), n as u32);
         }
         let expected: Vec<u32> = src.iter().enumerate().map(|(i, x)| x * 3 + i as u32).collect();
@@ -327,7 +330,8 @@ fn a_shader_writes_and_the_host_sees_it_in_every_mode() {
         // Again, after host writes: the second round sees them.
         input.as_mut_slice().unwrap()[5] = 100;
         {
-            let (input, output) = (input.wgpu_buffer(MapMode::Read).unwrap(), output.wgpu_buffer(MapMode::Write).unwrap());
+            let (input, output) =
+                (input.wgpu_buffer(MapMode::Read).unwrap(), output.wgpu_buffer(MapMode::Write).unwrap());
             scale.run(gpu, input.binding(), output.binding(), n as u32);
         }
         assert_eq!(output.as_slice().unwrap()[5], 305, "{mode:?}");
@@ -348,7 +352,8 @@ fn pooled_reuse_comes_after_the_last_submission_that_used_the_block() {
         }
         let mut block = manager.allocate_on::<u32>(device, n, mode).unwrap();
         {
-            let (i, o) = (input.wgpu_buffer(MapMode::Read).unwrap(), block.wgpu_buffer(MapMode::Write).unwrap());
+            let (i, o) =
+                (input.wgpu_buffer(MapMode::Read).unwrap(), block.wgpu_buffer(MapMode::Write).unwrap());
             slow.run(gpu, i.binding(), o.binding(), n as u32);
         }
         drop(block); // the shader may still run
@@ -358,7 +363,10 @@ fn pooled_reuse_comes_after_the_last_submission_that_used_the_block() {
         if reused.location() != Location::Device {
             // Host-visible: read in place, ordered after the shader by the block's fence.
             let seen = reused.as_slice().unwrap();
-            assert!(seen.iter().enumerate().all(|(i, &x)| x == i as u32), "{mode:?}: reuse saw the shader unfinished");
+            assert!(
+                seen.iter().enumerate().all(|(i, &x)| x == i as u32),
+                "{mode:?}: reuse saw the shader unfinished"
+            );
         }
         // The next user's writes are never overwritten by the earlier shader.
         reused.copy_from_blocking(&vec![5; n], 0).unwrap();
@@ -452,7 +460,10 @@ fn bad_input_is_refused_and_nothing_is_lost() {
     assert!(matches!(err, Error::OutOfBounds { offset: 95, len: 10, buffer_len: 100 }), "{err}");
     let mut cpu = manager.allocate::<f32>(10, AllocationMode::Pooled).unwrap();
     let err = cpu.wgpu_buffer(MapMode::Read).unwrap_err();
-    assert!(matches!(err, Error::WrongBackend { expected: DeviceKind::Wgpu, found: DeviceKind::Cpu, .. }), "{err}");
+    assert!(
+        matches!(err, Error::WrongBackend { expected: DeviceKind::Wgpu, found: DeviceKind::Cpu, .. }),
+        "{err}"
+    );
     assert!(matches!(manager.wgpu_device(DeviceId::CPU), Err(Error::WrongDeviceKind { .. })));
     assert_eq!(buffer.as_slice().unwrap(), &data(100)[..], "the buffer is intact");
 }

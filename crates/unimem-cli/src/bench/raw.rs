@@ -183,6 +183,8 @@ pub fn for_device(manager: &MemoryManager, device: DeviceId) -> anyhow::Result<V
         DeviceKind::OpenCl => vec![Box::new(opencl::ClBuffer::new(manager, device, false)?)],
         #[cfg(feature = "cuda")]
         DeviceKind::Cuda => cuda::allocators(manager, device)?,
+        #[cfg(feature = "wgpu")]
+        DeviceKind::Wgpu => vec![Box::new(gpu::WgpuBuffers::new(manager, device)?)],
         #[allow(unreachable_patterns, reason = "with every backend built in, every kind is matched above")]
         _ => Vec::new(),
     })
@@ -404,6 +406,134 @@ mod opencl {
             // SAFETY: a buffer from clCreateBuffer, released once (OpenCL deletes it after
             // the commands queued on it).
             let _ = unsafe { memory::release_mem_object(mem) };
+        }
+    }
+}
+
+#[cfg(feature = "wgpu")]
+mod gpu {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Mutex, PoisonError};
+
+    use anyhow::Context as _;
+    use unimem::wgpu;
+    use unimem::{DeviceId, MemoryManager};
+
+    use super::{RawAllocator, RawBlock};
+
+    /// `Device::create_buffer` and its drop, with what a wgpu user writes for copies:
+    /// `Queue::write_buffer`; a copy into a `MAP_READ` buffer (kept between reads) and
+    /// `map_async`; `copy_buffer_to_buffer`; each submitted and waited for with
+    /// `Device::poll`.
+    pub struct WgpuBuffers {
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        buffers: Mutex<HashMap<u64, wgpu::Buffer>>,
+        next: AtomicU64,
+        readback: Mutex<Option<wgpu::Buffer>>,
+    }
+
+    impl WgpuBuffers {
+        pub fn new(manager: &MemoryManager, device: DeviceId) -> anyhow::Result<Self> {
+            let gpu = manager.wgpu_device(device)?;
+            Ok(WgpuBuffers {
+                device: gpu.device().clone(),
+                queue: gpu.queue().clone(),
+                buffers: Mutex::default(),
+                next: AtomicU64::new(1),
+                readback: Mutex::default(),
+            })
+        }
+
+        fn buffer(&self, block: RawBlock) -> anyhow::Result<wgpu::Buffer> {
+            let buffers = self.buffers.lock().unwrap_or_else(PoisonError::into_inner);
+            buffers.get(&block.handle).cloned().context("not a buffer of this allocator")
+        }
+
+        fn finish(&self, encoder: Option<wgpu::CommandEncoder>) -> anyhow::Result<()> {
+            let index = self.queue.submit(encoder.map(wgpu::CommandEncoder::finish));
+            self.device.poll(wgpu::PollType::Wait { submission_index: Some(index), timeout: None })?;
+            Ok(())
+        }
+
+        fn encoder(&self) -> wgpu::CommandEncoder {
+            self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor::default())
+        }
+    }
+
+    /// wgpu's sizes are whole 4-byte words.
+    fn words(bytes: usize) -> u64 {
+        (bytes.max(1) as u64).next_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT)
+    }
+
+    impl RawAllocator for WgpuBuffers {
+        fn name(&self) -> &'static str {
+            "wgpu create_buffer"
+        }
+
+        fn allocate(&self, bytes: usize) -> anyhow::Result<RawBlock> {
+            let usage =
+                wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+            let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("raw"),
+                size: words(bytes),
+                usage,
+                mapped_at_creation: false,
+            });
+            let handle = self.next.fetch_add(1, Ordering::Relaxed);
+            self.buffers.lock().unwrap_or_else(PoisonError::into_inner).insert(handle, buffer);
+            Ok(RawBlock { handle, bytes })
+        }
+
+        fn first_write(&self, block: RawBlock) -> anyhow::Result<()> {
+            let mut encoder = self.encoder();
+            encoder.clear_buffer(&self.buffer(block)?, 0, None);
+            self.finish(Some(encoder))
+        }
+
+        fn free(&self, block: RawBlock) {
+            self.buffers.lock().unwrap_or_else(PoisonError::into_inner).remove(&block.handle);
+        }
+
+        fn copy_calls(&self) -> [&'static str; 3] {
+            ["write_buffer", "copy + map_async", "copy_buffer_to_buffer"]
+        }
+
+        fn write(&self, dst: RawBlock, src: &[u8]) -> anyhow::Result<()> {
+            self.queue.write_buffer(&self.buffer(dst)?, 0, src);
+            self.finish(None)
+        }
+
+        fn read(&self, src: RawBlock, dst: &mut [u8]) -> anyhow::Result<()> {
+            let size = words(dst.len());
+            let mut cached = self.readback.lock().unwrap_or_else(PoisonError::into_inner);
+            let staging = match cached.take().filter(|b| b.size() >= size) {
+                Some(buffer) => buffer,
+                None => self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("raw read-back"),
+                    size,
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                }),
+            };
+            let mut encoder = self.encoder();
+            encoder.copy_buffer_to_buffer(&self.buffer(src)?, 0, &staging, 0, size);
+            self.finish(Some(encoder))?;
+            let (sender, receiver) = std::sync::mpsc::channel();
+            staging.slice(..size).map_async(wgpu::MapMode::Read, move |r| drop(sender.send(r)));
+            self.device.poll(wgpu::PollType::wait_indefinitely())?;
+            receiver.recv()??;
+            dst.copy_from_slice(&staging.slice(..size).get_mapped_range()?[..dst.len()]);
+            staging.unmap();
+            *cached = Some(staging);
+            Ok(())
+        }
+
+        fn copy(&self, src: RawBlock, dst: RawBlock, bytes: usize) -> anyhow::Result<()> {
+            let mut encoder = self.encoder();
+            encoder.copy_buffer_to_buffer(&self.buffer(src)?, 0, &self.buffer(dst)?, 0, words(bytes));
+            self.finish(Some(encoder))
         }
     }
 }

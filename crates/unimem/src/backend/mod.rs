@@ -67,7 +67,9 @@ pub(crate) fn accelerators(only: Option<&[DeviceKind]>) -> (Vec<Arc<dyn Backend>
     let wanted = |kind| only.is_none_or(|kinds| kinds.contains(&kind));
     #[allow(unused_mut, reason = "filled only when a device backend is compiled in")]
     let (mut found, mut notes): (Vec<Arc<dyn Backend>>, Vec<String>) = (Vec::new(), Vec::new());
-    for (kind, feature) in [(DeviceKind::Cuda, "cuda"), (DeviceKind::OpenCl, "opencl"), (DeviceKind::Wgpu, "wgpu")] {
+    for (kind, feature) in
+        [(DeviceKind::Cuda, "cuda"), (DeviceKind::OpenCl, "opencl"), (DeviceKind::Wgpu, "wgpu")]
+    {
         if !wanted(kind) {
             continue;
         }

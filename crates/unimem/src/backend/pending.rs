@@ -26,6 +26,10 @@ pub(crate) fn leaked_staging_bytes() -> u64 {
 
 /// Leaks `staging`, which a device command may still use when nobody can tell when it ends
 /// (a completion could not be enqueued, and waiting failed too), counting its bytes.
+#[cfg_attr(
+    not(any(feature = "opencl", feature = "cuda")),
+    allow(dead_code, reason = "used by the OpenCL and CUDA backends")
+)]
 pub(crate) fn leak_staging(staging: Option<Staging>) {
     if let Some(staging) = staging {
         LEAKED_STAGING.fetch_add(staging.len() as u64, Ordering::Relaxed);
@@ -134,6 +138,10 @@ impl Signal {
     /// it: for operations whose device command may still run and can no longer be waited
     /// for (a callback could not be registered, and waiting failed too). The bytes are
     /// counted (`MemoryStatistics::leaked_staging_bytes`).
+    #[cfg_attr(
+        not(any(feature = "opencl", feature = "cuda")),
+        allow(dead_code, reason = "used by the OpenCL and CUDA backends")
+    )]
     pub(crate) fn complete_leaking_staging(self, outcome: Result<(), BackendError>) {
         let staging = self.0.lock().staging.take();
         leak_staging(staging);
@@ -141,6 +149,10 @@ impl Signal {
     }
 
     /// The signal as a pointer for a C callback's user data.
+    #[cfg_attr(
+        not(any(feature = "opencl", feature = "cuda")),
+        allow(dead_code, reason = "used by the OpenCL and CUDA backends")
+    )]
     pub(crate) fn into_raw(self) -> *mut std::ffi::c_void {
         Arc::into_raw(self.0).cast_mut().cast()
     }
@@ -149,6 +161,10 @@ impl Signal {
     ///
     /// # Safety
     /// `raw` came from `into_raw` and is turned back once.
+    #[cfg_attr(
+        not(any(feature = "opencl", feature = "cuda")),
+        allow(dead_code, reason = "used by the OpenCL and CUDA backends")
+    )]
     pub(crate) unsafe fn from_raw(raw: *mut std::ffi::c_void) -> Signal {
         // SAFETY: the caller passes a pointer from `Arc::into_raw` of a `State`, once.
         Signal(unsafe { Arc::from_raw(raw.cast_const().cast::<State>()) })

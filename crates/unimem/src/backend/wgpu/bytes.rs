@@ -80,7 +80,7 @@ impl ByteCopy {
         let limits = device.limits();
         let align = u64::from(limits.min_storage_buffer_offset_alignment).max(4);
         let groups = u64::from(limits.max_compute_workgroups_per_dimension);
-        let window = u64::from(limits.max_storage_buffer_binding_size).saturating_sub(2 * align);
+        let window = limits.max_storage_buffer_binding_size.saturating_sub(2 * align);
         let piece = (8 << 20).min(window).min((groups - 1) * WORKGROUP * 4) & !3;
         Ok(ByteCopy { pipeline, piece: piece.max(4), align })
     }
@@ -95,13 +95,14 @@ impl ByteCopy {
         src: (&wgpu::Buffer, u64),
         dst: (&wgpu::Buffer, u64),
         len: u64,
-    ) {
+    ) -> Result<(), BackendError> {
         let mut done = 0;
         while done < len {
             let n = self.piece.min(len - done);
-            self.dispatch(device, encoder, (src.0, src.1 + done), (dst.0, dst.1 + done), n);
+            self.dispatch(device, encoder, (src.0, src.1 + done), (dst.0, dst.1 + done), n)?;
             done += n;
         }
+        Ok(())
     }
 
     fn dispatch(
@@ -111,7 +112,14 @@ impl ByteCopy {
         (src, src_offset): (&wgpu::Buffer, u64),
         (dst, dst_offset): (&wgpu::Buffer, u64),
         len: u64,
-    ) {
+    ) -> Result<(), BackendError> {
+        // Pieces are a few MiB: every figure below fits a `u32`.
+        let small = |v: u64| {
+            u32::try_from(v).map_err(|_| BackendError::Driver {
+                call: "byte copy",
+                message: format!("a piece of {len} bytes does not fit one dispatch"),
+            })
+        };
         // Binding windows: from the aligned start below each range to the word after it.
         let window = |offset: u64| {
             let start = offset / self.align * self.align;
@@ -123,8 +131,12 @@ impl ByteCopy {
         let dst_lo = dst_offset - dst_start;
         let first_word = dst_lo / 4;
         let words = (dst_lo + len).div_ceil(4) - first_word;
-        let params: [u32; 8] = [dst_lo, dst_lo + len, src_offset - src_start, first_word, words, 0, 0, 0]
-            .map(|v| u32::try_from(v).expect("a window is smaller than 4 GiB"));
+        let mut params = [0u32; 8];
+        for (param, value) in
+            params.iter_mut().zip([dst_lo, dst_lo + len, src_offset - src_start, first_word, words])
+        {
+            *param = small(value)?;
+        }
         let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("unimem byte copy parameters"),
             contents: bytemuck::cast_slice(&params),
@@ -132,7 +144,11 @@ impl ByteCopy {
         });
         let binding = |index, buffer, offset, size| wgpu::BindGroupEntry {
             binding: index,
-            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer, offset, size: NonZeroU64::new(size) }),
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer,
+                offset,
+                size: NonZeroU64::new(size),
+            }),
         };
         let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some("unimem byte copy"),
@@ -149,7 +165,7 @@ impl ByteCopy {
         });
         pass.set_pipeline(&self.pipeline);
         pass.set_bind_group(0, &group, &[]);
-        let groups = u32::try_from(words.div_ceil(WORKGROUP)).expect("pieces fit one dispatch");
-        pass.dispatch_workgroups(groups, 1, 1);
+        pass.dispatch_workgroups(small(words.div_ceil(WORKGROUP))?, 1, 1);
+        Ok(())
     }
 }

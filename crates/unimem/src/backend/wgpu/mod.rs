@@ -84,10 +84,8 @@ fn enumerate() -> Discovery {
     let instance = wgpu::Instance::new(descriptor);
     let mut adapters = pollster::block_on(instance.enumerate_adapters(backends));
     if adapters.is_empty() {
-        let asked = std::env::var("WGPU_BACKEND").map_or_else(
-            |_| "Vulkan, Metal or DX12".to_string(),
-            |names| format!("WGPU_BACKEND={names}"),
-        );
+        let asked = std::env::var("WGPU_BACKEND")
+            .map_or_else(|_| "Vulkan, Metal or DX12".to_string(), |names| format!("WGPU_BACKEND={names}"));
         return Discovery::none(format!(
             "no adapter found through {asked} (no Vulkan loader or driver: install libvulkan1 and a \
              driver, such as mesa-vulkan-drivers)"
@@ -146,7 +144,9 @@ pub(super) fn create_buffer(
     let bytes = usize::try_from(size).unwrap_or(usize::MAX);
     match (out_of_memory, invalid) {
         (Some(_), _) => Err(BackendError::OutOfMemory { bytes }),
-        (None, Some(e)) => Err(BackendError::Driver { call: "Device::create_buffer", message: e.to_string() }),
+        (None, Some(e)) => {
+            Err(BackendError::Driver { call: "Device::create_buffer", message: e.to_string() })
+        }
         (None, None) => Ok(buffer),
     }
 }
@@ -199,9 +199,10 @@ pub struct WgpuBackend {
 impl WgpuBackend {
     fn new(adapter: wgpu::Adapter, info: wgpu::AdapterInfo) -> Result<Self, BackendError> {
         let mappable = adapter.features().contains(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS);
-        let unified = mappable
-            && matches!(info.device_type, wgpu::DeviceType::IntegratedGpu | wgpu::DeviceType::Cpu);
-        let features = if mappable { wgpu::Features::MAPPABLE_PRIMARY_BUFFERS } else { wgpu::Features::empty() };
+        let unified =
+            mappable && matches!(info.device_type, wgpu::DeviceType::IntegratedGpu | wgpu::DeviceType::Cpu);
+        let features =
+            if mappable { wgpu::Features::MAPPABLE_PRIMARY_BUFFERS } else { wgpu::Features::empty() };
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("unimem"),
             required_features: features,
@@ -209,7 +210,10 @@ impl WgpuBackend {
             required_limits: adapter.limits(),
             ..Default::default()
         }))
-        .map_err(|e| BackendError::Driver { call: "Adapter::request_device", message: format!("{}: {e}", info.name) })?;
+        .map_err(|e| BackendError::Driver {
+            call: "Adapter::request_device",
+            message: format!("{}: {e}", info.name),
+        })?;
         let largest = device.limits().max_buffer_size;
         let name = format!("{} ({}, {:?})", info.name, info.backend, info.device_type);
         let poller = Poller::start(device.clone(), &info.name)?;
@@ -281,7 +285,10 @@ impl WgpuBackend {
         self.byte_copy
             .get_or_init(|| ByteCopy::new(&self.device).map_err(|e| e.to_string()))
             .as_ref()
-            .map_err(|message| BackendError::Driver { call: "create the byte-copy shader", message: message.clone() })
+            .map_err(|message| BackendError::Driver {
+                call: "create the byte-copy shader",
+                message: message.clone(),
+            })
     }
 
     fn encoder(&self) -> wgpu::CommandEncoder {
@@ -314,7 +321,13 @@ impl WgpuBackend {
     /// A word-aligned device buffer of unimem's own, for staging on the device.
     fn scratch(&self, bytes: u64) -> Result<wgpu::Buffer, BackendError> {
         let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
-        create_buffer(&self.device, "unimem scratch", bytes.next_multiple_of(GRANULE).max(GRANULE), usage, false)
+        create_buffer(
+            &self.device,
+            "unimem scratch",
+            bytes.next_multiple_of(GRANULE).max(GRANULE),
+            usage,
+            false,
+        )
     }
 
     /// Encodes a copy of `len` bytes between device buffers at any offsets: wgpu's copy for
@@ -329,7 +342,7 @@ impl WgpuBackend {
         if len == 0 {
             return Ok(());
         }
-        if (src_offset | dst_offset | len) % GRANULE == 0 {
+        if (src_offset | dst_offset | len).is_multiple_of(GRANULE) {
             encoder.copy_buffer_to_buffer(src, src_offset, dst, dst_offset, len);
             return Ok(());
         }
@@ -341,34 +354,42 @@ impl WgpuBackend {
             let end = (src_offset + len).next_multiple_of(GRANULE);
             let scratch = self.scratch(end - start)?;
             encoder.copy_buffer_to_buffer(src, start, &scratch, 0, end - start);
-            shader.encode(&self.device, encoder, (&scratch, src_offset - start), (dst, dst_offset), len);
-            return Ok(());
+            return shader.encode(
+                &self.device,
+                encoder,
+                (&scratch, src_offset - start),
+                (dst, dst_offset),
+                len,
+            );
         }
         if src_offset % GRANULE != dst_offset % GRANULE {
-            shader.encode(&self.device, encoder, (src, src_offset), (dst, dst_offset), len);
-            return Ok(());
+            return shader.encode(&self.device, encoder, (src, src_offset), (dst, dst_offset), len);
         }
         // Same phase: the shader for the edges, wgpu's copy for the whole words between.
         let head = ((GRANULE - dst_offset % GRANULE) % GRANULE).min(len);
         let middle = (len - head) / GRANULE * GRANULE;
         let tail = len - head - middle;
         if head > 0 {
-            shader.encode(&self.device, encoder, (src, src_offset), (dst, dst_offset), head);
+            shader.encode(&self.device, encoder, (src, src_offset), (dst, dst_offset), head)?;
         }
         if middle > 0 {
             encoder.copy_buffer_to_buffer(src, src_offset + head, dst, dst_offset + head, middle);
         }
         if tail > 0 {
             let at = head + middle;
-            shader.encode(&self.device, encoder, (src, src_offset + at), (dst, dst_offset + at), tail);
+            shader.encode(&self.device, encoder, (src, src_offset + at), (dst, dst_offset + at), tail)?;
         }
         Ok(())
     }
 
     fn allocate_device(&self, size: u64) -> Result<RawAllocation, BackendError> {
         let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
-        // wgpu zero-initialises every buffer before its first use.
         let buffer = create_buffer(&self.device, "unimem device", size, usage, false)?;
+        // wgpu would zero the buffer at its first use; clearing it now, in queue order and
+        // without waiting, does that work here, where the allocation's cost belongs.
+        let mut encoder = self.encoder();
+        encoder.clear_buffer(&buffer, 0, None);
+        self.submit_only(Some(encoder))?;
         Ok(self.raw(Mem { buffer, map: None }, None, size))
     }
 
@@ -407,10 +428,16 @@ impl WgpuBackend {
         match &*guard {
             MapState::Mapped => Ok(None),
             MapState::Remapping(seq) => Ok(Some(*seq)),
-            MapState::Failed(why) => Err(BackendError::Driver { call: "Buffer::map_async", message: why.clone() }),
+            MapState::Failed(why) => {
+                Err(BackendError::Driver { call: "Buffer::map_async", message: why.clone() })
+            }
             MapState::Unmapped => {
-                let job =
-                    Job::Remap { buffer: mem.buffer.clone(), size: mem.buffer.size(), host, state: Arc::clone(state) };
+                let job = Job::Remap {
+                    buffer: mem.buffer.clone(),
+                    size: mem.buffer.size(),
+                    host,
+                    state: Arc::clone(state),
+                };
                 let seq = self.poller.push(job);
                 *guard = MapState::Remapping(seq);
                 Ok(Some(seq))
@@ -471,13 +498,23 @@ impl Backend for WgpuBackend {
         Ok(())
     }
 
-    unsafe fn write(&self, allocation: &RawAllocation, offset: usize, src: &[u8]) -> Result<(), BackendError> {
+    unsafe fn write(
+        &self,
+        allocation: &RawAllocation,
+        offset: usize,
+        src: &[u8],
+    ) -> Result<(), BackendError> {
         // SAFETY: the caller's guarantees are `enqueue_write`'s; `src` outlives the wait below.
         unsafe { self.enqueue_write(allocation, offset, src.as_ptr(), src.len()) }?;
         pollster::block_on(self.completion(None)?).map(drop)
     }
 
-    unsafe fn read(&self, allocation: &RawAllocation, offset: usize, dst: &mut [u8]) -> Result<(), BackendError> {
+    unsafe fn read(
+        &self,
+        allocation: &RawAllocation,
+        offset: usize,
+        dst: &mut [u8],
+    ) -> Result<(), BackendError> {
         // SAFETY: as in `write`; `dst` is borrowed exclusively until the wait below is over.
         unsafe { self.enqueue_read(allocation, offset, dst.as_mut_ptr(), dst.len()) }?;
         pollster::block_on(self.completion(None)?).map(drop)
@@ -507,7 +544,10 @@ impl Queue for WgpuBackend {
     fn order_after(&self, fence: &Fence) -> Result<(), BackendError> {
         match fence.downcast_ref::<PollerFence>() {
             Some(f) if Arc::ptr_eq(&f.poller, &self.poller) => Ok(()),
-            _ => Err(BackendError::Driver { call: "order_after", message: "not a fence of this wgpu device".into() }),
+            _ => Err(BackendError::Driver {
+                call: "order_after",
+                message: "not a fence of this wgpu device".into(),
+            }),
         }
     }
 
@@ -523,7 +563,11 @@ impl Queue for WgpuBackend {
         }
     }
 
-    fn before_device_access(&self, allocation: &RawAllocation, _kind: MemoryKind) -> Result<(), BackendError> {
+    fn before_device_access(
+        &self,
+        allocation: &RawAllocation,
+        _kind: MemoryKind,
+    ) -> Result<(), BackendError> {
         let mem = Mem::of(allocation);
         if let Some(seq) = self.remap(allocation)? {
             // Mapped back from an earlier guard (or being): wait, then hand it over again.
@@ -536,7 +580,9 @@ impl Queue for WgpuBackend {
                 *state = MapState::Unmapped;
                 Ok(())
             }
-            MapState::Failed(why) => Err(BackendError::Driver { call: "Buffer::map_async", message: why.clone() }),
+            MapState::Failed(why) => {
+                Err(BackendError::Driver { call: "Buffer::map_async", message: why.clone() })
+            }
             MapState::Unmapped | MapState::Remapping(_) => Ok(()),
         }
     }
@@ -563,7 +609,7 @@ impl Queue for WgpuBackend {
         let buffer = &Mem::of(allocation).buffer;
         let (offset, size) = (offset as u64, len as u64);
         self.health()?;
-        if (offset | size) % GRANULE == 0 {
+        if (offset | size).is_multiple_of(GRANULE) {
             let _order = self.submitting.lock().unwrap_or_else(PoisonError::into_inner);
             self.queue.write_buffer(buffer, offset, data);
             // Written at the next submission, before its commands: submit now, so that the
@@ -574,7 +620,8 @@ impl Queue for WgpuBackend {
         // The bytes, at their phase within a word, into scratch; then copied into place.
         let phase = offset % GRANULE;
         let scratch = self.scratch(phase + size)?;
-        let mut words = vec![0u8; usize::try_from((phase + size).next_multiple_of(GRANULE)).unwrap_or(usize::MAX)];
+        let mut words =
+            vec![0u8; usize::try_from((phase + size).next_multiple_of(GRANULE)).unwrap_or(usize::MAX)];
         words[phase as usize..phase as usize + len].copy_from_slice(data);
         let mut encoder = self.encoder();
         self.encode_copy(&mut encoder, (&scratch, phase), (buffer, offset), size)?;
@@ -603,8 +650,16 @@ impl Queue for WgpuBackend {
         let pool = Arc::clone(&self.staging);
         // SAFETY (of the job's copy): the caller keeps `dst..dst + len` for this read until a
         // completion or fence taken after it, which retires after this job.
-        self.submit(Some(encoder), |index| Job::Readback { index, staging, size, skip, len, dst: HostDst(dst), pool })
-            .map(drop)
+        self.submit(Some(encoder), |index| Job::Readback {
+            index,
+            staging,
+            size,
+            skip,
+            len,
+            dst: HostDst(dst),
+            pool,
+        })
+        .map(drop)
     }
 
     unsafe fn enqueue_copy(
@@ -644,6 +699,9 @@ mod tests {
     fn apis_rank_the_platforms_own_first() {
         let mut apis = [wgpu::Backend::Vulkan, wgpu::Backend::Gl, wgpu::Backend::Metal, wgpu::Backend::Dx12];
         apis.sort_by_key(|b| api_rank(*b));
-        assert_eq!(apis, [wgpu::Backend::Metal, wgpu::Backend::Dx12, wgpu::Backend::Vulkan, wgpu::Backend::Gl]);
+        assert_eq!(
+            apis,
+            [wgpu::Backend::Metal, wgpu::Backend::Dx12, wgpu::Backend::Vulkan, wgpu::Backend::Gl]
+        );
     }
 }

@@ -218,9 +218,8 @@ fn finish(device: &wgpu::Device, job: Job) -> Finished {
             let read = wait_for(device, index).and_then(|()| {
                 map(device, &staging, size, wgpu::MapMode::Read)?;
                 {
-                    let view = staging.slice(..size).get_mapped_range().map_err(|e| BackendError::Driver {
-                        call: "BufferSlice::get_mapped_range",
-                        message: e.to_string(),
+                    let view = staging.slice(..size).get_mapped_range().map_err(|e| {
+                        BackendError::Driver { call: "BufferSlice::get_mapped_range", message: e.to_string() }
                     })?;
                     // SAFETY: the view holds `size >= skip + len` bytes (the job was made so);
                     // `dst` is `len` bytes of host memory that nobody else uses until this
@@ -235,9 +234,8 @@ fn finish(device: &wgpu::Device, job: Job) -> Finished {
         }
         Job::Remap { buffer, size, host, state } => {
             let mapped = map(device, &buffer, size, wgpu::MapMode::Write).and_then(|()| {
-                let mut view = buffer.slice(..size).get_mapped_range_mut().map_err(|e| BackendError::Driver {
-                    call: "BufferSlice::get_mapped_range_mut",
-                    message: e.to_string(),
+                let mut view = buffer.slice(..size).get_mapped_range_mut().map_err(|e| {
+                    BackendError::Driver { call: "BufferSlice::get_mapped_range_mut", message: e.to_string() }
                 })?;
                 let at = view.slice(..).as_raw_element_ptr();
                 if at == host {
