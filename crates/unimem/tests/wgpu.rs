@@ -497,3 +497,61 @@ fn without_a_driver_there_are_no_devices_and_a_reason() {
     assert!(output.status.success(), "child failed: {log}");
     assert!(log.contains("reason given: wgpu:"), "{log}");
 }
+
+/// Runs in a child process: the device is destroyed under unimem, as a driver reset would
+/// lose it. Operations fail with an error, dropping buffers neither panics nor hangs, and
+/// the CPU still works.
+#[test]
+fn a_lost_device_fails_with_an_error_and_nothing_hangs() {
+    if std::env::var_os("UNIMEM_LOST_DEVICE_CHILD").is_some() {
+        std::thread::spawn(|| {
+            std::thread::sleep(Duration::from_secs(60));
+            eprintln!("hung for 60 s after the device was lost");
+            std::process::abort();
+        });
+        let Some((manager, device)) = gpu() else { return };
+        let mut buffer = manager.allocate_on::<u8>(device, 1001, AllocationMode::Pooled).unwrap();
+        buffer.copy_from_blocking(&[1; 1001], 0).unwrap();
+        let mut pinned = modes(&manager, device)
+            .contains(&AllocationMode::Pinned)
+            .then(|| manager.allocate_on::<u32>(device, 100, AllocationMode::Pinned).unwrap());
+        if let Some(pinned) = &mut pinned {
+            drop(pinned.wgpu_buffer(MapMode::ReadWrite).unwrap()); // unmapped for the device
+        }
+        manager.wgpu_device(device).unwrap().device().destroy();
+        let mut back = vec![0; 1001];
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            match buffer.copy_to_blocking(&mut back, 0) {
+                Ok(()) => {}
+                Err(e) => failures.push(e.to_string()),
+            }
+        }
+        assert!(!failures.is_empty(), "reads from a destroyed device all succeeded");
+        eprintln!("lost device: {}", failures[0]);
+        if let Some(pinned) = &pinned {
+            assert!(
+                pinned.as_slice().is_err(),
+                "a host-visible buffer that cannot be mapped back is not readable"
+            );
+        }
+        drop(pinned);
+        drop(buffer);
+        let _ = manager.allocate_on::<u8>(device, 10, AllocationMode::Pooled);
+        let mut cpu = manager.allocate::<u8>(4096, AllocationMode::Pooled).unwrap();
+        cpu.as_mut_slice().unwrap().fill(3);
+        drop(manager);
+        eprintln!("lost device handled");
+        return;
+    }
+    let output = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "a_lost_device_fails_with_an_error_and_nothing_hangs", "--nocapture"])
+        .env("UNIMEM_LOST_DEVICE_CHILD", "1")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "child failed: {log}");
+    if std::env::var_os("UNIMEM_REQUIRE_WGPU").is_some() {
+        assert!(log.contains("lost device handled"), "{log}");
+    }
+}

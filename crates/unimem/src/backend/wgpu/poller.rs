@@ -281,8 +281,14 @@ pub(super) fn map(
         // The receiver waits below; a send fails only if it is gone, and then nobody asks.
         let _ = sender.send(result);
     });
+    // The buffer's last submission has finished when a job maps it (or it has none), so
+    // one poll without waiting finds it mapped; waiting, for anything else, would wait for
+    // the device's latest submission, however long.
+    let mut wait = false;
     loop {
-        device.poll(wgpu::PollType::wait_indefinitely()).map_err(poll_error)?;
+        let poll = if wait { wgpu::PollType::wait_indefinitely() } else { wgpu::PollType::Poll };
+        device.poll(poll).map_err(poll_error)?;
+        wait = true;
         match receiver.try_recv() {
             Ok(result) => {
                 return result
