@@ -258,7 +258,14 @@ fn finish(device: &wgpu::Device, job: Job) -> Finished {
 }
 
 fn poll_error(e: wgpu::PollError) -> BackendError {
-    BackendError::DeviceLost { message: format!("Device::poll failed: {e}") }
+    let message = match e {
+        // wgpu's index of a submission that failed: the device refused it.
+        wgpu::PollError::WrongSubmissionIndex(..) => {
+            format!("a submission failed, so the device is lost or broken (Device::poll: {e})")
+        }
+        e => format!("Device::poll failed: {e}"),
+    };
+    BackendError::DeviceLost { message }
 }
 
 /// Blocks until submission `index` has finished on the device.
