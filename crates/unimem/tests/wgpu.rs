@@ -555,3 +555,30 @@ fn a_lost_device_fails_with_an_error_and_nothing_hangs() {
         assert!(log.contains("lost device handled"), "{log}");
     }
 }
+
+/// wgpu and another device backend have no direct path: the engine stages through the host.
+#[test]
+fn transfers_between_wgpu_and_another_backend_go_through_the_host() {
+    let Some((manager, device)) = gpu() else { return };
+    let Some(other) =
+        manager.devices().into_iter().find(|d| !matches!(d.kind, DeviceKind::Cpu | DeviceKind::Wgpu))
+    else {
+        return eprintln!("skipping: no device of another backend");
+    };
+    let n = 100_003;
+    let mut on_gpu = manager.allocate_on::<u8>(device, n, AllocationMode::Pooled).unwrap();
+    on_gpu.copy_from_blocking(&bytes(n, 21), 0).unwrap();
+    let mut on_other = manager.allocate_on::<u8>(other.id, n, AllocationMode::Pooled).unwrap();
+    let there = manager.transfer_blocking(&on_gpu, &mut on_other).unwrap();
+    assert!(
+        matches!(there.strategy, Strategy::PinnedStaging | Strategy::Staged),
+        "{:?}: {:?}",
+        there.strategy,
+        there.declined
+    );
+    assert_eq!(on_other.to_vec().unwrap(), bytes(n, 21), "to {}", other.name);
+    on_gpu.copy_from_blocking(&vec![0; n], 0).unwrap();
+    manager.transfer_blocking(&on_other, &mut on_gpu).unwrap();
+    assert_eq!(on_gpu.to_vec().unwrap(), bytes(n, 21), "back from {}", other.name);
+    eprintln!("{} <-> {}: {:?}", device, other.name, there.strategy);
+}

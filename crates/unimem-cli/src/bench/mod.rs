@@ -32,7 +32,7 @@ use report::{DeviceReport, Report, Row, Settings};
 #[derive(clap::Args)]
 pub struct Args {
     /// Measure only these devices: an id (`0`, `1`, as `unimem devices` lists them) or a
-    /// kind (`cpu`, `opencl`, `cuda`); repeat or separate with commas. Default: every device.
+    /// kind (`cpu`, `opencl`, `cuda`, `wgpu`); repeat or separate with commas. Default: every device.
     #[arg(long, value_delimiter = ',')]
     device: Vec<String>,
     /// A short run (two transfer sizes, three samples, short traces): under 30 s, a smoke
