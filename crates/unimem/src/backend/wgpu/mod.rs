@@ -382,7 +382,7 @@ impl WgpuBackend {
         Ok(())
     }
 
-    fn allocate_device(&self, size: u64) -> Result<RawAllocation, BackendError> {
+    fn allocate_device(&self, size: u64) -> Result<(Mem, Option<NonNull<u8>>), BackendError> {
         let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
         let buffer = create_buffer(&self.device, "unimem device", size, usage, false)?;
         // wgpu would zero the buffer at its first use; clearing it now, in queue order and
@@ -390,10 +390,10 @@ impl WgpuBackend {
         let mut encoder = self.encoder();
         encoder.clear_buffer(&buffer, 0, None);
         self.submit_only(Some(encoder))?;
-        Ok(self.raw(Mem { buffer, map: None }, None, size))
+        Ok((Mem { buffer, map: None }, None))
     }
 
-    fn allocate_mapped(&self, size: u64) -> Result<RawAllocation, BackendError> {
+    fn allocate_mapped(&self, size: u64) -> Result<(Mem, Option<NonNull<u8>>), BackendError> {
         let usage = wgpu::BufferUsages::STORAGE
             | wgpu::BufferUsages::MAP_READ
             | wgpu::BufferUsages::MAP_WRITE
@@ -411,12 +411,7 @@ impl WgpuBackend {
         };
         // The view is gone; the mapping stays until `unmap`, and is the host's.
         let map = Some(Arc::new(Mutex::new(MapState::Mapped)));
-        Ok(self.raw(Mem { buffer, map }, Some(host), size))
-    }
-
-    fn raw(&self, mem: Mem, host: Option<NonNull<u8>>, size: u64) -> RawAllocation {
-        let handle = Box::into_raw(Box::new(mem)) as usize as u64;
-        RawAllocation { handle, host, bytes: usize::try_from(size).unwrap_or(usize::MAX) }
+        Ok((Mem { buffer, map }, Some(host)))
     }
 
     /// Queues the job that maps host-visible memory back after a user's shaders, unless it
@@ -482,12 +477,12 @@ impl Backend for WgpuBackend {
             return Err(BackendError::TooLarge { bytes, largest: self.largest });
         }
         self.health()?;
-        let mut allocation = match kind {
+        let (mem, host) = match kind {
             MemoryKind::Device => self.allocate_device(size),
             MemoryKind::Pinned | MemoryKind::Unified => self.allocate_mapped(size),
         }?;
-        allocation.bytes = bytes.max(1);
-        Ok(allocation)
+        let handle = Box::into_raw(Box::new(mem)) as usize as u64;
+        Ok(RawAllocation { handle, host, bytes: bytes.max(1) })
     }
 
     /// wgpu frees a buffer once the submissions that use it are done: dropping ours is
