@@ -85,8 +85,9 @@ pub struct Buffer<T: Element> {
     block: ManuallyDrop<Box<Block>>,
     len: usize,
     mode: AllocationMode,
-    /// Device memory only: the host copy, present once the host has looked.
-    mirror: OnceLock<HostMirror>,
+    /// Device memory only: the host copy, present once the host has looked. Dropped by
+    /// hand in `Drop`, so that the common drop (no mirror) runs no drop glue for it.
+    mirror: ManuallyDrop<OnceLock<HostMirror>>,
     /// Device memory only: the mirror holds writes the device has not seen.
     host_newer: bool,
     /// Host-visible device memory (pinned, unified) only: a raw handle was given out, so
@@ -94,8 +95,8 @@ pub struct Buffer<T: Element> {
     device_pending: AtomicBool,
     /// The last use of the memory by a caller's queue, recorded when its raw-access guard
     /// dropped: unimem's queue is ordered after it before unimem next uses the memory, and
-    /// before the memory goes back to its pool.
-    last_use: Option<Fence>,
+    /// before the memory goes back to its pool. Dropped by hand in `Drop`, as `mirror`.
+    last_use: ManuallyDrop<Option<Fence>>,
     /// `last_use` is a fence that unimem's queue is not yet ordered after.
     last_use_pending: AtomicBool,
     _element: PhantomData<T>,
@@ -138,10 +139,10 @@ impl<T: Element> Buffer<T> {
             block: ManuallyDrop::new(block),
             len,
             mode,
-            mirror: OnceLock::new(),
+            mirror: ManuallyDrop::new(OnceLock::new()),
             host_newer: false,
             device_pending: AtomicBool::new(false),
-            last_use: None,
+            last_use: ManuallyDrop::new(None),
             last_use_pending: AtomicBool::new(false),
             _element: PhantomData,
         }
@@ -206,7 +207,7 @@ impl<T: Element> Buffer<T> {
     fn ops(&self) -> Result<&dyn Backend> {
         let pool = &self.block.pool;
         if self.last_use_pending.load(Ordering::Acquire) {
-            if let (Some(fence), Some(queue)) = (&self.last_use, pool.queue()) {
+            if let (Some(fence), Some(queue)) = (&*self.last_use, pool.queue()) {
                 queue.order_after(fence).map_err(Error::on(pool.device))?;
             }
             self.last_use_pending.store(false, Ordering::Release);
@@ -265,7 +266,7 @@ impl<T: Element> Buffer<T> {
 
     /// Forgets the host mirror: the device is about to change the contents.
     fn invalidate_mirror(&mut self) {
-        self.mirror = OnceLock::new();
+        *self.mirror = OnceLock::new();
         self.host_newer = false;
     }
 
@@ -303,7 +304,7 @@ impl<T: Element> Buffer<T> {
         allow(dead_code, reason = "used by the OpenCL and CUDA backends")
     )]
     pub(crate) fn record_last_use(&mut self, fence: Fence) {
-        self.last_use = Some(fence);
+        *self.last_use = Some(fence);
         *self.last_use_pending.get_mut() = true;
     }
 
@@ -365,7 +366,7 @@ impl<T: Element> Buffer<T> {
         if access != MapMode::Read {
             self.invalidate_mirror();
         }
-        self.last_use = last_use;
+        *self.last_use = last_use;
         *self.last_use_pending.get_mut() = self.last_use.is_some();
     }
 
@@ -654,7 +655,7 @@ impl<T: Element> Buffer<T> {
     /// Installs a written [`MapMode::Write`] mapping's contents as the host side, newer
     /// than the device.
     pub(crate) fn install_mirror(&mut self, mirror: HostMirror) {
-        self.mirror = OnceLock::from(mirror);
+        *self.mirror = OnceLock::from(mirror);
         self.host_newer = true;
     }
 
@@ -680,10 +681,16 @@ impl<T: Element> Buffer<T> {
 }
 
 impl<T: Element> Drop for Buffer<T> {
-    #[inline]
+    /// The common case (host memory, or device memory the host never looked at and no
+    /// caller's queue touched) is inlined: the block goes back to its pool's cache.
+    #[inline(always)]
     fn drop(&mut self) {
-        if *self.last_use_pending.get_mut() || *self.device_pending.get_mut() {
-            return self.drop_after_device_use();
+        if *self.last_use_pending.get_mut()
+            || *self.device_pending.get_mut()
+            || self.last_use.is_some()
+            || self.mirror.get().is_some()
+        {
+            return self.drop_slow();
         }
         // SAFETY: `drop` runs once and `block` is not used after it is taken.
         let block = unsafe { ManuallyDrop::take(&mut self.block) };
@@ -692,10 +699,11 @@ impl<T: Element> Drop for Buffer<T> {
 }
 
 impl<T: Element> Buffer<T> {
-    /// `Drop` for a buffer whose memory a device or a caller's queue used last.
+    /// `Drop` for a buffer with a host mirror, or whose memory a device or a caller's queue
+    /// used last.
     #[cold]
     #[inline(never)]
-    fn drop_after_device_use(&mut self) {
+    fn drop_slow(&mut self) {
         // Enqueued, not waited for: the block's fence (or the stream order) then keeps its
         // next user after the caller's streams.
         let unordered = *self.last_use_pending.get_mut() && self.ops().is_err();
@@ -704,9 +712,13 @@ impl<T: Element> Buffer<T> {
             // An error leaves the memory with the device; freeing it still works.
             let _ = pool.queue().map(|queue| queue.return_to_host(&self.block.mem, pool.kind));
         }
-        // SAFETY: `drop` runs once and `block` is not used after it is taken.
-        let block = unsafe { ManuallyDrop::take(&mut self.block) };
-        match self.last_use.take().filter(|_| unordered) {
+        // SAFETY: `drop` runs once; `block`, `mirror` and `last_use` are not used after
+        // they are taken.
+        let (block, last_use) = unsafe {
+            ManuallyDrop::drop(&mut self.mirror);
+            (ManuallyDrop::take(&mut self.block), ManuallyDrop::take(&mut self.last_use))
+        };
+        match last_use.filter(|_| unordered) {
             // Unimem's queue could not be ordered after the caller's last use, which may
             // still run: not pooled, and freed once that use has completed (waited for on
             // the reaper thread, not here).

@@ -423,7 +423,7 @@ impl MemoryManager {
     }
 
     /// Allocates `len` elements on the CPU.
-    #[inline]
+    #[inline(always)]
     pub fn allocate<T: Element>(&self, len: usize, mode: AllocationMode) -> Result<Buffer<T>> {
         self.allocate_on(DeviceId::CPU, len, mode)
     }
@@ -433,8 +433,43 @@ impl MemoryManager {
     /// Errors: [`Error::SizeOverflow`] when the byte size does not fit, [`Error::UnknownDevice`],
     /// [`Error::UnsupportedMode`], and [`Error::OutOfMemory`] when memory ran out even after
     /// the device's pools were trimmed and the allocation retried.
-    #[inline]
+    ///
+    /// A pool hit (a block of the size class in this thread's cache) is inlined into the
+    /// caller and makes no call; everything else is out of line.
+    #[inline(always)]
     pub fn allocate_on<T: Element>(
+        &self,
+        device: DeviceId,
+        len: usize,
+        mode: AllocationMode,
+    ) -> Result<Buffer<T>> {
+        match self.allocate_hit::<T>(device, len, mode) {
+            Some(block) => Ok(Buffer::new(block, len, mode)),
+            None => self.allocate_slow(device, len, mode),
+        }
+    }
+
+    /// The hit path of [`allocate_on`](Self::allocate_on): `None`, having changed nothing,
+    /// for anything but a hit.
+    #[inline(always)]
+    fn allocate_hit<T: Element>(
+        &self,
+        device: DeviceId,
+        len: usize,
+        mode: AllocationMode,
+    ) -> Option<Box<Block>> {
+        // The same checks as `byte_len`, with no error built (they are constants but one).
+        if size_of::<T>() == 0 || align_of::<T>() > ALIGN {
+            return None;
+        }
+        let bytes = len.checked_mul(size_of::<T>()).filter(|&b| b <= isize::MAX as usize)?;
+        let pool = self.inner.devices.get(device.index())?.pools[kind_of(mode).index()].as_ref()?;
+        pool.acquire_fast(bytes, mode != AllocationMode::Unpooled)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn allocate_slow<T: Element>(
         &self,
         device: DeviceId,
         len: usize,

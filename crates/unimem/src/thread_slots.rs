@@ -205,6 +205,15 @@ impl<S: Default> ThreadSlots<S> {
         self.current_slow()
     }
 
+    /// The calling thread's slot if this thread reached this `ThreadSlots` last (no call,
+    /// for hit paths that fall back to [`current`](Self::current) otherwise).
+    #[inline(always)]
+    pub(crate) fn current_cached(&self) -> Option<&S> {
+        let (serial, slot) = LAST.get();
+        // SAFETY: as in `current`.
+        (serial == self.serial).then(|| unsafe { &*slot.cast::<S>() })
+    }
+
     #[inline(never)]
     fn current_slow(&self) -> Option<&S> {
         let slot = self.lookup()?;

@@ -24,28 +24,13 @@ pub(crate) struct CacheClass {
     len: u8,
     /// Blocks' worth of the pool's budget this cache has claimed for the class; `len <= credit`.
     pub(crate) credit: u8,
-    /// Recent allocations minus returns through this cache, within `-BALANCE..=BALANCE`:
-    /// negative on a thread that returns more of the class than it allocates (the consumer
-    /// of a pipeline), which is the one that should send its returns where others allocate.
-    balance: i8,
 }
 
-/// Bound of [`CacheClass`]'s balance: a thread's last few operations decide.
-const BALANCE: i8 = 8;
-
 impl CacheClass {
-    /// Counts an allocation of the class by this cache's owner.
+    /// The newest block held.
     #[inline(always)]
-    pub(crate) fn allocated(&mut self) {
-        self.balance = (self.balance + 1).min(BALANCE);
-    }
-
-    /// Counts a return of the class by this cache's owner; returns whether the owner now
-    /// returns more of the class than it allocates.
-    #[inline(always)]
-    pub(crate) fn returned(&mut self) -> bool {
-        self.balance = (self.balance - 1).max(-BALANCE);
-        self.balance < 0
+    fn top(&self) -> Option<&Block> {
+        self.slots.get(usize::from(self.len).checked_sub(1)?)?.as_deref()
     }
 
     #[inline]
@@ -64,12 +49,13 @@ impl CacheClass {
             return Err(block);
         }
         match self.slots.get_mut(usize::from(self.len)) {
-            Some(slot) => {
+            // Slots past `len` are empty; checking it spares the store a drop of the old value.
+            Some(slot) if slot.is_none() => {
                 *slot = Some(block);
                 self.len += 1;
                 Ok(())
             }
-            None => Err(block),
+            _ => Err(block),
         }
     }
 
@@ -159,12 +145,26 @@ impl Body {
     ) -> Option<Box<Block>> {
         let slot = stacks.get_mut(class)?;
         let block = slot.pop()?;
-        slot.allocated();
         self.publish_len(class, slot);
         let c = &self.counters;
         c.hits.store(c.hits.load(Relaxed) + 1, Relaxed);
         c.count(1, block.capacity(), requested);
         Some(block)
+    }
+
+    /// [`pop`](Self::pop), for a hit path: only a block with no fence to wait for (a fenced
+    /// one stays, for the caller's slow path). Runs inside the owner's side of the handoff.
+    #[inline(always)]
+    pub(crate) fn pop_ready(
+        &self,
+        stacks: &mut [CacheClass],
+        class: usize,
+        requested: usize,
+    ) -> Option<Box<Block>> {
+        if stacks.get(class)?.top()?.fence.is_some() {
+            return None;
+        }
+        self.pop(stacks, class, requested)
     }
 
     /// Counts a block pushed into `slot` (class `class`) by the owner, for a buffer of

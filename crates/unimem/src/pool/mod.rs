@@ -14,9 +14,10 @@
 //! where one thread allocates and another drops, is kept cheap by *demand*: each allocation
 //! served from outside its own cache asks, through a per-class counter, for one returned
 //! block to go to the shared store instead of the returning thread's cache. Only a thread
-//! that lately returns more of the class than it allocates answers (a thread that allocates
-//! and frees alike keeps its blocks, or two such threads would trade them through the shared
-//! store forever). A thread that exits hands its cache to the shared store.
+//! whose cache already holds a block of the class answers: one that returns more than it
+//! allocates (a thread that allocates and frees alike finds its slot empty at each return
+//! and keeps its blocks, or two such threads would trade them through the shared store
+//! forever). A thread that exits hands its cache to the shared store.
 
 pub(crate) mod cache;
 mod reaper;
@@ -67,8 +68,21 @@ impl Block {
 
     /// Hands the block back to its pool, or frees it if the pool cannot keep it.
     /// `requested` is the byte size its buffer reported, for the statistics.
-    #[inline]
-    pub(crate) fn recycle(mut self: Box<Self>, requested: usize) {
+    ///
+    /// The common case (an unfenced pool, and room in this thread's cache, reached
+    /// recently) makes no call and is inlined into `Buffer`'s drop; everything else is out
+    /// of line.
+    #[inline(always)]
+    pub(crate) fn recycle(self: Box<Self>, requested: usize) {
+        if let Some(block) = DevicePool::keep_fast(self, requested) {
+            block.recycle_slow(requested);
+        }
+    }
+
+    /// [`recycle`](Self::recycle) on every path.
+    #[cold]
+    #[inline(never)]
+    fn recycle_slow(mut self: Box<Self>, requested: usize) {
         if self.pool.fenced && self.class.is_some() {
             // Soundness rule 2: the next user of this memory waits for everything enqueued
             // so far, which includes this user's last device operation. Without a fence
@@ -261,21 +275,27 @@ impl DevicePool {
     }
 
     /// A block of at least `bytes`, pooled if `pooled` and the size has a class.
-    ///
-    /// The hit path (this thread's cache has a block of the class) is inlined into the
-    /// caller; everything else is out of line.
     #[inline]
     pub(crate) fn acquire(self: &Arc<Self>, bytes: usize, pooled: bool) -> Result<Box<Block>, AcquireError> {
-        let class = if pooled && self.limits.pooling { self.classes.class_of(bytes) } else { None };
-        if let Some(class) = class
-            && let Some(body) = self.my_cache()
-            // SAFETY: `my_cache` is the calling thread's own cache (`ThreadSlots::current`
-            // gives each live thread its own slot), and `pop` does not re-enter the pool.
-            && let Some(Some(block)) = unsafe { body.stacks.owner(|stacks| body.pop(stacks, class, bytes)) }
-        {
-            return if block.fence.is_none() { Ok(block) } else { self.ready(block, bytes) };
+        match self.acquire_fast(bytes, pooled) {
+            Some(block) => Ok(block),
+            None => self.acquire_slow(bytes, pooled.then(|| self.classes.class_of(bytes)).flatten()),
         }
-        self.acquire_slow(bytes, class)
+    }
+
+    /// The hit path: a block from this thread's cache, reached recently, whose last device
+    /// use (if any) has been waited for. Makes no call, so that it inlines into the caller
+    /// cheaply; `None` (having changed nothing) sends the caller to [`acquire`](Self::acquire).
+    #[inline(always)]
+    pub(crate) fn acquire_fast(&self, bytes: usize, pooled: bool) -> Option<Box<Block>> {
+        if !(pooled && self.limits.pooling) {
+            return None;
+        }
+        let class = self.classes.class_of(bytes)?;
+        let body = self.caches.current_cached()?.body()?;
+        // SAFETY: `current_cached` is the calling thread's own cache (`ThreadSlots` gives
+        // each live thread its own slot), and `pop_ready` does not re-enter the pool.
+        unsafe { body.stacks.owner(|stacks| body.pop_ready(stacks, class, bytes)) }.flatten()
     }
 
     #[cold]
@@ -285,7 +305,15 @@ impl DevicePool {
         bytes: usize,
         class: Option<usize>,
     ) -> Result<Box<Block>, AcquireError> {
+        let class = class.filter(|_| self.limits.pooling);
         self.free_completed();
+        if let Some(class) = class
+            && let Some(body) = self.my_cache()
+            // SAFETY: as in `acquire_fast`.
+            && let Some(Some(block)) = unsafe { body.stacks.owner(|stacks| body.pop(stacks, class, bytes)) }
+        {
+            return if block.fence.is_none() { Ok(block) } else { self.ready(block, bytes) };
+        }
         let Some(class) = class else {
             let block = self.fresh(bytes.max(1), None, bytes)?;
             self.counters.unpooled.fetch_add(1, Relaxed);
@@ -300,7 +328,6 @@ impl DevicePool {
             let spare = unsafe {
                 body.stacks.owner(|stacks| {
                     stacks.get_mut(class).map_or(0, |slot| {
-                        slot.allocated();
                         let spare = slot.take_spare_credit();
                         body.publish(class, slot);
                         spare
@@ -508,6 +535,68 @@ impl DevicePool {
         self.total_budget.fetch_sub(bytes, Relaxed);
     }
 
+    /// The hit path of [`Block::recycle`]: keeps `block` in this thread's cache, reached
+    /// recently, if the pool is unfenced, the cache has credit for it and no other thread
+    /// waits for returns of its class. Makes no call; gives the block back, with nothing
+    /// changed, otherwise.
+    #[inline(always)]
+    fn keep_fast(block: Box<Block>, requested: usize) -> Option<Box<Block>> {
+        // SAFETY: `block` holds a strong reference to the pool; the pool is used only until
+        // the block is published (the owner's release of its cache), as in `recycle_slow`.
+        let pool = unsafe { &*Arc::as_ptr(&block.pool) };
+        if pool.fenced {
+            return Some(block);
+        }
+        let (Some(class), Some(body)) =
+            (block.class, pool.caches.current_cached().and_then(|cache| cache.body()))
+        else {
+            return Some(block);
+        };
+        let class = class as usize;
+        let mut block = Some(block);
+        // SAFETY: as in `acquire_fast`; `keep_credited` does not re-enter the pool's caches.
+        match unsafe {
+            body.stacks.owner(|stacks| pool.keep_credited(body, stacks, class, &mut block, requested))
+        } {
+            // The cache's release of its owner flag was the last use of `pool`.
+            Some(true) => None,
+            _ => block,
+        }
+    }
+
+    /// The owner's side of [`keep_fast`](Self::keep_fast): keeps `block` in `stacks` if the
+    /// pool is open, the slot has credit and no demand calls for the block elsewhere.
+    #[inline(always)]
+    fn keep_credited(
+        &self,
+        body: &Body,
+        stacks: &mut [CacheClass],
+        class: usize,
+        block: &mut Option<Box<Block>>,
+        requested: usize,
+    ) -> bool {
+        // `closed` is read inside the owner's side of the handoff, as in `keep`.
+        if self.closed.load(Relaxed) {
+            return false;
+        }
+        let Some(slot) = stacks.get_mut(class) else { return false };
+        if slot.len() > 0 && self.demand.get(class).is_some_and(|demand| demand.load(Relaxed) > 0) {
+            return false;
+        }
+        let Some(taken) = block.take() else { return false };
+        let cap = taken.capacity();
+        match slot.push_credited(taken) {
+            Ok(()) => {
+                body.pushed(class, slot, cap, requested);
+                true
+            }
+            Err(taken) => {
+                *block = Some(taken);
+                false
+            }
+        }
+    }
+
     /// Stores a returned block, or gives it back to be freed.
     ///
     /// # Safety
@@ -551,9 +640,10 @@ impl DevicePool {
             return false;
         }
         let Some(slot) = stacks.get_mut(class) else { return false };
-        // A thread that returns more of the class than it allocates answers the demand of
-        // threads that allocate it (see the module documentation).
-        if slot.returned() && self.demand.get(class).is_some_and(|demand| demand.load(Relaxed) > 0) {
+        // A thread whose cache already holds a block of the class returns more of it than it
+        // allocates (an allocate/return loop finds its slot empty at each return): it answers
+        // the demand of threads that allocate the class (see the module documentation).
+        if slot.len() > 0 && self.demand.get(class).is_some_and(|demand| demand.load(Relaxed) > 0) {
             return false;
         }
         let Some(taken) = block.take() else { return false };
