@@ -82,12 +82,21 @@ type HostMirror = HostLines;
 /// # Ok::<(), unimem::Error>(())
 /// ```
 pub struct Buffer<T: Element> {
+    /// The memory, with the buffer's mode and coherence state ([`Coherence`]): kept with
+    /// the block, so that a buffer is two words (moved in registers, copied without partial
+    /// stores) and the common drop reads only the block it returns.
     block: ManuallyDrop<Box<Block>>,
     len: usize,
-    mode: AllocationMode,
-    /// Device memory only: the host copy, present once the host has looked. Dropped by
-    /// hand in `Drop`, so that the common drop (no mirror) runs no drop glue for it.
-    mirror: ManuallyDrop<OnceLock<HostMirror>>,
+    _element: PhantomData<T>,
+}
+
+/// The coherence state of the buffer that owns a block. Every field is at its default for a
+/// block in a pool: a buffer drop that finds it otherwise takes the slow path, which resets
+/// it (and drops the mirror) before the block goes back.
+#[derive(Default)]
+pub(crate) struct Coherence {
+    /// Device memory only: the host copy, present once the host has looked.
+    mirror: OnceLock<HostMirror>,
     /// Device memory only: the mirror holds writes the device has not seen.
     host_newer: bool,
     /// Host-visible device memory (pinned, unified) only: a raw handle was given out, so
@@ -95,11 +104,18 @@ pub struct Buffer<T: Element> {
     device_pending: AtomicBool,
     /// The last use of the memory by a caller's queue, recorded when its raw-access guard
     /// dropped: unimem's queue is ordered after it before unimem next uses the memory, and
-    /// before the memory goes back to its pool. Dropped by hand in `Drop`, as `mirror`.
-    last_use: ManuallyDrop<Option<Fence>>,
+    /// before the memory goes back to its pool.
+    last_use: Option<Fence>,
     /// `last_use` is a fence that unimem's queue is not yet ordered after.
     last_use_pending: AtomicBool,
-    _element: PhantomData<T>,
+}
+
+impl Coherence {
+    /// Whether anything is recorded: a mirror, device work to wait for, a caller's last use.
+    #[inline(always)]
+    fn in_use(&mut self) -> bool {
+        self.last_use.is_some() || *self.device_pending.get_mut() || self.mirror.get_mut().is_some()
+    }
 }
 
 /// Checks that `offset..offset + len` lies within `buffer_len` elements.
@@ -134,18 +150,16 @@ pub(crate) fn resolve_range(range: impl RangeBounds<usize>, len: usize) -> Resul
 }
 
 impl<T: Element> Buffer<T> {
-    pub(crate) fn new(block: Box<Block>, len: usize, mode: AllocationMode) -> Self {
-        Buffer {
-            block: ManuallyDrop::new(block),
-            len,
-            mode,
-            mirror: ManuallyDrop::new(OnceLock::new()),
-            host_newer: false,
-            device_pending: AtomicBool::new(false),
-            last_use: ManuallyDrop::new(None),
-            last_use_pending: AtomicBool::new(false),
-            _element: PhantomData,
-        }
+    #[inline(always)]
+    pub(crate) fn new(mut block: Box<Block>, len: usize, mode: AllocationMode) -> Self {
+        block.mode = mode;
+        Self::from_block(block, len)
+    }
+
+    /// A buffer of `len` elements on `block`, whose mode is already set.
+    #[inline(always)]
+    pub(crate) fn from_block(block: Box<Block>, len: usize) -> Self {
+        Buffer { block: ManuallyDrop::new(block), len, _element: PhantomData }
     }
 
     /// Number of elements.
@@ -180,7 +194,7 @@ impl<T: Element> Buffer<T> {
 
     /// How the memory was obtained.
     pub fn mode(&self) -> AllocationMode {
-        self.mode
+        self.block.mode
     }
 
     /// Where the current contents are valid. CPU memory is host memory; pinned and unified
@@ -189,7 +203,8 @@ impl<T: Element> Buffer<T> {
         match (self.device(), self.block.mem.host) {
             (DeviceId::CPU, _) => Location::Host,
             (_, Some(_)) => Location::Both,
-            (_, None) => match (self.mirror.get().is_some(), self.host_newer) {
+            (_, None) => match (self.block.coherence.mirror.get().is_some(), self.block.coherence.host_newer)
+            {
                 (false, _) => Location::Device,
                 (true, false) => Location::Both,
                 (true, true) => Location::Host,
@@ -206,11 +221,11 @@ impl<T: Element> Buffer<T> {
     /// the last use of the memory by a caller's queue (enqueued, not waited for).
     fn ops(&self) -> Result<&dyn Backend> {
         let pool = &self.block.pool;
-        if self.last_use_pending.load(Ordering::Acquire) {
-            if let (Some(fence), Some(queue)) = (&*self.last_use, pool.queue()) {
+        if self.block.coherence.last_use_pending.load(Ordering::Acquire) {
+            if let (Some(fence), Some(queue)) = (&self.block.coherence.last_use, pool.queue()) {
                 queue.order_after(fence).map_err(Error::on(pool.device))?;
             }
-            self.last_use_pending.store(false, Ordering::Release);
+            self.block.coherence.last_use_pending.store(false, Ordering::Release);
         }
         Ok(pool.backend())
     }
@@ -230,7 +245,7 @@ impl<T: Element> Buffer<T> {
 
     /// The host mirror, made (one copy from the device) if there is none.
     fn mirror(&self) -> Result<&HostMirror> {
-        if let Some(mirror) = self.mirror.get() {
+        if let Some(mirror) = self.block.coherence.mirror.get() {
             return Ok(mirror);
         }
         let bytes = self.size_in_bytes();
@@ -244,30 +259,30 @@ impl<T: Element> Buffer<T> {
             pool.count_sync(true);
         }
         // A thread that raced us read the same device contents (device writes need `&mut`).
-        Ok(self.mirror.get_or_init(|| mirror))
+        Ok(self.block.coherence.mirror.get_or_init(|| mirror))
     }
 
     /// Makes the device side current: writes the mirror back if the host side is newer.
     fn flush(&mut self) -> Result<()> {
-        if !self.host_newer {
+        if !self.block.coherence.host_newer {
             return Ok(());
         }
         let bytes = self.size_in_bytes();
-        if let Some(mirror) = self.mirror.get().filter(|_| bytes > 0) {
+        if let Some(mirror) = self.block.coherence.mirror.get().filter(|_| bytes > 0) {
             let pool = &self.block.pool;
             // SAFETY: as in `mirror`.
             unsafe { self.ops()?.write(&self.block.mem, 0, mirror.bytes(bytes)) }
                 .map_err(Error::on(pool.device))?;
             pool.count_sync(false);
         }
-        self.host_newer = false;
+        self.block.coherence.host_newer = false;
         Ok(())
     }
 
     /// Forgets the host mirror: the device is about to change the contents.
     fn invalidate_mirror(&mut self) {
-        *self.mirror = OnceLock::new();
-        self.host_newer = false;
+        self.block.coherence.mirror = OnceLock::new();
+        self.block.coherence.host_newer = false;
     }
 
     /// The memory, for the backend's own interop code.
@@ -286,14 +301,14 @@ impl<T: Element> Buffer<T> {
             device: self.device(),
             expected,
             found: self.backend().info().kind,
-            mode: self.mode,
+            mode: self.block.mode,
         }
     }
 
     /// The error for a raw-access call of the right backend but another kind of memory.
     #[allow(dead_code, reason = "for backends whose raw access depends on the kind of memory")]
     pub(crate) fn unsupported_mode(&self) -> Error {
-        Error::UnsupportedMode { device: self.device(), mode: self.mode }
+        Error::UnsupportedMode { device: self.device(), mode: self.block.mode }
     }
 
     /// Records `fence`, after a caller's queue's last use of the memory (its raw-access guard
@@ -304,8 +319,8 @@ impl<T: Element> Buffer<T> {
         allow(dead_code, reason = "used by the OpenCL and CUDA backends")
     )]
     pub(crate) fn record_last_use(&mut self, fence: Fence) {
-        *self.last_use = Some(fence);
-        *self.last_use_pending.get_mut() = true;
+        self.block.coherence.last_use = Some(fence);
+        *self.block.coherence.last_use_pending.get_mut() = true;
     }
 
     pub(crate) fn manager_id(&self) -> u64 {
@@ -321,12 +336,12 @@ impl<T: Element> Buffer<T> {
             .host
             .map(NonNull::cast)
             .ok_or(Error::NotHostAddressable { device: self.device() })?;
-        if self.device_pending.load(Ordering::Acquire) {
+        if self.block.coherence.device_pending.load(Ordering::Acquire) {
             let pool = &self.block.pool;
             if let Some(queue) = self.queue()? {
                 queue.before_host_access(&self.block.mem, pool.kind).map_err(Error::on(pool.device))?;
             }
-            self.device_pending.store(false, Ordering::Release);
+            self.block.coherence.device_pending.store(false, Ordering::Release);
         }
         Ok(host)
     }
@@ -352,7 +367,7 @@ impl<T: Element> Buffer<T> {
         if let Some(queue) = pool.queue() {
             queue.before_device_access(&self.block.mem, pool.kind).map_err(Error::on(pool.device))?;
         }
-        *self.device_pending.get_mut() = true;
+        *self.block.coherence.device_pending.get_mut() = true;
         Ok(())
     }
 
@@ -366,8 +381,8 @@ impl<T: Element> Buffer<T> {
         if access != MapMode::Read {
             self.invalidate_mirror();
         }
-        *self.last_use = last_use;
-        *self.last_use_pending.get_mut() = self.last_use.is_some();
+        self.block.coherence.last_use = last_use;
+        *self.block.coherence.last_use_pending.get_mut() = self.block.coherence.last_use.is_some();
     }
 
     /// The device side was written through a raw pointer lent for reading only (cudarc's
@@ -418,7 +433,7 @@ impl<T: Element> Buffer<T> {
     /// is unchanged then.
     pub async fn copy_from(&mut self, src: &[T], offset: usize) -> Result<()> {
         check_range(offset, src.len(), self.len)?;
-        if src.is_empty() || !self.is_device_only() || self.host_newer {
+        if src.is_empty() || !self.is_device_only() || self.block.coherence.host_newer {
             return self.copy_from_blocking(src, offset);
         }
         let device = self.device();
@@ -437,7 +452,7 @@ impl<T: Element> Buffer<T> {
         if src.is_empty() {
             return Ok(());
         }
-        if self.is_device_only() && !self.host_newer {
+        if self.is_device_only() && !self.block.coherence.host_newer {
             let pool = &self.block.pool;
             let at = offset * size_of::<T>();
             // SAFETY: device memory of this pool's backend; `check_range` bounds the range.
@@ -463,7 +478,7 @@ impl<T: Element> Buffer<T> {
     /// unchanged then.
     pub async fn copy_to(&self, dst: &mut [T], offset: usize) -> Result<()> {
         check_range(offset, dst.len(), self.len)?;
-        if dst.is_empty() || !self.is_device_only() || self.mirror.get().is_some() {
+        if dst.is_empty() || !self.is_device_only() || self.block.coherence.mirror.get().is_some() {
             return self.copy_to_blocking(dst, offset);
         }
         let device = self.device();
@@ -481,7 +496,7 @@ impl<T: Element> Buffer<T> {
     /// written there.
     fn write_mirror(&mut self, src: &[T], offset: usize) {
         let bytes = self.size_in_bytes();
-        if let Some(mirror) = self.mirror.get_mut() {
+        if let Some(mirror) = self.block.coherence.mirror.get_mut() {
             let at = offset * size_of::<T>();
             mirror.bytes_mut(bytes)[at..at + size_of_val(src)].copy_from_slice(bytemuck::cast_slice(src));
         }
@@ -493,7 +508,7 @@ impl<T: Element> Buffer<T> {
         if dst.is_empty() {
             return Ok(());
         }
-        if self.is_device_only() && self.mirror.get().is_none() {
+        if self.is_device_only() && self.block.coherence.mirror.get().is_none() {
             let pool = &self.block.pool;
             // SAFETY: as in `copy_from_blocking`.
             unsafe {
@@ -515,7 +530,7 @@ impl<T: Element> Buffer<T> {
         Shape {
             device: pool.device,
             manager: pool.manager_id,
-            host: !self.is_device_only() || (as_source && self.host_newer),
+            host: !self.is_device_only() || (as_source && self.block.coherence.host_newer),
             dma: pool.device != DeviceId::CPU && pool.kind == MemoryKind::Pinned,
         }
     }
@@ -530,11 +545,11 @@ impl<T: Element> Buffer<T> {
         if !self.is_device_only() {
             let all: &[u8] = bytemuck::cast_slice(self.as_slice()?);
             if device_use {
-                self.device_pending.store(true, Ordering::Release);
+                self.block.coherence.device_pending.store(true, Ordering::Release);
             }
             return Ok(Side::Host(HostRange(NonNull::from(&all[bytes]))));
         }
-        if self.host_newer {
+        if self.block.coherence.host_newer {
             let all = self.mirror()?.bytes(self.size_in_bytes());
             return Ok(Side::Host(HostRange(NonNull::from(&all[bytes]))));
         }
@@ -550,14 +565,14 @@ impl<T: Element> Buffer<T> {
         let bytes = range.start * size_of::<T>()..range.end * size_of::<T>();
         if !self.is_device_only() {
             let start = self.host_ptr()?.cast::<u8>();
-            *self.device_pending.get_mut() |= device_use;
+            *self.block.coherence.device_pending.get_mut() |= device_use;
             // SAFETY: `bytes` lies within the `size_in_bytes()` host-addressable bytes at
             // `start` (the caller checked the range; see `as_slice`), so the offset stays in
             // the allocation; only the address is computed, nothing is read.
             let first = unsafe { start.add(bytes.start) };
             return Ok(Side::Host(HostRange(NonNull::slice_from_raw_parts(first, bytes.len()))));
         }
-        if self.host_newer && range.len() < self.len {
+        if self.block.coherence.host_newer && range.len() < self.len {
             self.flush()?;
         }
         self.ops()?;
@@ -598,10 +613,10 @@ impl<T: Element> Buffer<T> {
                 .map_err(Error::on(self.device()))?;
             if filled {
                 let size = self.size_in_bytes();
-                if let Some(mirror) = self.mirror.get_mut() {
+                if let Some(mirror) = self.block.coherence.mirror.get_mut() {
                     bytemuck::cast_slice_mut::<u8, T>(mirror.bytes_mut(size))[range].fill(value);
                 }
-                self.host_newer = false;
+                self.block.coherence.host_newer = false;
                 return Ok(());
             }
             if range.len() == self.len {
@@ -643,7 +658,7 @@ impl<T: Element> Buffer<T> {
             self.host_ptr()?;
             return Ok(Mapping::new(self, mode, None));
         }
-        if mode == MapMode::Write && self.mirror.get().is_none() {
+        if mode == MapMode::Write && self.block.coherence.mirror.get().is_none() {
             // The zeroed contents stay the guard's until it is written and dropped.
             let scratch = self.new_mirror()?;
             return Ok(Mapping::new(self, mode, Some(scratch)));
@@ -655,15 +670,15 @@ impl<T: Element> Buffer<T> {
     /// Installs a written [`MapMode::Write`] mapping's contents as the host side, newer
     /// than the device.
     pub(crate) fn install_mirror(&mut self, mirror: HostMirror) {
-        *self.mirror = OnceLock::from(mirror);
-        self.host_newer = true;
+        self.block.coherence.mirror = OnceLock::from(mirror);
+        self.block.coherence.host_newer = true;
     }
 
     /// The mirror of device memory, marked newer than the device. Call after `mirror()`.
     fn mirror_mut(&mut self) -> &mut [u8] {
-        self.host_newer = true;
+        self.block.coherence.host_newer = true;
         let bytes = self.size_in_bytes();
-        match self.mirror.get_mut() {
+        match self.block.coherence.mirror.get_mut() {
             Some(mirror) => mirror.bytes_mut(bytes),
             None => &mut [],
         }
@@ -685,11 +700,7 @@ impl<T: Element> Drop for Buffer<T> {
     /// caller's queue touched) is inlined: the block goes back to its pool's cache.
     #[inline(always)]
     fn drop(&mut self) {
-        if *self.last_use_pending.get_mut()
-            || *self.device_pending.get_mut()
-            || self.last_use.is_some()
-            || self.mirror.get().is_some()
-        {
+        if self.block.coherence.in_use() {
             return self.drop_slow();
         }
         // SAFETY: `drop` runs once and `block` is not used after it is taken.
@@ -706,18 +717,16 @@ impl<T: Element> Buffer<T> {
     fn drop_slow(&mut self) {
         // Enqueued, not waited for: the block's fence (or the stream order) then keeps its
         // next user after the caller's streams.
-        let unordered = *self.last_use_pending.get_mut() && self.ops().is_err();
-        if *self.device_pending.get_mut() {
+        let unordered = *self.block.coherence.last_use_pending.get_mut() && self.ops().is_err();
+        if *self.block.coherence.device_pending.get_mut() {
             let pool = &self.block.pool;
             // An error leaves the memory with the device; freeing it still works.
             let _ = pool.queue().map(|queue| queue.return_to_host(&self.block.mem, pool.kind));
         }
-        // SAFETY: `drop` runs once; `block`, `mirror` and `last_use` are not used after
-        // they are taken.
-        let (block, last_use) = unsafe {
-            ManuallyDrop::drop(&mut self.mirror);
-            (ManuallyDrop::take(&mut self.block), ManuallyDrop::take(&mut self.last_use))
-        };
+        // SAFETY: `drop` runs once and `block` is not used after it is taken.
+        let mut block = unsafe { ManuallyDrop::take(&mut self.block) };
+        // The block's next user starts from a clean state (the mirror is freed here).
+        let last_use = std::mem::take(&mut block.coherence).last_use;
         match last_use.filter(|_| unordered) {
             // Unimem's queue could not be ordered after the caller's last use, which may
             // still run: not pooled, and freed once that use has completed (waited for on
@@ -736,7 +745,7 @@ impl<T: Element> fmt::Debug for Buffer<T> {
             .field("capacity_in_bytes", &self.capacity_in_bytes())
             .field("device", &self.device())
             .field("kind", &self.memory_kind())
-            .field("mode", &self.mode)
+            .field("mode", &self.block.mode)
             .finish()
     }
 }

@@ -78,7 +78,10 @@ impl<T> Handoff<T> {
             return None;
         }
         // SAFETY: no stealer is in (the handshake) and no other owner exists (the contract).
-        let result = self.value.with_mut(|value| f(unsafe { &mut *value }));
+        let result = self.value.with_mut(
+            #[inline(always)]
+            |value| f(unsafe { &mut *value }),
+        );
         drop(busy);
         Some(result)
     }

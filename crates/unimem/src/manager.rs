@@ -444,7 +444,7 @@ impl MemoryManager {
         mode: AllocationMode,
     ) -> Result<Buffer<T>> {
         match self.allocate_hit::<T>(device, len, mode) {
-            Some(block) => Ok(Buffer::new(block, len, mode)),
+            Some(block) => Ok(Buffer::from_block(block, len)),
             None => self.allocate_slow(device, len, mode),
         }
     }
@@ -463,8 +463,19 @@ impl MemoryManager {
             return None;
         }
         let bytes = len.checked_mul(size_of::<T>()).filter(|&b| b <= isize::MAX as usize)?;
+        self.take_cached(device, bytes, mode)
+    }
+
+    /// A block of `bytes` from this thread's cache of the pool of (`device`, `mode`), made
+    /// ready for a buffer of `mode`. Not generic and out of line: the caller's code stays
+    /// small whatever it inlines, and this function is small enough that the thread-local
+    /// lookup inside is always inlined into it.
+    #[inline(never)]
+    fn take_cached(&self, device: DeviceId, bytes: usize, mode: AllocationMode) -> Option<Box<Block>> {
         let pool = self.inner.devices.get(device.index())?.pools[kind_of(mode).index()].as_ref()?;
-        pool.acquire_fast(bytes, mode != AllocationMode::Unpooled)
+        let mut block = pool.acquire_fast(bytes, mode != AllocationMode::Unpooled)?;
+        block.mode = mode;
+        Some(block)
     }
 
     #[cold]

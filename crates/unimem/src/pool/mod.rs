@@ -24,7 +24,7 @@ mod reaper;
 pub(crate) mod size_class;
 
 use crate::backend::{Backend, BackendError, Fence, Queue, RawAllocation};
-use crate::device::{DeviceId, MemoryKind};
+use crate::device::{AllocationMode, DeviceId, MemoryKind};
 use crate::error::OutOfMemoryCause;
 use crate::handoff::{Handoff, StealLock};
 use crate::stats::{ClassOccupancy, PoolStatistics};
@@ -58,6 +58,10 @@ pub(crate) struct Block {
     pub(crate) fence: Option<Fence>,
     /// Keeps the pool alive while the block exists, live or pooled.
     pub(crate) pool: Arc<DevicePool>,
+    /// The mode the owning buffer was allocated with (set by `Buffer::new`).
+    pub(crate) mode: crate::device::AllocationMode,
+    /// The state of the buffer that owns the block; at its default while pooled.
+    pub(crate) coherence: crate::buffer::Coherence,
 }
 
 impl Block {
@@ -295,7 +299,13 @@ impl DevicePool {
         let body = self.caches.current_cached()?.body()?;
         // SAFETY: `current_cached` is the calling thread's own cache (`ThreadSlots` gives
         // each live thread its own slot), and `pop_ready` does not re-enter the pool.
-        unsafe { body.stacks.owner(|stacks| body.pop_ready(stacks, class, bytes)) }.flatten()
+        unsafe {
+            body.stacks.owner(
+                #[inline(always)]
+                |stacks| body.pop_ready(stacks, class, bytes),
+            )
+        }
+        .flatten()
     }
 
     #[cold]
@@ -395,6 +405,8 @@ impl DevicePool {
                     origin: Origin::Backend,
                     fence: None,
                     pool: Arc::clone(self),
+                    mode: AllocationMode::Pooled,
+                    coherence: Default::default(),
                 }))
             }
             Err(e) => {
@@ -424,6 +436,8 @@ impl DevicePool {
             origin: Origin::Vec { align },
             fence: None,
             pool: Arc::clone(self),
+            mode: AllocationMode::Unpooled,
+            coherence: Default::default(),
         })
     }
 
@@ -555,9 +569,13 @@ impl DevicePool {
         let class = class as usize;
         let mut block = Some(block);
         // SAFETY: as in `acquire_fast`; `keep_credited` does not re-enter the pool's caches.
-        match unsafe {
-            body.stacks.owner(|stacks| pool.keep_credited(body, stacks, class, &mut block, requested))
-        } {
+        let kept = unsafe {
+            body.stacks.owner(
+                #[inline(always)]
+                |stacks| pool.keep_credited(body, stacks, class, &mut block, requested),
+            )
+        };
+        match kept {
             // The cache's release of its owner flag was the last use of `pool`.
             Some(true) => None,
             _ => block,
