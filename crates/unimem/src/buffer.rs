@@ -114,7 +114,11 @@ impl Coherence {
     /// Whether anything is recorded: a mirror, device work to wait for, a caller's last use.
     #[inline(always)]
     fn in_use(&mut self) -> bool {
-        self.last_use.is_some() || *self.device_pending.get_mut() || self.mirror.get_mut().is_some()
+        self.last_use.is_some()
+            || *self.last_use_pending.get_mut()
+            || *self.device_pending.get_mut()
+            || self.host_newer
+            || self.mirror.get_mut().is_some()
     }
 }
 

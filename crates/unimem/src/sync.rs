@@ -47,6 +47,19 @@ pub(crate) fn init_asymmetric_fence() {
     INIT.call_once(|| EXPEDITED.store(membarrier::register(), Ordering::Relaxed));
 }
 
+/// Whether the heavy side is `membarrier` in this process (the light side then only keeps
+/// the compiler from reordering).
+#[cfg(test)]
+pub(crate) fn is_expedited() -> bool {
+    EXPEDITED.load(Ordering::Relaxed)
+}
+
+/// Whether this system offers expedited `membarrier` (asks the kernel; registers nothing).
+#[cfg(test)]
+pub(crate) fn expedited_available() -> bool {
+    membarrier::available()
+}
+
 /// The owner's side: orders its earlier stores before its later loads against a thread
 /// that runs [`heavy_fence`].
 #[inline(always)]
@@ -95,9 +108,13 @@ mod membarrier {
         unsafe { libc::syscall(libc::SYS_membarrier, cmd, 0 as libc::c_long, 0 as libc::c_long) }
     }
 
-    pub(super) fn register() -> bool {
+    pub(super) fn available() -> bool {
         let supported = call(CMD_QUERY);
-        supported >= 0 && supported & CMD_PRIVATE_EXPEDITED != 0 && call(CMD_REGISTER_PRIVATE_EXPEDITED) == 0
+        supported >= 0 && supported & CMD_PRIVATE_EXPEDITED != 0
+    }
+
+    pub(super) fn register() -> bool {
+        available() && call(CMD_REGISTER_PRIVATE_EXPEDITED) == 0
     }
 
     pub(super) fn expedited() -> bool {
@@ -110,6 +127,11 @@ mod membarrier {
     // Windows has `FlushProcessWriteBuffers` and macOS has no supported equivalent; both
     // sides use real fences there.
     pub(super) fn register() -> bool {
+        false
+    }
+
+    #[cfg_attr(not(test), allow(dead_code, reason = "asked by tests"))]
+    pub(super) fn available() -> bool {
         false
     }
 

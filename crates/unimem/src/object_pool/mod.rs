@@ -119,6 +119,9 @@ impl<T> ObjectPool<T> {
         max_per_bucket: usize,
         max_total: usize,
     ) -> Self {
+        // Before any bucket exists, as for the memory pools: the owners' and stealers'
+        // sides must agree on the fence scheme from the first use on.
+        crate::sync::init_asymmetric_fence();
         Self {
             locals: ThreadSlots::new(),
             shared: Shared::new(max_total),
@@ -216,7 +219,7 @@ impl<T> ObjectPool<T> {
     fn take_or_make<E>(&self, make: impl FnOnce() -> Result<T, E>) -> Result<Slot<T>, E> {
         if let Some(local) = self.local()
             // SAFETY: `local` is this thread's bucket, and `pop` does not re-enter the pool.
-            && let Some(Some(value)) = unsafe { local.owned.owner(|owned| local.pop(owned)) }
+            && let Some(Some(value)) = unsafe { local.owned.owner(#[inline(always)] |owned| local.pop(owned)) }
         {
             local.counters.bump_owned(Event::Hit);
             return Ok(value);
@@ -322,7 +325,12 @@ impl<T> ObjectPool<T> {
         let demand = self.demand.load(Ordering::Relaxed);
         let mut value = Some(value);
         // SAFETY: as in `take_or_make`; `push` does not re-enter the pool.
-        let pushed = unsafe { local.owned.owner(|owned| local.push(owned, &mut value, demand)) };
+        let pushed = unsafe {
+            local.owned.owner(
+                #[inline(always)]
+                |owned| local.push(owned, &mut value, demand),
+            )
+        };
         match (pushed, value) {
             (Some(Push::Kept), _) | (_, None) => local.counters.bump_owned(Event::Return),
             (pushed, Some(value)) => self.give_back_slow(Some(local), value, pushed == Some(Push::Donate)),
@@ -766,6 +774,35 @@ impl<T> Local<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A process that uses only object pools must still register the asymmetric fence
+    /// before their first use: otherwise every rent and return runs a full fence, and a
+    /// memory manager made later switches the scheme under buckets already in use (an
+    /// owner on the compiler-only side while a stealer ran the plain fence). Checked in a
+    /// child process, where nothing else has made a pool.
+    #[test]
+    fn an_object_pool_registers_the_asymmetric_fence_before_first_use() {
+        const CHILD: &str = "UNIMEM_FENCE_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            let pool = ObjectPool::new(|| 0u8);
+            drop(pool.rent());
+            assert_eq!(crate::sync::is_expedited(), crate::sync::expedited_available());
+            return;
+        }
+        let name = "object_pool::tests::an_object_pool_registers_the_asymmetric_fence_before_first_use";
+        let exe = std::env::current_exe().expect("the test binary");
+        let out = std::process::Command::new(exe)
+            .args(["--exact", name, "--nocapture", "--test-threads=1"])
+            .env(CHILD, "1")
+            .output()
+            .expect("the child runs");
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("1 passed"),
+            "child: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 
     /// `budget + bucket credit + store length == max_total`, and every bucket within its
     /// credit and bound.
