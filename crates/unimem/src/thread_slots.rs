@@ -195,14 +195,7 @@ impl<S: Default> ThreadSlots<S> {
     /// (the index is freed and reallocated under a mutex, which orders the two threads).
     #[inline(always)]
     pub(crate) fn current(&self) -> Option<&S> {
-        let (serial, slot) = LAST.get();
-        if serial == self.serial {
-            // SAFETY: `LAST` holds a slot of the `ThreadSlots` with this serial, which is
-            // `self` (serials are never reused); slots never move while `self` lives, and the
-            // entry is cleared before this thread's index (and so the slot) can pass on.
-            return Some(unsafe { &*slot.cast::<S>() });
-        }
-        self.current_slow()
+        self.current_cached().or_else(|| self.current_slow())
     }
 
     /// The calling thread's slot if this thread reached this `ThreadSlots` last (no call,
@@ -210,7 +203,9 @@ impl<S: Default> ThreadSlots<S> {
     #[inline(always)]
     pub(crate) fn current_cached(&self) -> Option<&S> {
         let (serial, slot) = LAST.get();
-        // SAFETY: as in `current`.
+        // SAFETY: `LAST` holds a slot of the `ThreadSlots` with this serial, which is `self`
+        // (serials are never reused); slots never move while `self` lives, and the entry is
+        // cleared before this thread's index (and so the slot) can pass on.
         (serial == self.serial).then(|| unsafe { &*slot.cast::<S>() })
     }
 

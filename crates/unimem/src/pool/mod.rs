@@ -568,11 +568,11 @@ impl DevicePool {
         };
         let class = class as usize;
         let mut block = Some(block);
-        // SAFETY: as in `acquire_fast`; `keep_credited` does not re-enter the pool's caches.
+        // SAFETY: as in `acquire_fast`; `keep` does not re-enter the pool's caches.
         let kept = unsafe {
             body.stacks.owner(
                 #[inline(always)]
-                |stacks| pool.keep_credited(body, stacks, class, &mut block, requested),
+                |stacks| pool.keep(body, stacks, class, &mut block, requested, false),
             )
         };
         match kept {
@@ -582,26 +582,37 @@ impl DevicePool {
         }
     }
 
-    /// The owner's side of [`keep_fast`](Self::keep_fast): keeps `block` in `stacks` if the
-    /// pool is open, the slot has credit and no demand calls for the block elsewhere.
+    /// The owner's side of [`keep_fast`](Self::keep_fast) and [`store`](Self::store): keeps
+    /// `block` in `stacks` (this thread's cache) if the pool is open, no demand calls for the
+    /// block elsewhere and the slot has credit; with `grow` (off the hit path: it may call
+    /// out) a full slot first claims one more block of credit. Returns whether it kept it.
     #[inline(always)]
-    fn keep_credited(
+    fn keep(
         &self,
         body: &Body,
         stacks: &mut [CacheClass],
         class: usize,
         block: &mut Option<Box<Block>>,
         requested: usize,
+        grow: bool,
     ) -> bool {
-        // `closed` is read inside the owner's side of the handoff, as in `keep`.
+        // `closed` is read inside the owner's side of the handoff: `close` sets it before it
+        // claims every cache to drain it, so a block kept here is either drained by `close`
+        // or not kept at all (the handoff orders the two; see `handoff`).
         if self.closed.load(Relaxed) {
             return false;
         }
         let Some(slot) = stacks.get_mut(class) else { return false };
+        // A thread whose cache already holds a block of the class returns more of it than it
+        // allocates (an allocate/return loop finds its slot empty at each return): it answers
+        // the demand of threads that allocate the class (see the module documentation).
         if slot.len() > 0 && self.demand.get(class).is_some_and(|demand| demand.load(Relaxed) > 0) {
             return false;
         }
         let Some(taken) = block.take() else { return false };
+        if grow && slot.len() == slot.credit {
+            self.grow_credit(body, slot, class);
+        }
         let cap = taken.capacity();
         match slot.push_credited(taken) {
             Ok(()) => {
@@ -631,54 +642,13 @@ impl DevicePool {
         let mut block = Some(block);
         if let Some(body) = pool.my_cache()
             // SAFETY: as in `acquire`; `keep` does not re-enter the pool's caches.
-            && let Some(true) = unsafe { body.stacks.owner(|stacks| pool.keep(body, stacks, class, &mut block, requested)) }
+            && let Some(true) = unsafe { body.stacks.owner(|stacks| pool.keep(body, stacks, class, &mut block, requested, true)) }
         {
             // The cache's release of its owner flag was the last use of `pool`: from then
             // on a stealer may take the block and drop the pool with it.
             return None;
         }
         pool.store_shared(block?, class, requested)
-    }
-
-    /// The owner's side of [`store`](Self::store): keeps `block` in `stacks` (this thread's
-    /// cache) if the pool is open and the bounds allow. Returns whether it did.
-    #[inline(always)]
-    fn keep(
-        &self,
-        body: &Body,
-        stacks: &mut [CacheClass],
-        class: usize,
-        block: &mut Option<Box<Block>>,
-        requested: usize,
-    ) -> bool {
-        // `closed` is read inside the owner's side of the handoff: `close` sets it before it
-        // claims every cache to drain it, so a block kept here is either drained by `close`
-        // or not kept at all (the handoff orders the two; see `handoff`).
-        if self.closed.load(Relaxed) {
-            return false;
-        }
-        let Some(slot) = stacks.get_mut(class) else { return false };
-        // A thread whose cache already holds a block of the class returns more of it than it
-        // allocates (an allocate/return loop finds its slot empty at each return): it answers
-        // the demand of threads that allocate the class (see the module documentation).
-        if slot.len() > 0 && self.demand.get(class).is_some_and(|demand| demand.load(Relaxed) > 0) {
-            return false;
-        }
-        let Some(taken) = block.take() else { return false };
-        if slot.len() == slot.credit {
-            self.grow_credit(body, slot, class);
-        }
-        let cap = taken.capacity();
-        match slot.push_credited(taken) {
-            Ok(()) => {
-                body.pushed(class, slot, cap, requested);
-                true
-            }
-            Err(taken) => {
-                *block = Some(taken);
-                false
-            }
-        }
     }
 
     /// Claims one more block of credit for a cache's class, if the bounds allow.
