@@ -26,7 +26,9 @@
 //! `tests/handoff_loom.rs` model-checks this file with loom, both fences modelled as
 //! `SeqCst` fences (which is what `membarrier` guarantees and what runs without it).
 
-use super::sync::{AtomicBool, Mutex, Ordering, UnsafeCell, heavy_fence, light_fence, spin_wait};
+use super::sync::{
+    AtomicBool, Mutex, Ordering, UnsafeCell, expedited_fence, heavy_fence, light_fence, spin_wait,
+};
 
 /// A value with an owner thread and occasional stealers. See the module documentation.
 #[derive(Debug, Default)]
@@ -68,11 +70,35 @@ impl<T> Handoff<T> {
     /// `f` (the inner call would end the outer one's exclusive access early).
     #[inline(always)]
     pub(crate) unsafe fn owner<R>(&self, f: impl FnOnce(&mut T) -> R) -> Option<R> {
+        // SAFETY: the caller's contract; `light_fence` fits either scheme.
+        unsafe { self.enter(light_fence, f) }
+    }
+
+    /// As [`owner`](Self::owner), with the fence of the expedited scheme only: for a value
+    /// reached through `ThreadSlots::current_cached`, which hits only while the heavy side
+    /// of the fence is `membarrier`. Leaves out `light_fence`'s check of which scheme is in
+    /// use (a load of a global and a branch on each hit).
+    ///
+    /// # Safety
+    /// As for [`owner`](Self::owner), and the heavy fence is `membarrier` in this process.
+    #[inline(always)]
+    pub(crate) unsafe fn owner_expedited<R>(&self, f: impl FnOnce(&mut T) -> R) -> Option<R> {
+        // SAFETY: the caller's contract, which makes the compiler-only fence enough.
+        unsafe { self.enter(expedited_fence, f) }
+    }
+
+    /// The owner's side of the handshake, with `fence` as its light fence.
+    ///
+    /// # Safety
+    /// As for [`owner`](Self::owner), and `fence` orders like a `SeqCst` fence against the
+    /// stealers' heavy fence.
+    #[inline(always)]
+    unsafe fn enter<R>(&self, fence: impl FnOnce(), f: impl FnOnce(&mut T) -> R) -> Option<R> {
         self.busy.store(true, Ordering::Relaxed);
         let busy = Busy(&self.busy);
         // Orders the store of `busy` before the load of `claimed` (with the stealer's heavy
         // fence: the handshake above).
-        light_fence();
+        fence();
         // Acquire: pairs with the release of `claimed` by the last stealer.
         if self.claimed.load(Ordering::Acquire) {
             return None;

@@ -43,13 +43,46 @@ static EXPEDITED: AtomicBool = AtomicBool::new(false);
 /// made, before any thread can reach the pool's caches, so the light and heavy sides of a
 /// fence always agree on which scheme is in use.
 pub(crate) fn init_asymmetric_fence() {
-    static INIT: std::sync::Once = std::sync::Once::new();
-    INIT.call_once(|| EXPEDITED.store(membarrier::register(), Ordering::Relaxed));
+    FENCE_INIT.call_once(|| EXPEDITED.store(membarrier::register(), Ordering::Relaxed));
+}
+
+static FENCE_INIT: std::sync::Once = std::sync::Once::new();
+
+/// Settles the scheme as the plain-fence one, as on a system without `membarrier`; only
+/// before anything has called [`init_asymmetric_fence`] (a child process of a test).
+#[cfg(test)]
+pub(crate) fn init_plain_fence() {
+    let mut done = false;
+    FENCE_INIT.call_once(|| done = true);
+    assert!(done, "the fence scheme was already settled");
+}
+
+/// Runs `child` in a child process of the test binary, as the test named `test` (its full
+/// path), where nothing else has run: for process-wide state such as the fence scheme.
+/// In the child this runs `child`; in the parent it checks that the child passed.
+#[cfg(test)]
+pub(crate) fn in_child_process(test: &str, child: impl FnOnce()) {
+    const CHILD: &str = "UNIMEM_TEST_CHILD";
+    if std::env::var_os(CHILD).is_some_and(|name| name == test) {
+        return child();
+    }
+    let exe = std::env::current_exe().expect("the test binary");
+    let out = std::process::Command::new(exe)
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(CHILD, test)
+        .output()
+        .expect("the child runs");
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("1 passed"),
+        "child: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Whether the heavy side is `membarrier` in this process (the light side then only keeps
 /// the compiler from reordering).
-#[cfg(test)]
+#[inline]
 pub(crate) fn is_expedited() -> bool {
     EXPEDITED.load(Ordering::Relaxed)
 }
@@ -71,6 +104,14 @@ pub(crate) fn light_fence() {
     } else {
         fence(Ordering::SeqCst);
     }
+}
+
+/// The owner's side where the caller knows the heavy side is `membarrier` (it reached the
+/// cache through a path that exists only then, see `ThreadSlots::current_cached`): the
+/// compiler-only fence of [`light_fence`], without asking which scheme is in use.
+#[inline(always)]
+pub(crate) fn expedited_fence() {
+    compiler_fence(Ordering::SeqCst);
 }
 
 /// The stealer's side. Returns `false` if the barrier could not be run: the caller must then

@@ -166,6 +166,10 @@ pub(crate) struct ThreadSlots<S> {
     serial: u64,
 }
 
+/// Marks a [`LAST`] entry made while the asymmetric fence is not expedited, which
+/// [`ThreadSlots::current_cached`] must not hit. Serials count up from 1 and never reach it.
+const UNEXPEDITED: u64 = 1 << 63;
+
 thread_local! {
     /// The slot this thread reached last: `(serial of its ThreadSlots, slot)`. A hit skips
     /// the index lookup. Cleared when the thread's index is freed, so that a slot handed
@@ -200,6 +204,11 @@ impl<S: Default> ThreadSlots<S> {
 
     /// The calling thread's slot if this thread reached this `ThreadSlots` last (no call,
     /// for hit paths that fall back to [`current`](Self::current) otherwise).
+    ///
+    /// It hits only while the asymmetric fence is expedited (`membarrier`): a hit path may
+    /// then enter a cache with `Handoff::owner_expedited`, and the check of the fence scheme
+    /// costs nothing per operation. Where the fence is not expedited every call misses, and
+    /// [`current`](Self::current) finds the slot through the same thread-local entry.
     #[inline(always)]
     pub(crate) fn current_cached(&self) -> Option<&S> {
         let (serial, slot) = LAST.get();
@@ -211,8 +220,14 @@ impl<S: Default> ThreadSlots<S> {
 
     #[inline(never)]
     fn current_slow(&self) -> Option<&S> {
+        let (serial, slot) = LAST.get();
+        if serial == self.serial | UNEXPEDITED {
+            // SAFETY: as in `current_cached`, for the entry's other form.
+            return Some(unsafe { &*slot.cast::<S>() });
+        }
         let slot = self.lookup()?;
-        LAST.set((self.serial, std::ptr::from_ref(slot).cast()));
+        let serial = if crate::sync::is_expedited() { self.serial } else { self.serial | UNEXPEDITED };
+        LAST.set((serial, std::ptr::from_ref(slot).cast()));
         Some(slot)
     }
 

@@ -18,6 +18,10 @@ mod sync {
         loom::sync::atomic::fence(Ordering::SeqCst);
     }
 
+    pub(crate) fn expedited_fence() {
+        loom::sync::atomic::fence(Ordering::SeqCst);
+    }
+
     pub(crate) fn heavy_fence() -> bool {
         loom::sync::atomic::fence(Ordering::SeqCst);
         true
@@ -68,10 +72,18 @@ fn an_item_is_kept_or_stolen_exactly_once() {
 }
 
 /// The owner taking its cached item while a stealer takes the whole cache: the item is
-/// handed out once.
+/// handed out once. Both owner entries: `owner`, and `owner_expedited` of the pools' hit
+/// paths (its compiler-only fence is modelled as what `membarrier` makes it, a `SeqCst`
+/// fence against the stealer's).
 #[test]
 fn a_pop_and_a_steal_never_both_get_the_item() {
-    loom::model(|| {
+    for expedited in [false, true] {
+        pop_against_steal(expedited);
+    }
+}
+
+fn pop_against_steal(expedited: bool) {
+    loom::model(move || {
         let cache = Arc::new(Handoff::new(vec![7u32]));
         let lock = Arc::new(StealLock::default());
         let stealer = {
@@ -82,8 +94,11 @@ fn a_pop_and_a_steal_never_both_get_the_item() {
                 stolen
             })
         };
-        // SAFETY: this thread is the cache's only owner.
-        let popped = unsafe { cache.owner(Vec::pop) }.flatten();
+        // SAFETY: this thread is the cache's only owner (and the model's fences stand for
+        // either scheme).
+        let popped =
+            unsafe { if expedited { cache.owner_expedited(Vec::pop) } else { cache.owner(Vec::pop) } }
+                .flatten();
         let stolen = stealer.join().unwrap();
         let got: Vec<u32> = popped.into_iter().chain(stolen).collect();
         assert_eq!(got, [7], "handed out exactly once");

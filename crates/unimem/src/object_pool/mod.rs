@@ -13,9 +13,11 @@
 //! rent makes a new one. When rents are served from outside their own bucket (one thread
 //! rents, another returns, as in a pipeline), each asks through a *demand* counter for one
 //! return to go to the shared store instead of the returning thread's bucket, so that the
-//! objects flow to where they are rented without a steal each time. Only a thread that
-//! lately returns more than it rents answers (threads that rent and return alike keep their
-//! objects, or two of them would trade objects through the store forever). A bucket that runs empty
+//! objects flow to where they are rented without a steal each time. Only a return to a
+//! bucket that already holds an idle object answers: a thread that rents and returns alike
+//! finds its bucket empty at each return (it holds the one object it cycles), so it keeps
+//! its objects, and two such threads never trade objects through the store; a pipeline's
+//! consumer keeps one object and passes the rest on. A bucket that runs empty
 //! gives its unused share of the total bound back, so an idle thread holds at most
 //! [`CREDIT_BATCH`] unused units.
 
@@ -217,9 +219,10 @@ impl<T> ObjectPool<T> {
     /// `make` fails.
     #[inline]
     fn take_or_make<E>(&self, make: impl FnOnce() -> Result<T, E>) -> Result<Slot<T>, E> {
-        if let Some(local) = self.local()
-            // SAFETY: `local` is this thread's bucket, and `pop` does not re-enter the pool.
-            && let Some(Some(value)) = unsafe { local.owned.owner(#[inline(always)] |owned| local.pop(owned)) }
+        if let Some(local) = self.locals.current_cached()
+            // SAFETY: `local` is this thread's bucket, reached through `current_cached` (so
+            // the fence is expedited), and `pop` does not re-enter the pool.
+            && let Some(Some(value)) = unsafe { local.owned.owner_expedited(#[inline(always)] |owned| local.pop(owned)) }
         {
             local.counters.bump_owned(Event::Hit);
             return Ok(value);
@@ -232,17 +235,21 @@ impl<T> ObjectPool<T> {
     fn take_or_make_slow<E>(&self, make: impl FnOnce() -> Result<T, E>) -> Result<Slot<T>, E> {
         let local = self.local();
         if let Some(local) = local {
-            // The bucket is empty: its unused share of the total bound goes back, so that
-            // a thread that only rents does not sit on room other threads need.
-            // SAFETY: as in `take_or_make`.
-            // The rent counts towards the bucket's balance like one from the bucket.
-            let spare = unsafe {
-                local.owned.owner(|owned| {
-                    owned.balance = (owned.balance + 1).min(BALANCE);
-                    owned.take_credit()
-                })
-            };
-            self.shared.release(spare.unwrap_or(0));
+            // SAFETY: `local` is this thread's bucket; `pop` and `take_credit` do not
+            // re-enter the pool.
+            let taken =
+                unsafe { local.owned.owner(|owned| local.pop(owned).ok_or_else(|| owned.take_credit())) };
+            match taken {
+                Some(Ok(value)) => {
+                    local.counters.bump_owned(Event::Hit);
+                    return Ok(value);
+                }
+                // The bucket is empty: its unused share of the total bound goes back, so
+                // that a thread that only rents does not sit on room other threads need.
+                Some(Err(spare)) => self.shared.release(spare),
+                // A stealer has the bucket.
+                None => {}
+            }
         }
         let value = match self.shared.pop().or_else(|| self.steal(local)) {
             Some(value) => {
@@ -269,14 +276,19 @@ impl<T> ObjectPool<T> {
         if let Some(reset) = &self.reset
             && let Err(panic) = catch_unwind(AssertUnwindSafe(|| reset(&mut **value)))
         {
-            self.count(self.local(), Event::ResetPanic);
-            drop(value);
-            if !std::thread::panicking() {
-                resume_unwind(panic);
-            }
-            return;
+            return self.reset_panicked(value, panic);
         }
         self.give_back(value);
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn reset_panicked(&self, value: Slot<T>, panic: Box<dyn std::any::Any + Send>) {
+        self.count(self.local(), Event::ResetPanic);
+        drop(value);
+        if !std::thread::panicking() {
+            resume_unwind(panic);
+        }
     }
 
     /// Takes half the idle objects of the other bucket that holds the most (with the share
@@ -318,60 +330,81 @@ impl<T> ObjectPool<T> {
     }
 
     /// Keeps `value` (already reset) in this thread's bucket, the shared store, or drops it.
-    #[inline]
+    ///
+    /// Out of line, and its hit (this thread's bucket reached through the thread-local
+    /// cache, room within the credit held, no demand to answer) makes no call but the tail
+    /// call to [`give_back_slow`](Self::give_back_slow): so it saves no register, where
+    /// inlined into a guard's drop beside the reset hook's call it made the drop save six.
+    /// A kept return costs no counter: statistics count it from the idle objects.
+    #[inline(never)]
     fn give_back(&self, value: Slot<T>) {
-        let local = self.local();
-        let Some(local) = local else { return self.give_back_slow(None, value, true) };
-        let demand = self.demand.load(Ordering::Relaxed);
+        let mut donate = false;
         let mut value = Some(value);
-        // SAFETY: as in `take_or_make`; `push` does not re-enter the pool.
-        let pushed = unsafe {
-            local.owned.owner(
-                #[inline(always)]
-                |owned| local.push(owned, &mut value, demand),
-            )
-        };
-        match (pushed, value) {
-            (Some(Push::Kept), _) | (_, None) => local.counters.bump_owned(Event::Return),
-            (pushed, Some(value)) => self.give_back_slow(Some(local), value, pushed == Some(Push::Donate)),
+        if let Some(local) = self.locals.current_cached() {
+            let demand = self.demand.load(Ordering::Relaxed);
+            // SAFETY: as in `take_or_make`; `push` does not re-enter the pool.
+            let pushed = unsafe {
+                local.owned.owner_expedited(
+                    #[inline(always)]
+                    |owned| local.push(owned, &mut value, demand, false),
+                )
+            };
+            donate = pushed == Some(Push::Donate);
+        }
+        if let Some(value) = value {
+            self.give_back_slow(value, donate);
         }
     }
 
-    /// Keeps `value` in this thread's bucket after claiming more of the bound, or (with
-    /// `donate`, or if that fails) in the shared store, or drops it.
+    /// The rest of [`give_back`](Self::give_back): `donate` if its bucket answered demand.
+    /// Keeps `value` in this thread's bucket (claiming more of the bound, growing the
+    /// stack), or in the shared store (first, if the return answers demand), or drops it.
     #[cold]
     #[inline(never)]
-    fn give_back_slow(&self, local: Option<&Local<T>>, value: Slot<T>, donate: bool) {
-        let mut value = value;
+    fn give_back_slow(&self, value: Slot<T>, donate: bool) {
+        let local = self.local();
+        let mut value = Some(value);
+        let mut donate = donate || local.is_none();
+        if let Some(local) = local
+            && !donate
+        {
+            // The hit path did not place it (no room without growing, a stealer had the
+            // bucket, or the cached lookup missed): the same rule, growing if need be.
+            let demand = self.demand.load(Ordering::Relaxed);
+            // SAFETY: as in `take_or_make_slow`; `grow_and_push` does not re-enter the pool.
+            let pushed = unsafe {
+                local.owned.owner(|owned| {
+                    local.grow_and_push(owned, &mut value, &self.shared, self.max_per_bucket, demand)
+                })
+            };
+            donate = pushed == Some(Push::Donate);
+        }
+        let Some(mut value) = value else { return };
         if donate {
             match self.push_shared(value) {
-                Ok(()) => return self.count(local, Event::Return),
+                Ok(()) => return,
                 // The store has no room under the total bound: the bucket may still.
                 Err(back) => value = back,
             }
-        }
-        if let Some(local) = local {
-            let mut slot = Some(value);
-            // SAFETY: as in `take_or_make`; `grow_and_push` does not re-enter the pool.
-            let kept = unsafe {
-                local
-                    .owned
-                    .owner(|owned| local.grow_and_push(owned, &mut slot, &self.shared, self.max_per_bucket))
-            };
-            debug_assert!(slot.is_some() || kept == Some(true));
-            match slot {
-                None => return local.counters.bump_owned(Event::Return),
-                Some(back) => value = back,
+            if let Some(local) = local {
+                let mut slot = Some(value);
+                // SAFETY: as above.
+                unsafe {
+                    local.owned.owner(|owned| {
+                        local.grow_and_push(owned, &mut slot, &self.shared, self.max_per_bucket, 0)
+                    })
+                };
+                let Some(back) = slot else { return };
+                value = back;
+            }
+        } else {
+            match self.push_shared(value) {
+                Ok(()) => return,
+                Err(back) => value = back,
             }
         }
-        let pushed = if donate { Err(value) } else { self.push_shared(value) };
-        match pushed {
-            Ok(()) => self.count(local, Event::Return),
-            Err(value) => {
-                self.count(local, Event::Dropped);
-                drop(value);
-            }
-        }
+        self.count(local, Event::Dropped);
+        drop(value);
     }
 
     /// Keeps `value` in the shared store if the total bound allows; a return that reaches
@@ -450,7 +483,11 @@ impl<T> ObjectPool<T> {
             }
             idle += local.idle.load(Ordering::Relaxed);
         }
-        let [hits, misses, returns, dropped, detached, reset_panics, trimmed] = sums;
+        let [hits, misses, dropped, detached, reset_panics, trimmed] = sums;
+        // Every kept return made an idle object, which since was rented again (a hit), was
+        // trimmed, or is still idle: so returns are counted from those, and a return costs
+        // no counter of its own.
+        let returns = hits + trimmed + idle as u64;
         let gone = dropped + detached + reset_panics + trimmed + idle as u64;
         ObjectPoolStatistics {
             rents: hits + misses,
@@ -611,14 +648,13 @@ impl fmt::Display for ObjectPoolStatistics {
 enum Event {
     Hit,
     Miss,
-    Return,
     Dropped,
     Detached,
     ResetPanic,
     Trimmed,
 }
 
-const EVENTS: usize = 7;
+const EVENTS: usize = 6;
 
 /// Event counters. A bucket's are written only by its owning thread, with a plain load and
 /// store (no read-modify-write); the pool's own are shared and use `fetch_add`. Any thread
@@ -670,13 +706,7 @@ struct Owned<T> {
     stack: Vec<Slot<T>>,
     /// Units of the total bound this bucket holds: idle objects `<= credit`.
     credit: usize,
-    /// Recent rents minus returns on the owning thread, within `-BALANCE..=BALANCE`:
-    /// negative on a thread that returns more than it rents (a pipeline's consumer).
-    balance: i8,
 }
-
-/// Bound of [`Owned`]'s balance: a thread's last few operations decide.
-const BALANCE: i8 = 8;
 
 /// What became of a value given to [`Local::push`].
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -684,8 +714,8 @@ enum Push {
     Kept,
     /// No credit left: the caller claims more or uses the shared store.
     Full,
-    /// Kept out for the shared store: rents elsewhere want it, and this thread returns more
-    /// than it rents.
+    /// Kept out for the shared store: rents elsewhere want it, and the bucket already holds
+    /// an idle object.
     Donate,
 }
 
@@ -711,7 +741,7 @@ impl<T> Owned<T> {
 impl<T> Default for Local<T> {
     fn default() -> Self {
         Self {
-            owned: Handoff::new(Owned { top: None, stack: Vec::new(), credit: 0, balance: 0 }),
+            owned: Handoff::new(Owned { top: None, stack: Vec::new(), credit: 0 }),
             idle: AtomicUsize::new(0),
             counters: Counters::default(),
         }
@@ -728,23 +758,24 @@ impl<T> Local<T> {
             Some(value) => value,
             None => owned.stack.pop()?,
         };
-        owned.balance = (owned.balance + 1).min(BALANCE);
         // Written only by whoever holds `owned`: a load and a store, no read-modify-write.
         self.idle.store(self.idle.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
         Some(value)
     }
 
     /// Pushes `value` within the credit already held; leaves it in place when there is none,
-    /// or when `demand` wants it in the shared store and this thread returns more than it
-    /// rents.
+    /// or when `demand` wants it in the shared store and the bucket already holds an idle
+    /// object (see the module documentation). Without `grow` it also leaves it in place when
+    /// the stack would have to grow (so that the hit path makes no call).
     #[inline(always)]
-    fn push(&self, owned: &mut Owned<T>, value: &mut Option<Slot<T>>, demand: usize) -> Push {
-        owned.balance = (owned.balance - 1).max(-BALANCE);
-        if demand > 0 && owned.balance < 0 {
+    fn push(&self, owned: &mut Owned<T>, value: &mut Option<Slot<T>>, demand: usize, grow: bool) -> Push {
+        let idle = self.idle.load(Ordering::Relaxed);
+        if demand > 0 && idle > 0 {
             return Push::Donate;
         }
-        let idle = self.idle.load(Ordering::Relaxed);
-        if idle >= owned.credit {
+        if idle >= owned.credit
+            || (!grow && owned.top.is_some() && owned.stack.len() == owned.stack.capacity())
+        {
             return Push::Full;
         }
         let Some(value) = value.take() else { return Push::Full };
@@ -755,19 +786,28 @@ impl<T> Local<T> {
         Push::Kept
     }
 
-    /// Claims more of the total bound (up to `max_per_bucket` in all), then pushes.
+    /// As [`push`](Self::push) with `demand`; if that finds no room, claims more of the
+    /// total bound (up to `max_per_bucket` in all) and pushes, growing the stack.
     fn grow_and_push(
         &self,
         owned: &mut Owned<T>,
         value: &mut Option<Slot<T>>,
         shared: &Shared<Slot<T>>,
         max_per_bucket: usize,
-    ) -> bool {
-        let want = max_per_bucket.saturating_sub(owned.credit).min(CREDIT_BATCH);
-        owned.credit += shared.claim(want);
-        // The balance was counted by the first attempt.
-        owned.balance = (owned.balance + 1).min(BALANCE);
-        self.push(owned, value, 0) == Push::Kept
+        demand: usize,
+    ) -> Push {
+        let pushed = self.push(owned, value, demand, false);
+        if pushed != Push::Full {
+            return pushed;
+        }
+        if self.idle.load(Ordering::Relaxed) >= owned.credit {
+            let want = max_per_bucket.saturating_sub(owned.credit).min(CREDIT_BATCH);
+            owned.credit += shared.claim(want);
+        }
+        // Room for every object the credit pays for, so that later returns push without
+        // growing the stack (see `push`): 8 bytes per unit of the bucket bound at most.
+        owned.stack.reserve(owned.credit.saturating_sub(owned.stack.len()));
+        self.push(owned, value, 0, true)
     }
 }
 
@@ -782,26 +822,57 @@ mod tests {
     /// child process, where nothing else has made a pool.
     #[test]
     fn an_object_pool_registers_the_asymmetric_fence_before_first_use() {
-        const CHILD: &str = "UNIMEM_FENCE_CHILD";
-        if std::env::var_os(CHILD).is_some() {
+        let name = "object_pool::tests::an_object_pool_registers_the_asymmetric_fence_before_first_use";
+        crate::sync::in_child_process(name, || {
             let pool = ObjectPool::new(|| 0u8);
             drop(pool.rent());
             assert_eq!(crate::sync::is_expedited(), crate::sync::expedited_available());
-            return;
-        }
-        let name = "object_pool::tests::an_object_pool_registers_the_asymmetric_fence_before_first_use";
-        let exe = std::env::current_exe().expect("the test binary");
-        let out = std::process::Command::new(exe)
-            .args(["--exact", name, "--nocapture", "--test-threads=1"])
-            .env(CHILD, "1")
-            .output()
-            .expect("the child runs");
-        assert!(
-            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("1 passed"),
-            "child: {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        });
+    }
+
+    /// Where `membarrier` is missing (another OS, an old kernel, a seccomp filter), the hit
+    /// paths' cached lookup never hits (it would skip the full fence that scheme needs), and
+    /// both pools still reuse through their general paths: same thread, and a pipeline
+    /// under tight bounds, whose returns must still answer demand.
+    #[test]
+    fn without_membarrier_both_pools_still_reuse() {
+        let name = "object_pool::tests::without_membarrier_both_pools_still_reuse";
+        crate::sync::in_child_process(name, || {
+            crate::sync::init_plain_fence();
+            assert!(!crate::sync::is_expedited());
+
+            let slots = ThreadSlots::<u32>::new();
+            assert!(slots.current().is_some());
+            assert!(slots.current_cached().is_none(), "the cached lookup implies the expedited scheme");
+
+            let pool = ObjectPool::builder(|| vec![0u8; 16]).max_per_bucket(8).max_total(8).build().unwrap();
+            let first = pool.rent().as_ptr();
+            for _ in 0..100 {
+                assert_eq!(pool.rent().as_ptr(), first, "the same object comes back");
+            }
+            let stats = pool.statistics();
+            assert_eq!((stats.hits, stats.misses, stats.returns, stats.idle), (100, 1, 101, 1));
+
+            let pool = std::sync::Arc::new(
+                ObjectPool::builder(|| 0u64).max_per_bucket(8).max_total(8).build().unwrap(),
+            );
+            let (tx, rx) = std::sync::mpsc::sync_channel(2);
+            let consumer = std::thread::spawn(move || rx.into_iter().for_each(drop));
+            for _ in 0..1000 {
+                tx.send(pool.rent_owned()).unwrap();
+            }
+            drop(tx);
+            consumer.join().unwrap();
+            let stats = pool.statistics();
+            assert!(stats.hit_rate() >= 0.9 && stats.rents == 1000, "pipeline: {stats}");
+
+            let manager = crate::MemoryManager::new();
+            for _ in 0..100 {
+                drop(manager.allocate::<u8>(1024, crate::AllocationMode::Pooled).unwrap());
+            }
+            let stats = manager.statistics();
+            assert_eq!((stats.pool_hits, stats.pool_misses), (99, 1));
+        });
     }
 
     /// `budget + bucket credit + store length == max_total`, and every bucket within its

@@ -298,9 +298,10 @@ impl DevicePool {
         let class = self.classes.class_of(bytes)?;
         let body = self.caches.current_cached()?.body()?;
         // SAFETY: `current_cached` is the calling thread's own cache (`ThreadSlots` gives
-        // each live thread its own slot), and `pop_ready` does not re-enter the pool.
+        // each live thread its own slot), and hits only while the fence is expedited;
+        // `pop_ready` does not re-enter the pool.
         unsafe {
-            body.stacks.owner(
+            body.stacks.owner_expedited(
                 #[inline(always)]
                 |stacks| body.pop_ready(stacks, class, bytes),
             )
@@ -570,7 +571,7 @@ impl DevicePool {
         let mut block = Some(block);
         // SAFETY: as in `acquire_fast`; `keep` does not re-enter the pool's caches.
         let kept = unsafe {
-            body.stacks.owner(
+            body.stacks.owner_expedited(
                 #[inline(always)]
                 |stacks| pool.keep(body, stacks, class, &mut block, requested, false),
             )
