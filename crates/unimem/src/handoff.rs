@@ -31,13 +31,18 @@ use super::sync::{
 };
 
 /// A value with an owner thread and occasional stealers. See the module documentation.
+///
+/// The two flags sit on either side of the value, in words of their own: the owner loads
+/// `claimed` right after it stores `busy`, and with the two in one word that load measured
+/// slower (on AMD Zen, the 2-core machine of BENCHMARKS.md).
 #[derive(Debug, Default)]
+#[repr(C)]
 pub(crate) struct Handoff<T> {
-    /// The owner is using the value. Written by the owner only.
-    busy: AtomicBool,
     /// A stealer wants the value or has it. Written by stealers only, under their lock.
     claimed: AtomicBool,
     value: UnsafeCell<T>,
+    /// The owner is using the value. Written by the owner only.
+    busy: AtomicBool,
 }
 
 // SAFETY: the value is reached only by its owner inside `owner` or by one stealer inside

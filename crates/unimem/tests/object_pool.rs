@@ -431,3 +431,37 @@ fn an_owned_guard_keeps_its_pool_alive() {
     drop(obj); // returned, then dropped with the pool
     assert_eq!(alive.load(Ordering::Relaxed), 0);
 }
+
+/// A pipeline in lockstep (one thread rents a batch, another returns it, in turn): once the
+/// producer has had to take objects from outside its bucket, the consumer's returns answer
+/// that demand and reach the shared store, so the producer takes them from there and never
+/// has to steal them out of the consumer's bucket. (When a return answered only if its
+/// bucket already held an object, the consumer kept the first return of every round and the
+/// producer stole it back every round: a process-wide barrier each time.)
+#[test]
+fn a_consumer_that_only_returns_keeps_nothing_back() {
+    let pool = Arc::new(ObjectPool::builder(|| 0u64).max_per_bucket(8).max_total(8).build().unwrap());
+    let (to_consumer, batches) = mpsc::sync_channel::<Vec<PooledOwned<u64>>>(0);
+    let (returned, consumed) = mpsc::sync_channel::<()>(0);
+    let consumer = std::thread::spawn(move || {
+        for batch in batches {
+            drop(batch);
+            returned.send(()).unwrap();
+        }
+    });
+    let mut warm = None;
+    for round in 0..50 {
+        let batch: Vec<_> = (0..4).map(|_| pool.rent_owned()).collect();
+        to_consumer.send(batch).unwrap();
+        consumed.recv().unwrap();
+        if round == 1 {
+            warm = Some(pool.statistics());
+        }
+    }
+    drop(to_consumer);
+    consumer.join().unwrap();
+    let (warm, end) = (warm.unwrap(), pool.statistics());
+    assert_eq!((end.misses, end.dropped), (4, 0), "{end:?}");
+    assert_eq!(end.steals, warm.steals, "steals after the first two rounds: {end:?}");
+    assert_eq!((end.returns, end.idle), (200, 4), "{end:?}");
+}

@@ -13,11 +13,13 @@
 //! rent makes a new one. When rents are served from outside their own bucket (one thread
 //! rents, another returns, as in a pipeline), each asks through a *demand* counter for one
 //! return to go to the shared store instead of the returning thread's bucket, so that the
-//! objects flow to where they are rented without a steal each time. Only a return to a
-//! bucket that already holds an idle object answers: a thread that rents and returns alike
-//! finds its bucket empty at each return (it holds the one object it cycles), so it keeps
-//! its objects, and two such threads never trade objects through the store; a pipeline's
-//! consumer keeps one object and passes the rest on. A bucket that runs empty
+//! objects flow to where they are rented without a steal each time. A return answers if its
+//! bucket already holds an idle object, or if its thread has rented nothing since its last
+//! return under demand (a pipeline's consumer, which only returns: it keeps nothing back,
+//! or the one object it kept would be the one the producer misses, and steals for). A
+//! thread that rents and returns alike finds its bucket empty at each return and has rented
+//! since, so it keeps its objects, and two such threads never trade objects through the
+//! store. The check costs the hit path nothing while there is no demand. A bucket that runs empty
 //! gives its unused share of the total bound back, so an idle thread holds at most
 //! [`CREDIT_BATCH`] unused units.
 
@@ -297,8 +299,8 @@ impl<T> ObjectPool<T> {
     /// rent in bursts strip each other's buckets on every miss (8 threads under a bound of
     /// 64 then hit 15% of rents instead of half).
     #[cold]
-    fn steal(&self, mine: Option<&Local<T>>) -> Option<Slot<T>> {
-        let mine = mine.map(std::ptr::from_ref);
+    fn steal(&self, local: Option<&Local<T>>) -> Option<Slot<T>> {
+        let mine = local.map(std::ptr::from_ref);
         let victim = self
             .locals
             .iter()
@@ -323,6 +325,7 @@ impl<T> ObjectPool<T> {
             victim.idle.store(owned.idle(), Ordering::Relaxed);
         });
         let first = taken.pop()?;
+        self.count(local, Event::Steal);
         // The objects handed to the store keep their units; the caller's goes back.
         self.shared.push_paid(taken);
         self.shared.release(1);
@@ -389,12 +392,28 @@ impl<T> ObjectPool<T> {
             if let Some(local) = local {
                 let mut slot = Some(value);
                 // SAFETY: as above.
-                unsafe {
+                let paid = unsafe {
                     local.owned.owner(|owned| {
-                        local.grow_and_push(owned, &mut slot, &self.shared, self.max_per_bucket, 0)
+                        // The unit of the bound that pays for the object in the store comes
+                        // from this bucket's spare credit, if it has any: the bound's share
+                        // goes where the objects are rented. (A consumer that kept a first
+                        // return claimed a batch of credit; under a tight total bound that
+                        // left the store no room, and every return was kept or dropped.)
+                        let spare = owned.credit > owned.idle();
+                        if spare {
+                            owned.credit -= 1;
+                        } else {
+                            local.grow_and_push(owned, &mut slot, &self.shared, self.max_per_bucket, 0);
+                        }
+                        spare
                     })
                 };
                 let Some(back) = slot else { return };
+                if paid == Some(true) {
+                    self.shared.push_one_paid(back);
+                    self.answer_demand();
+                    return;
+                }
                 value = back;
             }
         } else {
@@ -411,8 +430,13 @@ impl<T> ObjectPool<T> {
     /// the store answers one unit of demand.
     fn push_shared(&self, value: Slot<T>) -> Result<(), Slot<T>> {
         self.shared.push(value)?;
-        let _ = self.demand.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| d.checked_sub(1));
+        self.answer_demand();
         Ok(())
+    }
+
+    /// Counts one return to the shared store against the demand for them.
+    fn answer_demand(&self) {
+        let _ = self.demand.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| d.checked_sub(1));
     }
 
     /// The calling thread's bucket (none during thread-local teardown).
@@ -483,7 +507,7 @@ impl<T> ObjectPool<T> {
             }
             idle += local.idle.load(Ordering::Relaxed);
         }
-        let [hits, misses, dropped, detached, reset_panics, trimmed] = sums;
+        let [hits, misses, dropped, detached, reset_panics, trimmed, steals] = sums;
         // Every kept return made an idle object, which since was rented again (a hit), was
         // trimmed, or is still idle: so returns are counted from those, and a return costs
         // no counter of its own.
@@ -498,6 +522,7 @@ impl<T> ObjectPool<T> {
             detached,
             reset_panics,
             trimmed,
+            steals,
             idle,
             live: misses.saturating_sub(gone),
             max_per_bucket: self.max_per_bucket,
@@ -612,6 +637,10 @@ pub struct ObjectPoolStatistics {
     pub reset_panics: u64,
     /// Idle objects dropped by [`ObjectPool::trim`] or [`ObjectPool::clear`].
     pub trimmed: u64,
+    /// Rents served by taking idle objects out of another thread's bucket (also counted in
+    /// `hits`). Each costs the renting thread a process-wide barrier; a pipeline whose
+    /// returns flow to the shared store (see the module documentation) needs almost none.
+    pub steals: u64,
     /// Idle objects now.
     pub idle: usize,
     /// Objects rented out now: made, minus dropped, detached, trimmed and idle.
@@ -652,9 +681,10 @@ enum Event {
     Detached,
     ResetPanic,
     Trimmed,
+    Steal,
 }
 
-const EVENTS: usize = 6;
+const EVENTS: usize = 7;
 
 /// Event counters. A bucket's are written only by its owning thread, with a plain load and
 /// store (no read-modify-write); the pool's own are shared and use `fetch_add`. Any thread
@@ -683,6 +713,13 @@ impl Counters {
         self.0[event as usize].fetch_add(n as u64, Ordering::Relaxed);
     }
 
+    /// Hits and misses; read by the owning thread (or at rest).
+    #[inline(always)]
+    fn rents(&self) -> u64 {
+        self.0[Event::Hit as usize].load(Ordering::Relaxed)
+            + self.0[Event::Miss as usize].load(Ordering::Relaxed)
+    }
+
     fn read(&self) -> [u64; EVENTS] {
         std::array::from_fn(|i| self.0[i].load(Ordering::Relaxed))
     }
@@ -706,6 +743,8 @@ struct Owned<T> {
     stack: Vec<Slot<T>>,
     /// Units of the total bound this bucket holds: idle objects `<= credit`.
     credit: usize,
+    /// The owner's rents (hits and misses) at its last return under demand.
+    rents_at_return: u64,
 }
 
 /// What became of a value given to [`Local::push`].
@@ -741,7 +780,7 @@ impl<T> Owned<T> {
 impl<T> Default for Local<T> {
     fn default() -> Self {
         Self {
-            owned: Handoff::new(Owned { top: None, stack: Vec::new(), credit: 0 }),
+            owned: Handoff::new(Owned { top: None, stack: Vec::new(), credit: 0, rents_at_return: 0 }),
             idle: AtomicUsize::new(0),
             counters: Counters::default(),
         }
@@ -764,13 +803,13 @@ impl<T> Local<T> {
     }
 
     /// Pushes `value` within the credit already held; leaves it in place when there is none,
-    /// or when `demand` wants it in the shared store and the bucket already holds an idle
-    /// object (see the module documentation). Without `grow` it also leaves it in place when
-    /// the stack would have to grow (so that the hit path makes no call).
+    /// or when `demand` wants it in the shared store and this return answers (see
+    /// [`answers`](Self::answers)). Without `grow` it also leaves it in place when the stack
+    /// would have to grow (so that the hit path makes no call).
     #[inline(always)]
     fn push(&self, owned: &mut Owned<T>, value: &mut Option<Slot<T>>, demand: usize, grow: bool) -> Push {
         let idle = self.idle.load(Ordering::Relaxed);
-        if demand > 0 && idle > 0 {
+        if demand > 0 && self.answers(owned, idle) {
             return Push::Donate;
         }
         if idle >= owned.credit
@@ -784,6 +823,17 @@ impl<T> Local<T> {
         }
         self.idle.store(idle + 1, Ordering::Relaxed);
         Push::Kept
+    }
+
+    /// Whether a return under demand answers it: the bucket already holds an idle object,
+    /// or the thread has rented nothing since its last return under demand (see the module
+    /// documentation).
+    #[inline(always)]
+    fn answers(&self, owned: &mut Owned<T>, idle: usize) -> bool {
+        let rents = self.counters.rents();
+        let rented = rents != owned.rents_at_return;
+        owned.rents_at_return = rents;
+        idle > 0 || !rented
     }
 
     /// As [`push`](Self::push) with `demand`; if that finds no room, claims more of the

@@ -59,12 +59,17 @@ impl<T> Shared<T> {
         if self.claim(1) == 0 {
             return Err(item);
         }
+        self.push_one_paid(item);
+        Ok(())
+    }
+
+    /// Keeps `item`, whose unit of the total bound the caller already holds and hands over.
+    pub(crate) fn push_one_paid(&self, item: T) {
         // Nothing inside the lock can panic except an allocation failure in `push`, which
         // aborts; a poisoned lock therefore still guards a consistent vector.
         let mut items = self.items.lock().unwrap_or_else(PoisonError::into_inner);
         items.push(item);
         self.len.store(items.len(), Ordering::Relaxed);
-        Ok(())
     }
 
     /// Keeps `items` whose units of the total bound the caller already holds and hands over
