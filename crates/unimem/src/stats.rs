@@ -44,6 +44,9 @@ pub struct MemoryStatistics {
     pub oom_retries: u64,
     /// Returned buffers freed because their class or the pool was full.
     pub pool_overflows: u64,
+    /// Pool hits served by taking blocks out of another thread's cache (see
+    /// [`PoolStatistics::steals`]).
+    pub pool_steals: u64,
     /// Errors reported by a backend while freeing memory (recorded, never panicked on).
     pub free_errors: u64,
     /// Coherence copies from device to host mirror (a stale host side was read).
@@ -97,6 +100,10 @@ pub struct PoolStatistics {
     pub oom_retries: u64,
     /// Returns freed because the pool was full.
     pub overflows: u64,
+    /// Hits served by taking blocks out of another thread's cache (also counted in `hits`).
+    /// Each costs the allocating thread a process-wide barrier; a pipeline whose returns
+    /// reach the shared store (the pool's demand) needs almost none.
+    pub steals: u64,
     /// Backend errors while freeing.
     pub free_errors: u64,
     /// Coherence copies device to host.
@@ -145,6 +152,7 @@ impl MemoryStatistics {
             add(&mut s.trimmed_bytes, p.trimmed_bytes);
             add(&mut s.oom_retries, p.oom_retries);
             add(&mut s.pool_overflows, p.overflows);
+            add(&mut s.pool_steals, p.steals);
             add(&mut s.free_errors, p.free_errors);
             add(&mut s.syncs_to_host, p.syncs_to_host);
             add(&mut s.syncs_to_device, p.syncs_to_device);

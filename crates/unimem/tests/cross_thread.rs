@@ -243,3 +243,43 @@ fn an_exited_threads_bucket_is_reused() {
     assert_eq!((after.hits - before.hits, after.misses - before.misses), (5, 0), "{after:?}");
     drop(again);
 }
+
+/// The size-class pool in lockstep (one thread allocates a batch, another, which has a
+/// cache, drops it, in turn): once the producer has had to take blocks from outside its cache, the consumer's
+/// returns answer that demand and reach the shared store, so the producer takes them from
+/// there and never has to steal them out of the consumer's cache. (When a return answered
+/// only if its cache already held a block of the class, the consumer kept the first return
+/// of every round and the producer stole it back every round.)
+#[test]
+fn a_consumer_that_only_frees_keeps_no_block_back() {
+    let manager = &MemoryManager::new();
+    let (to_consumer, batches) = sync_channel::<Vec<Buffer<u8>>>(0);
+    let (freed, consumed) = sync_channel::<()>(0);
+    let mut warm = None;
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            // A worker that also allocates, so that it has a cache of its own (a thread
+            // that only frees has none, and its returns all go to the shared store).
+            drop(manager.allocate::<u8>(4096, AllocationMode::Pooled).unwrap());
+            freed.send(()).unwrap();
+            for batch in batches {
+                drop(batch);
+                freed.send(()).unwrap();
+            }
+        });
+        consumed.recv().unwrap();
+        for round in 0..50 {
+            let batch: Vec<_> =
+                (0..3).map(|_| manager.allocate::<u8>(4096, AllocationMode::Pooled).unwrap()).collect();
+            to_consumer.send(batch).unwrap();
+            consumed.recv().unwrap();
+            if round == 1 {
+                warm = Some(manager.statistics());
+            }
+        }
+        drop(to_consumer);
+    });
+    let (warm, end) = (warm.unwrap(), manager.statistics());
+    assert_eq!(end.pool_steals, warm.pool_steals, "steals after the first two rounds: {end:?}");
+    assert_eq!((end.pool_hits + end.pool_misses, end.pool_misses), (151, warm.pool_misses), "{end:?}");
+}

@@ -14,8 +14,8 @@
 //! rents, another returns, as in a pipeline), each asks through a *demand* counter for one
 //! return to go to the shared store instead of the returning thread's bucket, so that the
 //! objects flow to where they are rented without a steal each time. A return answers if its
-//! bucket already holds an idle object, or if its thread has rented nothing since its last
-//! return under demand (a pipeline's consumer, which only returns: it keeps nothing back,
+//! bucket already holds an idle object, or if its thread has rented nothing since it last
+//! kept an object under demand (a pipeline's consumer, which only returns: it keeps nothing back,
 //! or the one object it kept would be the one the producer misses, and steals for). A
 //! thread that rents and returns alike finds its bucket empty at each return and has rented
 //! since, so it keeps its objects, and two such threads never trade objects through the
@@ -743,7 +743,7 @@ struct Owned<T> {
     stack: Vec<Slot<T>>,
     /// Units of the total bound this bucket holds: idle objects `<= credit`.
     credit: usize,
-    /// The owner's rents (hits and misses) at its last return under demand.
+    /// The owner's rents (hits and misses) when it last kept an object under demand.
     rents_at_return: u64,
 }
 
@@ -804,13 +804,17 @@ impl<T> Local<T> {
 
     /// Pushes `value` within the credit already held; leaves it in place when there is none,
     /// or when `demand` wants it in the shared store and this return answers (see
-    /// [`answers`](Self::answers)). Without `grow` it also leaves it in place when the stack
+    /// [`declines`](Self::declines)). Without `grow` it also leaves it in place when the stack
     /// would have to grow (so that the hit path makes no call).
     #[inline(always)]
     fn push(&self, owned: &mut Owned<T>, value: &mut Option<Slot<T>>, demand: usize, grow: bool) -> Push {
         let idle = self.idle.load(Ordering::Relaxed);
-        if demand > 0 && self.answers(owned, idle) {
-            return Push::Donate;
+        let mut declined = None;
+        if demand > 0 {
+            declined = self.declines(owned, idle);
+            if declined.is_none() {
+                return Push::Donate;
+            }
         }
         if idle >= owned.credit
             || (!grow && owned.top.is_some() && owned.stack.len() == owned.stack.capacity())
@@ -821,19 +825,24 @@ impl<T> Local<T> {
         if let Some(older) = owned.top.replace(value) {
             owned.stack.push(older);
         }
+        if let Some(rents) = declined {
+            owned.rents_at_return = rents;
+        }
         self.idle.store(idle + 1, Ordering::Relaxed);
         Push::Kept
     }
 
-    /// Whether a return under demand answers it: the bucket already holds an idle object,
-    /// or the thread has rented nothing since its last return under demand (see the module
-    /// documentation).
+    /// For a return under demand: `None` if it answers the demand (the bucket already holds
+    /// an idle object, or the thread has rented nothing since it last kept an object under
+    /// demand; see the module documentation), otherwise the thread's rent count, recorded
+    /// once the object is kept. It changes nothing, so a return that goes on to the slow
+    /// path is judged the same there (where a second look that saw the count just recorded
+    /// would donate, and a thread that rents and returns alike would trade its object
+    /// through the store forever).
     #[inline(always)]
-    fn answers(&self, owned: &mut Owned<T>, idle: usize) -> bool {
+    fn declines(&self, owned: &Owned<T>, idle: usize) -> Option<u64> {
         let rents = self.counters.rents();
-        let rented = rents != owned.rents_at_return;
-        owned.rents_at_return = rents;
-        idle > 0 || !rented
+        (idle == 0 && rents != owned.rents_at_return).then_some(rents)
     }
 
     /// As [`push`](Self::push) with `demand`; if that finds no room, claims more of the
@@ -938,6 +947,35 @@ mod tests {
             held += owned.credit;
         }
         assert_eq!(held, pool.max_total);
+    }
+
+    /// A thread that rents and returns alike, under demand that no one pays down (another
+    /// thread holds the objects it took from outside its bucket), with no credit left in its
+    /// bucket: its return goes to the slow path, which must judge it as the hit path did
+    /// and keep it. (When the hit path's look recorded the rent count, the slow path's
+    /// second look saw no rent since and donated the object, and the thread then took it
+    /// back from the store on every rent: each pair through the store's lock.)
+    #[test]
+    fn a_thread_that_rents_and_returns_alike_keeps_its_object_under_standing_demand() {
+        let pool =
+            std::sync::Arc::new(ObjectPool::builder(|| 0u64).max_per_bucket(8).max_total(8).build().unwrap());
+        drop((pool.rent(), pool.rent())); // two idle objects in this thread's bucket
+        let other = std::sync::Arc::clone(&pool);
+        let held = std::thread::spawn(move || (other.rent_owned(), other.rent_owned())).join().unwrap();
+        assert_eq!(pool.statistics().steals, 2, "the other thread took both from this bucket");
+        assert!(pool.demand.load(Ordering::Relaxed) > 0);
+        for _ in 0..10 {
+            drop(pool.rent());
+        }
+        let local = pool.local().unwrap();
+        assert_eq!(
+            (local.idle.load(Ordering::Relaxed), pool.shared.len()),
+            (1, 0),
+            "the object stays in this thread's bucket"
+        );
+        let stats = pool.statistics();
+        assert_eq!((stats.misses, stats.steals), (3, 2), "{stats:?}");
+        drop(held);
     }
 
     #[test]

@@ -13,11 +13,15 @@
 //! protocol), and only then asks the backend. Reuse across threads, the shape of a pipeline
 //! where one thread allocates and another drops, is kept cheap by *demand*: each allocation
 //! served from outside its own cache asks, through a per-class counter, for one returned
-//! block to go to the shared store instead of the returning thread's cache. Only a thread
-//! whose cache already holds a block of the class answers: one that returns more than it
-//! allocates (a thread that allocates and frees alike finds its slot empty at each return
-//! and keeps its blocks, or two such threads would trade them through the shared store
-//! forever). A thread that exits hands its cache to the shared store.
+//! block to go to the shared store instead of the returning thread's cache. A return
+//! answers if its cache already holds a block of the class, or if its thread has allocated
+//! nothing since it last kept a block of the class under demand (a pipeline's consumer,
+//! which only frees: it keeps nothing back, or the block it kept would be the one the
+//! producer misses, and steals for). A thread that allocates and frees alike finds its slot
+//! empty at each return and has allocated since, so it keeps its blocks (two such threads
+//! would otherwise trade them through the shared store forever). The check costs the hit
+//! path nothing while there is no demand. A thread that exits hands its cache to the shared
+//! store.
 
 pub(crate) mod cache;
 mod reaper;
@@ -151,6 +155,7 @@ struct Counters {
     trimmed_bytes: AtomicU64,
     oom_retries: AtomicU64,
     overflows: AtomicU64,
+    steals: AtomicU64,
     free_errors: AtomicU64,
     syncs_to_host: AtomicU64,
     syncs_to_device: AtomicU64,
@@ -333,6 +338,7 @@ impl DevicePool {
         let cap = self.classes.size_of(class);
         self.init_cache();
         if let Some(body) = self.my_cache() {
+            body.counters.allocated_off_cache();
             // This cache has no block of the class: its spare credit goes back, so that a
             // thread that only allocates does not sit on room that returns elsewhere need.
             // SAFETY: as in `acquire`.
@@ -604,11 +610,15 @@ impl DevicePool {
             return false;
         }
         let Some(slot) = stacks.get_mut(class) else { return false };
-        // A thread whose cache already holds a block of the class returns more of it than it
-        // allocates (an allocate/return loop finds its slot empty at each return): it answers
-        // the demand of threads that allocate the class (see the module documentation).
-        if slot.len() > 0 && self.demand.get(class).is_some_and(|demand| demand.load(Relaxed) > 0) {
-            return false;
+        // Demand for the class elsewhere is answered by a return to a cache that already
+        // holds a block of it, or from a thread that has allocated nothing since its last
+        // return under demand (see the module documentation).
+        let mut declined = None;
+        if self.demand.get(class).is_some_and(|demand| demand.load(Relaxed) > 0) {
+            declined = body.declines(slot);
+            if declined.is_none() {
+                return false;
+            }
         }
         let Some(taken) = block.take() else { return false };
         if grow && slot.len() == slot.credit {
@@ -617,6 +627,9 @@ impl DevicePool {
         let cap = taken.capacity();
         match slot.push_credited(taken) {
             Ok(()) => {
+                if let Some(allocations) = declined {
+                    slot.kept_under_demand(allocations);
+                }
                 body.pushed(class, slot, cap, requested);
                 true
             }
@@ -735,6 +748,7 @@ impl DevicePool {
             }
         });
         let first = taken.pop()?;
+        self.counters.steals.fetch_add(1, Relaxed);
         self.keep_shared(class, taken);
         Some(first)
     }
@@ -995,6 +1009,7 @@ impl DevicePool {
             trimmed_bytes: c.trimmed_bytes.load(Relaxed),
             oom_retries: c.oom_retries.load(Relaxed),
             overflows: c.overflows.load(Relaxed),
+            steals: c.steals.load(Relaxed),
             free_errors: c.free_errors.load(Relaxed),
             syncs_to_host: c.syncs_to_host.load(Relaxed),
             syncs_to_device: c.syncs_to_device.load(Relaxed),
