@@ -10,6 +10,7 @@
 mod alloc;
 mod measure;
 mod output;
+mod pipeline;
 mod plot;
 mod raw;
 mod report;
@@ -156,6 +157,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                 report.allocation.push(row);
             };
             alloc::rows(&manager, device, &sampling, args.quick, &mut step, &mut emit);
+            if device.kind == unimem::DeviceKind::Cpu {
+                step("pipeline");
+                pipeline::rows(&manager, device, &sampling, args.quick, &mut emit);
+            }
         }
         {
             let mut emit = |row: Row| {

@@ -1,0 +1,108 @@
+//! The pipeline rows of table 1, on the host: one thread allocates, another drops what it
+//! allocated (a loader filling buffers that a compute thread consumes), with a few buffers
+//! in flight. The baselines do the same with the host allocators and free on the other
+//! thread (their cross-thread free). Each row names unimem's pool hit rate over its runs.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use unimem::{AllocationMode, DeviceInfo, MemoryManager};
+
+use super::measure::{Figure, Sampling};
+use super::raw::{Malloc, Mimalloc, RawAllocator, RawBlock};
+use super::report::{Row, Table};
+
+/// The harness of the criterion benches' pipeline groups, so that both measure alike.
+#[path = "../../../unimem/benches/support/pipeline.rs"]
+mod harness;
+
+/// Items handed over per sample.
+const ITEMS: u64 = 2000;
+
+/// One sample: `ITEMS` items made here and consumed on another thread.
+fn run_once<T: Send>(make: impl FnMut() -> T, consume: impl Fn(T) + Send + Sync) -> (Duration, u64) {
+    (harness::pipeline(ITEMS, make, consume), ITEMS)
+}
+
+/// A raw block that may cross threads (the host allocators free from any thread).
+struct Sent(RawBlock);
+
+// SAFETY: a block of `malloc` or mimalloc is plain memory that either may free from any
+// thread; the handle is only an address.
+unsafe impl Send for Sent {}
+
+/// The raw side: `raw` allocates here and frees on the other thread.
+fn raw_pipeline<R: RawAllocator + Sync>(
+    raw: &R,
+    sampling: &Sampling,
+    bytes: usize,
+) -> anyhow::Result<Figure> {
+    sampling.per_run(|| {
+        let mut failed = None;
+        let make = || match raw.allocate(bytes) {
+            Ok(block) => Some(Sent(block)),
+            Err(e) => {
+                failed.get_or_insert(e);
+                None
+            }
+        };
+        let result = run_once(make, |block: Option<Sent>| {
+            if let Some(Sent(block)) = black_box(block) {
+                raw.free(block);
+            }
+        });
+        failed.map_or(Ok(result), Err)
+    })
+}
+
+/// The pipeline rows for the host device (other devices have none yet: their raw
+/// allocators are not shared between threads).
+pub fn rows(
+    manager: &MemoryManager,
+    device: &DeviceInfo,
+    sampling: &Sampling,
+    quick: bool,
+    emit: &mut dyn FnMut(Row),
+) {
+    let sizes: &[usize] = if quick { &[4 << 10, 1 << 20] } else { &[4 << 10, 1 << 20, 256 << 20] };
+    for &bytes in sizes {
+        let before = manager.statistics();
+        let unimem = sampling.per_run(|| {
+            let make = || manager.allocate_on::<u8>(device.id, bytes, AllocationMode::Pooled);
+            Ok::<_, unimem::Error>(run_once(make, |buffer| drop(black_box(buffer))))
+        });
+        let after = manager.statistics();
+        let hits = after.pool_hits - before.pool_hits;
+        let allocations = hits + after.pool_misses - before.pool_misses;
+        let operation = format!(
+            "pipeline, dropped on another thread ({:.1}% hits)",
+            100.0 * hits as f64 / allocations.max(1) as f64
+        );
+        let row = match unimem {
+            Ok(unimem) => {
+                let mut baselines = Vec::new();
+                let mut notes = Vec::new();
+                for (name, figure) in [
+                    (Malloc.name(), raw_pipeline(&Malloc, sampling, bytes)),
+                    (Mimalloc.name(), raw_pipeline(&Mimalloc, sampling, bytes)),
+                ] {
+                    match figure {
+                        Ok(figure) => baselines.push((name.to_string(), figure)),
+                        Err(e) => notes.push(format!("{name}: {e:#}")),
+                    }
+                }
+                let operation = if notes.is_empty() {
+                    operation
+                } else {
+                    format!("{operation} (baselines not run: {})", notes.join("; "))
+                };
+                Row::measured(Table::Allocation, device.id, operation, bytes as u64, unimem, baselines)
+            }
+            Err(e) => {
+                Row::skipped(Table::Allocation, device.id, operation, bytes as u64, e.to_string(), None)
+            }
+        };
+        emit(row);
+        manager.trim();
+    }
+}
