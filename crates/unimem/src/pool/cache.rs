@@ -170,10 +170,23 @@ impl Body {
         let slot = stacks.get_mut(class)?;
         let block = slot.pop()?;
         self.publish_len(class, slot);
+        self.count_hit(block.capacity(), requested);
+        Some(block)
+    }
+
+    /// Counts a return of a block of `cap` bytes for a buffer of `requested` that does not
+    /// stay in this cache; only the owner calls it.
+    pub(crate) fn count_return(&self, cap: usize, requested: usize) {
+        self.counters.count(-1, cap, requested);
+    }
+
+    /// Counts a hit, of a block of `cap` bytes for a buffer of `requested`; only the owner
+    /// calls it.
+    #[inline(always)]
+    pub(crate) fn count_hit(&self, cap: usize, requested: usize) {
         let c = &self.counters;
         c.hits.store(c.hits.load(Relaxed) + 1, Relaxed);
-        c.count(1, block.capacity(), requested);
-        Some(block)
+        c.count(1, cap, requested);
     }
 
     /// [`pop`](Self::pop), for a hit path: only a block with no fence to wait for (a fenced

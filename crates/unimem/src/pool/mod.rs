@@ -103,6 +103,12 @@ impl Block {
                 }
             }
         }
+        if self.class.is_some() && self.pool.limits.pooling {
+            // A thread that only frees gets a cache too (as one that allocates does at its
+            // first miss): its returns are then counted by its own plain stores, not with
+            // read-modify-writes on the pool's lines that a pipeline's producer writes.
+            self.pool.init_cache();
+        }
         let pool: *const DevicePool = Arc::as_ptr(&self.pool);
         // SAFETY: `self` holds a strong reference to the pool, so the pointer is valid until
         // `self` is either freed or stored. `store` frees nothing itself (a rejected block
@@ -359,8 +365,16 @@ impl DevicePool {
         };
         if let Some(block) = found {
             self.release_budget(class, 1);
-            self.count_live(1, cap, bytes);
-            self.counters.hits.fetch_add(1, Relaxed);
+            // Counted in this thread's cache where it has one (its owner's plain stores),
+            // rather than with read-modify-writes on the pool's lines, which a pipeline's
+            // other thread writes too.
+            match self.my_cache() {
+                Some(body) => body.count_hit(cap, bytes),
+                None => {
+                    self.count_live(1, cap, bytes);
+                    self.counters.hits.fetch_add(1, Relaxed);
+                }
+            }
             // Served from outside this thread's cache: ask for a return to the shared store.
             if let Some(demand) = self.demand.get(class) {
                 let _ = demand.fetch_update(Relaxed, Relaxed, |d| (d < MAX_DEMAND).then_some(d + 1));
@@ -521,7 +535,12 @@ impl DevicePool {
     }
 
     fn free_completed(&self) {
-        self.free_completed_or_wait(false);
+        // Deferred blocks are counted in `pending_free` before they are listed, so zero
+        // means none to look at (one listed meanwhile waits for the next call): a miss
+        // then takes no lock here.
+        if self.counters.pending_free.load(Relaxed) > 0 {
+            self.free_completed_or_wait(false);
+        }
     }
 
     fn count_live(&self, buffers: i64, cap: usize, requested: usize) {
@@ -679,7 +698,10 @@ impl DevicePool {
     #[cold]
     #[inline(never)]
     fn store_shared(&self, block: Box<Block>, class: usize, requested: usize) -> Option<Box<Block>> {
-        self.count_live(-1, block.capacity(), requested);
+        match self.my_cache() {
+            Some(body) => body.count_return(block.capacity(), requested),
+            None => self.count_live(-1, block.capacity(), requested),
+        }
         let Some(shared) = self.shared.get(class) else {
             return Some(block);
         };
