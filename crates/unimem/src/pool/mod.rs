@@ -103,12 +103,6 @@ impl Block {
                 }
             }
         }
-        if self.class.is_some() && self.pool.limits.pooling {
-            // A thread that only frees gets a cache too (as one that allocates does at its
-            // first miss): its returns are then counted by its own plain stores, not with
-            // read-modify-writes on the pool's lines that a pipeline's producer writes.
-            self.pool.init_cache();
-        }
         let pool: *const DevicePool = Arc::as_ptr(&self.pool);
         // SAFETY: `self` holds a strong reference to the pool, so the pointer is valid until
         // `self` is either freed or stored. `store` frees nothing itself (a rejected block
@@ -672,8 +666,16 @@ impl DevicePool {
             pool.count_live(-1, block.capacity(), requested);
             return Some(block);
         };
+        let mut body = pool.my_cache();
+        if body.is_none() && pool.limits.pooling {
+            // A thread that only frees gets a cache too (as one that allocates does at its
+            // first miss): its returns are then counted by its own plain stores, not with
+            // read-modify-writes on the pool's lines that a pipeline's producer writes.
+            block.pool.init_cache();
+            body = pool.my_cache();
+        }
         let mut block = Some(block);
-        if let Some(body) = pool.my_cache()
+        if let Some(body) = body
             // SAFETY: as in `acquire`; `keep` does not re-enter the pool's caches.
             && let Some(true) = unsafe { body.stacks.owner(|stacks| pool.keep(body, stacks, class, &mut block, requested, true)) }
         {
