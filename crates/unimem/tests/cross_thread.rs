@@ -258,8 +258,8 @@ fn a_consumer_that_only_frees_keeps_no_block_back() {
     let mut warm = None;
     std::thread::scope(|scope| {
         scope.spawn(move || {
-            // A worker that also allocates, so that it has a cache of its own (a thread
-            // that only frees has none, and its returns all go to the shared store).
+            // A worker that also allocates, as in `pipeline`'s `consumer_allocates` (a
+            // thread that only frees gets its cache at its first return instead).
             drop(manager.allocate::<u8>(4096, AllocationMode::Pooled).unwrap());
             freed.send(()).unwrap();
             for batch in batches {

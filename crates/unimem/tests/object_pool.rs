@@ -465,3 +465,39 @@ fn a_consumer_that_only_returns_keeps_nothing_back() {
     assert_eq!(end.steals, warm.steals, "steals after the first two rounds: {end:?}");
     assert_eq!((end.returns, end.idle), (200, 4), "{end:?}");
 }
+
+/// As above, with a consumer that rented once before it only returns, and buckets of one:
+/// each of its keeps must claim credit first, and a keep that claimed credit must record
+/// the consumer's rents as one on the hit path does, or its next return (no rent since,
+/// but an old record) is kept again and stolen back, every round.
+#[test]
+fn a_consumer_whose_keeps_claim_credit_still_passes_returns_on() {
+    let pool = Arc::new(ObjectPool::builder(|| 0u64).max_per_bucket(1).max_total(8).build().unwrap());
+    let (to_consumer, items) = mpsc::sync_channel::<PooledOwned<u64>>(0);
+    let (returned, consumed) = mpsc::sync_channel::<()>(0);
+    let consumer = {
+        let pool = Arc::clone(&pool);
+        std::thread::spawn(move || {
+            drop(pool.rent()); // it has rented once
+            returned.send(()).unwrap();
+            for item in items {
+                drop(item);
+                returned.send(()).unwrap();
+            }
+        })
+    };
+    consumed.recv().unwrap();
+    let mut warm = None;
+    for round in 0..50 {
+        to_consumer.send(pool.rent_owned()).unwrap();
+        consumed.recv().unwrap();
+        if round == 4 {
+            warm = Some(pool.statistics());
+        }
+    }
+    drop(to_consumer);
+    consumer.join().unwrap();
+    let (warm, end) = (warm.unwrap(), pool.statistics());
+    assert_eq!(end.steals, warm.steals, "steals after warm-up: {end:?}");
+    assert_eq!(end.dropped, 0, "{end:?}");
+}

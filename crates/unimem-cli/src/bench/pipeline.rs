@@ -68,8 +68,18 @@ pub fn rows(
     for &bytes in sizes {
         let before = manager.statistics();
         let unimem = sampling.per_run(|| {
-            let make = || manager.allocate_on::<u8>(device.id, bytes, AllocationMode::Pooled);
-            Ok::<_, unimem::Error>(run_once(make, |buffer| drop(black_box(buffer))))
+            // A failed allocation fails the row (it is skipped, with the error), rather than
+            // timing the error path as a pipeline.
+            let mut failed = None;
+            let make = || match manager.allocate_on::<u8>(device.id, bytes, AllocationMode::Pooled) {
+                Ok(buffer) => Some(buffer),
+                Err(e) => {
+                    failed.get_or_insert(e);
+                    None
+                }
+            };
+            let result = run_once(make, |buffer| drop(black_box(buffer)));
+            failed.map_or(Ok(result), Err)
         });
         let after = manager.statistics();
         let hits = after.pool_hits - before.pool_hits;

@@ -15,11 +15,15 @@
 //! return to go to the shared store instead of the returning thread's bucket, so that the
 //! objects flow to where they are rented without a steal each time. A return answers if its
 //! bucket already holds an idle object, or if its thread has rented nothing since it last
-//! kept an object under demand (a pipeline's consumer, which only returns: it keeps nothing back,
-//! or the one object it kept would be the one the producer misses, and steals for). A
-//! thread that rents and returns alike finds its bucket empty at each return and has rented
-//! since, so it keeps its objects, and two such threads never trade objects through the
-//! store. The check costs the hit path nothing while there is no demand. A bucket that runs empty
+//! kept an object under demand (a pipeline's consumer, which only returns: it keeps nothing
+//! back, or the one object it kept would be the one the producer misses, and steals for). A
+//! thread that rents and returns one object at a time finds its bucket empty at each return
+//! and has rented since, so it keeps its objects, and two such threads never trade objects
+//! through the store. One that rents and returns in batches of two or more, while demand
+//! stands that no return pays down, passes all but one object of each batch through the
+//! store (a cost the per-operation balance of rents and returns that this replaced did not
+//! have; it kept the hit path two counters heavier). The check costs the hit path nothing
+//! while there is no demand. A bucket that runs empty
 //! gives its unused share of the total bound back, so an idle thread holds at most
 //! [`CREDIT_BATCH`] unused units.
 
@@ -753,8 +757,8 @@ enum Push {
     Kept,
     /// No credit left: the caller claims more or uses the shared store.
     Full,
-    /// Kept out for the shared store: rents elsewhere want it, and the bucket already holds
-    /// an idle object.
+    /// Kept out for the shared store: rents elsewhere want it, and this return answers
+    /// (see [`Local::declines`]).
     Donate,
 }
 
@@ -866,7 +870,9 @@ impl<T> Local<T> {
         // Room for every object the credit pays for, so that later returns push without
         // growing the stack (see `push`): 8 bytes per unit of the bucket bound at most.
         owned.stack.reserve(owned.credit.saturating_sub(owned.stack.len()));
-        self.push(owned, value, 0, true)
+        // With the same demand: judged as the first push was, so that a keep under demand
+        // records the rent count here too.
+        self.push(owned, value, demand, true)
     }
 }
 

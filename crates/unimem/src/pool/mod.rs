@@ -17,9 +17,11 @@
 //! answers if its cache already holds a block of the class, or if its thread has allocated
 //! nothing since it last kept a block of the class under demand (a pipeline's consumer,
 //! which only frees: it keeps nothing back, or the block it kept would be the one the
-//! producer misses, and steals for). A thread that allocates and frees alike finds its slot
-//! empty at each return and has allocated since, so it keeps its blocks (two such threads
-//! would otherwise trade them through the shared store forever). The check costs the hit
+//! producer misses, and steals for). A thread that allocates and frees one block at a time
+//! finds its slot empty at each return and has allocated since, so it keeps its blocks (two
+//! such threads would otherwise trade them through the shared store forever); one that does
+//! so in batches of two or more, while demand stands that no return pays down, passes all
+//! but one block of each batch through the store. The check costs the hit
 //! path nothing while there is no demand. A thread that exits hands its cache to the shared
 //! store.
 
@@ -570,9 +572,9 @@ impl DevicePool {
     }
 
     /// The hit path of [`Block::recycle`]: keeps `block` in this thread's cache, reached
-    /// recently, if the pool is unfenced, the cache has credit for it and no other thread
-    /// waits for returns of its class. Makes no call; gives the block back, with nothing
-    /// changed, otherwise.
+    /// recently, if the pool is unfenced, the cache has credit for it and the return does
+    /// not answer other threads' demand for its class (see [`keep`](Self::keep)). Makes no
+    /// call; gives the block back, with nothing changed, otherwise.
     #[inline(always)]
     fn keep_fast(block: Box<Block>, requested: usize) -> Option<Box<Block>> {
         // SAFETY: `block` holds a strong reference to the pool; the pool is used only until
@@ -603,8 +605,8 @@ impl DevicePool {
     }
 
     /// The owner's side of [`keep_fast`](Self::keep_fast) and [`store`](Self::store): keeps
-    /// `block` in `stacks` (this thread's cache) if the pool is open, no demand calls for the
-    /// block elsewhere and the slot has credit; with `grow` (off the hit path: it may call
+    /// `block` in `stacks` (this thread's cache) if the pool is open, the return does not
+    /// answer demand for its class elsewhere (`Body::declines`) and the slot has credit; with `grow` (off the hit path: it may call
     /// out) a full slot first claims one more block of credit. Returns whether it kept it.
     #[inline(always)]
     fn keep(
