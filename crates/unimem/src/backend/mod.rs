@@ -349,7 +349,17 @@ pub(crate) trait Queue: Send + Sync {
     /// A fence after every operation enqueued so far, taken when a block goes back to its
     /// pool so that the next user waits for the last one (soundness rule 2), or `None` where
     /// reuse of `kind` memory is queue-ordered without one.
-    fn fence_after_use(&self, kind: MemoryKind) -> Result<Option<Fence>, BackendError>;
+    ///
+    /// By default device memory is queue-ordered (every backend reaches it only through its
+    /// one in-order queue or stream, which a caller's work is joined into before a block
+    /// returns: CUDA's stream, OpenCL's in-order queue, wgpu's queue), and host-visible
+    /// memory, which the host reaches directly, gets a fence from `record_fence`.
+    fn fence_after_use(&self, kind: MemoryKind) -> Result<Option<Fence>, BackendError> {
+        if kind == MemoryKind::Device {
+            return Ok(None);
+        }
+        self.record_fence().map(Some)
+    }
 
     /// A fence after every operation enqueued so far, for deferred frees (see
     /// `free_is_ordered`).

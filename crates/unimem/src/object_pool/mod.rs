@@ -386,45 +386,36 @@ impl<T> ObjectPool<T> {
             };
             donate = pushed == Some(Push::Donate);
         }
-        let Some(mut value) = value else { return };
-        if donate {
-            match self.push_shared(value) {
-                Ok(()) => return,
-                // The store has no room under the total bound: the bucket may still.
-                Err(back) => value = back,
+        let Some(value) = value else { return };
+        let Err(mut value) = self.push_shared(value) else { return };
+        // The store has no room under the total bound. A donation may still go there, paid
+        // from the bucket's spare credit, or stay in the bucket.
+        if donate && let Some(local) = local {
+            let mut slot = Some(value);
+            // SAFETY: as above.
+            let paid = unsafe {
+                local.owned.owner(|owned| {
+                    // The unit of the bound that pays for the object in the store comes
+                    // from this bucket's spare credit, if it has any: the bound's share
+                    // goes where the objects are rented. (A consumer that kept a first
+                    // return claimed a batch of credit; under a tight total bound that
+                    // left the store no room, and every return was kept or dropped.)
+                    let spare = owned.credit > owned.idle();
+                    if spare {
+                        owned.credit -= 1;
+                    } else {
+                        local.grow_and_push(owned, &mut slot, &self.shared, self.max_per_bucket, 0);
+                    }
+                    spare
+                })
+            };
+            let Some(back) = slot else { return };
+            if paid == Some(true) {
+                self.shared.push_one_paid(back);
+                self.answer_demand();
+                return;
             }
-            if let Some(local) = local {
-                let mut slot = Some(value);
-                // SAFETY: as above.
-                let paid = unsafe {
-                    local.owned.owner(|owned| {
-                        // The unit of the bound that pays for the object in the store comes
-                        // from this bucket's spare credit, if it has any: the bound's share
-                        // goes where the objects are rented. (A consumer that kept a first
-                        // return claimed a batch of credit; under a tight total bound that
-                        // left the store no room, and every return was kept or dropped.)
-                        let spare = owned.credit > owned.idle();
-                        if spare {
-                            owned.credit -= 1;
-                        } else {
-                            local.grow_and_push(owned, &mut slot, &self.shared, self.max_per_bucket, 0);
-                        }
-                        spare
-                    })
-                };
-                let Some(back) = slot else { return };
-                if paid == Some(true) {
-                    self.shared.push_one_paid(back);
-                    self.answer_demand();
-                    return;
-                }
-                value = back;
-            }
-        } else {
-            match self.push_shared(value) {
-                Ok(()) => return,
-                Err(back) => value = back,
-            }
+            value = back;
         }
         self.count(local, Event::Dropped);
         drop(value);

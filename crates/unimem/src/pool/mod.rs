@@ -21,9 +21,8 @@
 //! finds its slot empty at each return and has allocated since, so it keeps its blocks (two
 //! such threads would otherwise trade them through the shared store forever); one that does
 //! so in batches of two or more, while demand stands that no return pays down, passes all
-//! but one block of each batch through the store. The check costs the hit
-//! path nothing while there is no demand. A thread that exits hands its cache to the shared
-//! store.
+//! but one block of each batch through the store. The check costs the hit path nothing
+//! while there is no demand. A thread that exits hands its cache to the shared store.
 
 pub(crate) mod cache;
 mod reaper;
@@ -606,8 +605,9 @@ impl DevicePool {
 
     /// The owner's side of [`keep_fast`](Self::keep_fast) and [`store`](Self::store): keeps
     /// `block` in `stacks` (this thread's cache) if the pool is open, the return does not
-    /// answer demand for its class elsewhere (`Body::declines`) and the slot has credit; with `grow` (off the hit path: it may call
-    /// out) a full slot first claims one more block of credit. Returns whether it kept it.
+    /// answer demand for its class elsewhere (`Body::declines`) and the slot has credit;
+    /// with `grow` (off the hit path: it may call out) a full slot first claims one more
+    /// block of credit. Returns whether it kept it.
     #[inline(always)]
     fn keep(
         &self,
@@ -626,8 +626,8 @@ impl DevicePool {
         }
         let Some(slot) = stacks.get_mut(class) else { return false };
         // Demand for the class elsewhere is answered by a return to a cache that already
-        // holds a block of it, or from a thread that has allocated nothing since its last
-        // return under demand (see the module documentation).
+        // holds a block of it, or from a thread that has allocated nothing since it last
+        // kept a block of the class under demand (see the module documentation).
         let mut declined = None;
         if self.demand.get(class).is_some_and(|demand| demand.load(Relaxed) > 0) {
             declined = body.declines(slot);

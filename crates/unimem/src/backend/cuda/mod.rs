@@ -658,13 +658,6 @@ impl Queue for CudaBackend {
         kind == MemoryKind::Device && self.pool.is_some()
     }
 
-    fn fence_after_use(&self, kind: MemoryKind) -> Result<Option<Fence>, BackendError> {
-        if kind == MemoryKind::Device {
-            return Ok(None); // reuse is stream-ordered
-        }
-        self.record_fence().map(Some)
-    }
-
     fn record_fence(&self) -> Result<Fence, BackendError> {
         Event::record(self.context, self.stream).map(Fence::new)
     }

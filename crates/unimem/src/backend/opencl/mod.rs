@@ -714,15 +714,6 @@ impl Backend for OpenClBackend {
 }
 
 impl Queue for OpenClBackend {
-    fn fence_after_use(&self, kind: MemoryKind) -> Result<Option<Fence>, BackendError> {
-        if kind == MemoryKind::Device {
-            // Queue-ordered: the host reaches device memory only through commands on the
-            // in-order queue, which a caller's queue is joined into before the block returns.
-            return Ok(None);
-        }
-        self.record_fence().map(Some)
-    }
-
     fn record_fence(&self) -> Result<Fence, BackendError> {
         Marker::after(self.queue.get()).map(Fence::new)
     }

@@ -521,15 +521,6 @@ impl Backend for WgpuBackend {
 }
 
 impl Queue for WgpuBackend {
-    fn fence_after_use(&self, kind: MemoryKind) -> Result<Option<Fence>, BackendError> {
-        if kind == MemoryKind::Device {
-            // Queue-ordered: the host reaches device memory only through submissions on the
-            // one queue, which the user's shaders share.
-            return Ok(None);
-        }
-        self.record_fence().map(Some)
-    }
-
     fn record_fence(&self) -> Result<Fence, BackendError> {
         let seq = self.submit(None, Job::Submitted)?;
         Ok(Fence::new(PollerFence { poller: Arc::clone(&self.poller), seq }))
