@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::mpsc::sync_channel;
-use unimem::{AllocationMode, Buffer, MemoryManager, MemoryOptions, ObjectPool};
+use unimem::{AllocationMode, Buffer, MemoryManager, MemoryOptions, MemoryStatistics, ObjectPool};
 
 const WARM_UP: u64 = 8;
 
@@ -244,25 +244,24 @@ fn an_exited_threads_bucket_is_reused() {
     drop(again);
 }
 
-/// The size-class pool in lockstep (one thread allocates a batch, another, which has a
-/// cache, drops it, in turn): once the producer has had to take blocks from outside its cache, the consumer's
-/// returns answer that demand and reach the shared store, so the producer takes them from
-/// there and never has to steal them out of the consumer's cache. (When a return answered
-/// only if its cache already held a block of the class, the consumer kept the first return
-/// of every round and the producer stole it back every round.)
-#[test]
-fn a_consumer_that_only_frees_keeps_no_block_back() {
+/// The size-class pool in lockstep: 50 rounds in which this thread allocates three 4 KiB
+/// buffers and a consumer thread drops them. The consumer runs `before` once, then
+/// `each_round` before it drops each batch. Returns the statistics after the first two
+/// rounds and at the end.
+fn lockstep(
+    before: impl Fn(&MemoryManager) + Send,
+    each_round: impl Fn(&MemoryManager) + Send,
+) -> (MemoryStatistics, MemoryStatistics) {
     let manager = &MemoryManager::new();
     let (to_consumer, batches) = sync_channel::<Vec<Buffer<u8>>>(0);
     let (freed, consumed) = sync_channel::<()>(0);
     let mut warm = None;
     std::thread::scope(|scope| {
         scope.spawn(move || {
-            // A worker that also allocates, as in `pipeline`'s `consumer_allocates` (a
-            // thread that only frees gets its cache at its first return instead).
-            drop(manager.allocate::<u8>(4096, AllocationMode::Pooled).unwrap());
+            before(manager);
             freed.send(()).unwrap();
             for batch in batches {
+                each_round(manager);
                 drop(batch);
                 freed.send(()).unwrap();
             }
@@ -279,7 +278,36 @@ fn a_consumer_that_only_frees_keeps_no_block_back() {
         }
         drop(to_consumer);
     });
-    let (warm, end) = (warm.unwrap(), manager.statistics());
+    (warm.unwrap(), manager.statistics())
+}
+
+/// The size-class pool in lockstep (one thread allocates a batch, another, which has a
+/// cache, drops it, in turn): once the producer has had to take blocks from outside its
+/// cache, the consumer's returns answer that demand and reach the shared store, so the
+/// producer takes them from there and never has to steal them out of the consumer's cache.
+/// (When a return answered only if its cache already held a block of the class, the
+/// consumer kept the first return of every round and the producer stole it back every
+/// round.)
+#[test]
+fn a_consumer_that_only_frees_keeps_no_block_back() {
+    // A worker that also allocates, as in `pipeline`'s `consumer_allocates` (a thread that
+    // only frees gets its cache at its first return instead).
+    let (warm, end) =
+        lockstep(|manager| drop(manager.allocate::<u8>(4096, AllocationMode::Pooled).unwrap()), |_| {});
     assert_eq!(end.pool_steals, warm.pool_steals, "steals after the first two rounds: {end:?}");
     assert_eq!((end.pool_hits + end.pool_misses, end.pool_misses), (151, warm.pool_misses), "{end:?}");
+}
+
+/// The same pipeline, with a consumer that also works with buffers of its own, of another
+/// class, every round: its allocations of that class do not make it keep back the first
+/// return of the producer's class each round, which the producer would then steal. (The
+/// signal was the thread's allocations of every class: the consumer kept one block of the
+/// producer's class per round, and the producer stole it back 48 times in 48 rounds.)
+#[test]
+fn a_consumer_that_allocates_another_class_keeps_no_block_of_the_producers_back() {
+    // Its own work, in 64 KiB buffers, before it drops the producer's 4 KiB ones.
+    let (warm, end) =
+        lockstep(|_| {}, |manager| drop(manager.allocate::<u8>(64 << 10, AllocationMode::Pooled).unwrap()));
+    assert_eq!(end.pool_steals, warm.pool_steals, "steals after the first two rounds: {end:?}");
+    assert_eq!(end.pool_misses, warm.pool_misses, "misses after the first two rounds: {end:?}");
 }

@@ -24,9 +24,10 @@ pub(crate) struct CacheClass {
     len: u8,
     /// Blocks' worth of the pool's budget this cache has claimed for the class; `len <= credit`.
     pub(crate) credit: u8,
-    /// The owner's allocations (see [`CacheCounters::allocations`]) when it last kept a
-    /// block of the class under demand.
-    allocations_at_return: u64,
+    /// The owner's allocations of the class: hits and the rest (wrapping).
+    rents: u32,
+    /// `rents` when the owner last kept a block of the class under demand.
+    rents_at_return: u32,
 }
 
 impl CacheClass {
@@ -62,11 +63,25 @@ impl CacheClass {
         }
     }
 
-    /// Records a block kept under demand, with the owner's allocation count from
-    /// [`Body::declines`].
+    /// For a return of the class under demand: whether it may stay here rather than answer
+    /// the demand. It answers it (`false`) if the class already holds a block, or if the
+    /// owner has allocated none of the class since it last kept one under demand (see the
+    /// pool's module documentation). Only the owner calls it, inside its handoff. It
+    /// changes nothing, so a return that goes on to the slow path is judged the same there.
     #[inline(always)]
-    pub(crate) fn kept_under_demand(&mut self, allocations: u64) {
-        self.allocations_at_return = allocations;
+    pub(crate) fn declines(&self) -> bool {
+        self.len == 0 && self.rents != self.rents_at_return
+    }
+
+    /// Records a block kept under demand (see [`declines`](Self::declines)).
+    #[inline(always)]
+    pub(crate) fn kept_under_demand(&mut self) {
+        self.rents_at_return = self.rents;
+    }
+
+    /// Counts an allocation of the class by the owner that this cache did not serve.
+    pub(crate) fn rented_elsewhere(&mut self) {
+        self.rents = self.rents.wrapping_add(1);
     }
 
     /// Whether one more block of credit may be claimed.
@@ -101,26 +116,12 @@ impl CacheClass {
 #[derive(Default)]
 pub(crate) struct CacheCounters {
     pub hits: AtomicU64,
-    /// Allocations of pooled classes that missed this cache (served by the shared store,
-    /// another cache or the backend).
-    off_cache: AtomicU64,
     pub live: AtomicI64,
     pub live_bytes: AtomicI64,
     pub requested: AtomicI64,
 }
 
 impl CacheCounters {
-    /// Counts an allocation that missed the cache; only the owner calls it.
-    pub(crate) fn allocated_off_cache(&self) {
-        self.off_cache.store(self.off_cache.load(Relaxed) + 1, Relaxed);
-    }
-
-    /// The owner's allocations of pooled classes: hits and the rest.
-    #[inline(always)]
-    fn allocations(&self) -> u64 {
-        self.hits.load(Relaxed) + self.off_cache.load(Relaxed)
-    }
-
     /// Counts a buffer handed out (`sign = 1`) or returned (`sign = -1`) through the cache.
     /// Only the owner calls it.
     #[inline(always)]
@@ -169,6 +170,7 @@ impl Body {
     ) -> Option<Box<Block>> {
         let slot = stacks.get_mut(class)?;
         let block = slot.pop()?;
+        slot.rents = slot.rents.wrapping_add(1);
         self.publish_len(class, slot);
         self.count_hit(block.capacity(), requested);
         Some(block)
@@ -210,18 +212,6 @@ impl Body {
     pub(crate) fn pushed(&self, class: usize, slot: &CacheClass, cap: usize, requested: usize) {
         self.publish_len(class, slot);
         self.counters.count(-1, cap, requested);
-    }
-
-    /// For a return of `slot`'s class under demand: `None` if it answers the demand (the
-    /// slot already holds a block, or the owner has allocated nothing since it last kept a
-    /// block of the class under demand; see the pool's module documentation), otherwise the
-    /// owner's allocation count, for [`CacheClass::kept_under_demand`] once the block is
-    /// kept. Only the owner calls it, inside its handoff. It changes nothing, so a return
-    /// that goes on to the slow path is judged the same there.
-    #[inline(always)]
-    pub(crate) fn declines(&self, slot: &CacheClass) -> Option<u64> {
-        let allocations = self.counters.allocations();
-        (slot.len == 0 && allocations != slot.allocations_at_return).then_some(allocations)
     }
 
     /// Publishes the length of `slot`; called by whoever holds the stacks.

@@ -15,9 +15,9 @@
 //! served from outside its own cache asks, through a per-class counter, for one returned
 //! block to go to the shared store instead of the returning thread's cache. A return
 //! answers if its cache already holds a block of the class, or if its thread has allocated
-//! nothing since it last kept a block of the class under demand (a pipeline's consumer,
-//! which only frees: it keeps nothing back, or the block it kept would be the one the
-//! producer misses, and steals for). A thread that allocates and frees one block at a time
+//! none of the class since it last kept a block of it under demand (a pipeline's consumer,
+//! which frees the class and allocates at most others: it keeps nothing back, or the block
+//! it kept would be the one the producer misses, and steals for). A thread that allocates and frees one block at a time
 //! finds its slot empty at each return and has allocated since, so it keeps its blocks (two
 //! such threads would otherwise trade them through the shared store forever); one that does
 //! so in batches of two or more, while demand stands that no return pays down, passes all
@@ -339,13 +339,13 @@ impl DevicePool {
         let cap = self.classes.size_of(class);
         self.init_cache();
         if let Some(body) = self.my_cache() {
-            body.counters.allocated_off_cache();
             // This cache has no block of the class: its spare credit goes back, so that a
             // thread that only allocates does not sit on room that returns elsewhere need.
             // SAFETY: as in `acquire`.
             let spare = unsafe {
                 body.stacks.owner(|stacks| {
                     stacks.get_mut(class).map_or(0, |slot| {
+                        slot.rented_elsewhere();
                         let spare = slot.take_spare_credit();
                         body.publish(class, slot);
                         spare
@@ -605,7 +605,7 @@ impl DevicePool {
 
     /// The owner's side of [`keep_fast`](Self::keep_fast) and [`store`](Self::store): keeps
     /// `block` in `stacks` (this thread's cache) if the pool is open, the return does not
-    /// answer demand for its class elsewhere (`Body::declines`) and the slot has credit;
+    /// answer demand for its class elsewhere (`CacheClass::declines`) and the slot has credit;
     /// with `grow` (off the hit path: it may call out) a full slot first claims one more
     /// block of credit. Returns whether it kept it.
     #[inline(always)]
@@ -626,14 +626,11 @@ impl DevicePool {
         }
         let Some(slot) = stacks.get_mut(class) else { return false };
         // Demand for the class elsewhere is answered by a return to a cache that already
-        // holds a block of it, or from a thread that has allocated nothing since it last
-        // kept a block of the class under demand (see the module documentation).
-        let mut declined = None;
-        if self.demand.get(class).is_some_and(|demand| demand.load(Relaxed) > 0) {
-            declined = body.declines(slot);
-            if declined.is_none() {
-                return false;
-            }
+        // holds a block of it, or from a thread that has allocated none of the class since
+        // it last kept a block of it under demand (see the module documentation).
+        let under_demand = self.demand.get(class).is_some_and(|demand| demand.load(Relaxed) > 0);
+        if under_demand && !slot.declines() {
+            return false;
         }
         let Some(taken) = block.take() else { return false };
         if grow && slot.len() == slot.credit {
@@ -642,8 +639,8 @@ impl DevicePool {
         let cap = taken.capacity();
         match slot.push_credited(taken) {
             Ok(()) => {
-                if let Some(allocations) = declined {
-                    slot.kept_under_demand(allocations);
+                if under_demand {
+                    slot.kept_under_demand();
                 }
                 body.pushed(class, slot, cap, requested);
                 true
