@@ -415,7 +415,7 @@ impl MemoryManager {
         clippy::unnecessary_lazy_evaluations,
         reason = "an eager Error is built and dropped on the hot path"
     )]
-    fn pool(&self, device: DeviceId, mode: AllocationMode) -> Result<&Arc<DevicePool>> {
+    pub(crate) fn pool(&self, device: DeviceId, mode: AllocationMode) -> Result<&Arc<DevicePool>> {
         let kind = kind_of(mode);
         self.device(device)?.pools[kind.index()]
             .as_ref()

@@ -19,11 +19,12 @@
 //! back, or the one object it kept would be the one the producer misses, and steals for). A
 //! thread that rents and returns one object at a time finds its bucket empty at each return
 //! and has rented since, so it keeps its objects, and two such threads never trade objects
-//! through the store. One that rents and returns in batches of two or more, while demand
-//! stands that no return pays down, passes all but one object of each batch through the
-//! store (a cost the per-operation balance of rents and returns that this replaced did not
-//! have; it kept the hit path two counters heavier). The check costs the hit path nothing
-//! while there is no demand. A bucket that runs empty
+//! through the store. Demand that a thread's own rents raised is its own returns' to
+//! withdraw: a return that would answer demand stays instead while its thread owes some,
+//! so a thread that rents and returns in batches under standing demand answers it once and
+//! then keeps its objects (rather than pass part of every batch through the store and take
+//! it back, raising the demand again). The check costs the hit path nothing while there is
+//! no demand. A bucket that runs empty
 //! gives its unused share of the total bound back, so an idle thread holds at most
 //! [`CREDIT_BATCH`] unused units.
 
@@ -53,6 +54,9 @@ mod sync {
 
 /// Units of the total bound a bucket claims at once when it needs room.
 pub const CREDIT_BATCH: usize = 32;
+
+/// Most returns the demand can ask for at once (see the module documentation).
+const MAX_DEMAND: usize = 2 * CREDIT_BATCH;
 
 /// Default bound on the idle objects of one thread's bucket.
 pub const DEFAULT_MAX_PER_BUCKET: usize = 256;
@@ -260,10 +264,17 @@ impl<T> ObjectPool<T> {
         let value = match self.shared.pop().or_else(|| self.steal(local)) {
             Some(value) => {
                 self.count(local, Event::Hit);
-                // Served from outside this bucket: ask for one return to the shared store.
-                let _ = self.demand.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| {
-                    (d < 2 * CREDIT_BATCH).then_some(d + 1)
+                // Served from outside this bucket: ask for one return to the shared store,
+                // and remember the request as this thread's own, for its returns to withdraw.
+                let asked = self.demand.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| {
+                    (d < MAX_DEMAND).then_some(d + 1)
                 });
+                if asked.is_ok()
+                    && let Some(local) = local
+                {
+                    // SAFETY: as above.
+                    unsafe { local.owned.owner(|owned| owned.owed = (owned.owed + 1).min(MAX_DEMAND)) };
+                }
                 value
             }
             None => {
@@ -376,12 +387,29 @@ impl<T> ObjectPool<T> {
             && !donate
         {
             // The hit path did not place it (no room without growing, a stealer had the
-            // bucket, or the cached lookup missed): the same rule, growing if need be.
+            // bucket, the cached lookup missed, or the bucket owes demand): the same rule,
+            // growing if need be.
             let demand = self.demand.load(Ordering::Relaxed);
             // SAFETY: as in `take_or_make_slow`; `grow_and_push` does not re-enter the pool.
             let pushed = unsafe {
                 local.owned.owner(|owned| {
-                    local.grow_and_push(owned, &mut value, &self.shared, self.max_per_bucket, demand)
+                    let pushed =
+                        local.grow_and_push(owned, &mut value, &self.shared, self.max_per_bucket, demand);
+                    if pushed != Push::Owed {
+                        return pushed;
+                    }
+                    // The return would answer demand, but this thread raised some that its
+                    // returns have not withdrawn: it has answered its own request, so the
+                    // object stays and the request goes. (A thread that rents in batches
+                    // would otherwise pass part of each batch through the store and take
+                    // it back from there, raising the demand again.)
+                    let kept = local.grow_and_push(owned, &mut value, &self.shared, self.max_per_bucket, 0);
+                    if kept != Push::Kept {
+                        return Push::Donate;
+                    }
+                    owned.owed -= 1;
+                    self.answer_demand();
+                    Push::Kept
                 })
             };
             donate = pushed == Some(Push::Donate);
@@ -740,6 +768,9 @@ struct Owned<T> {
     credit: usize,
     /// The owner's rents (hits and misses) when it last kept an object under demand.
     rents_at_return: u64,
+    /// Demand that the owner's own rents raised and that its own returns have not yet
+    /// withdrawn (at most the bound on demand).
+    owed: usize,
 }
 
 /// What became of a value given to [`Local::push`].
@@ -751,6 +782,9 @@ enum Push {
     /// Kept out for the shared store: rents elsewhere want it, and this return answers
     /// (see [`Local::declines`]).
     Donate,
+    /// As `Donate`, but the bucket owes demand its own rents raised: off the hit path, the
+    /// return withdraws that instead and stays (see [`ObjectPool::give_back_slow`]).
+    Owed,
 }
 
 impl<T> Owned<T> {
@@ -775,7 +809,13 @@ impl<T> Owned<T> {
 impl<T> Default for Local<T> {
     fn default() -> Self {
         Self {
-            owned: Handoff::new(Owned { top: None, stack: Vec::new(), credit: 0, rents_at_return: 0 }),
+            owned: Handoff::new(Owned {
+                top: None,
+                stack: Vec::new(),
+                credit: 0,
+                rents_at_return: 0,
+                owed: 0,
+            }),
             idle: AtomicUsize::new(0),
             counters: Counters::default(),
         }
@@ -808,7 +848,7 @@ impl<T> Local<T> {
         if demand > 0 {
             declined = self.declines(owned, idle);
             if declined.is_none() {
-                return Push::Donate;
+                return if owned.owed > 0 { Push::Owed } else { Push::Donate };
             }
         }
         if idle >= owned.credit
@@ -972,6 +1012,38 @@ mod tests {
         );
         let stats = pool.statistics();
         assert_eq!((stats.misses, stats.steals), (3, 2), "{stats:?}");
+        drop(held);
+    }
+
+    /// A thread that rents and returns two objects at a time while demand stands (raised
+    /// by a thread that took an object from the shared store and left) keeps both in its
+    /// bucket once it has answered that demand: the demand its own rents from the store
+    /// raise is its own to withdraw. (Otherwise each round's second return went to the
+    /// shared store, and the next round's second rent took it back from there, raising the
+    /// demand again: every round through the store's lock, for good.)
+    #[test]
+    fn a_thread_working_in_pairs_under_standing_demand_keeps_its_objects() {
+        let pool = std::sync::Arc::new(ObjectPool::new(|| 0u64));
+        // One thread leaves an object in the shared store (its bucket goes there as it
+        // exits), and another takes it from there, raising the demand, and leaves with it.
+        let spawn = |f: fn(&std::sync::Arc<ObjectPool<u64>>) -> Option<PooledOwned<u64>>| {
+            let pool = std::sync::Arc::clone(&pool);
+            std::thread::spawn(move || f(&pool)).join().unwrap()
+        };
+        spawn(|pool| {
+            drop(pool.rent());
+            None
+        });
+        let held = spawn(|pool| Some(pool.rent_owned()));
+        assert_eq!(pool.demand.load(Ordering::Relaxed), 1, "the demand stands");
+        let shared_after_each_round: Vec<usize> = (0..20)
+            .map(|_| {
+                drop((pool.rent(), pool.rent()));
+                pool.shared.len()
+            })
+            .collect();
+        assert_eq!(&shared_after_each_round[2..], [0; 18], "objects in the shared store after each round");
+        assert_eq!(pool.local().map(|local| local.idle.load(Ordering::Relaxed)), Some(2));
         drop(held);
     }
 

@@ -28,6 +28,9 @@ pub(crate) struct CacheClass {
     rents: u32,
     /// `rents` when the owner last kept a block of the class under demand.
     rents_at_return: u32,
+    /// Demand for the class that the owner's own allocations raised and that its own
+    /// returns have not yet withdrawn (at most the pool's bound on demand).
+    owed: u8,
 }
 
 impl CacheClass {
@@ -71,6 +74,23 @@ impl CacheClass {
     #[inline(always)]
     pub(crate) fn declines(&self) -> bool {
         self.len == 0 && self.rents != self.rents_at_return
+    }
+
+    /// Records demand for the class raised by an allocation of the owner's.
+    pub(crate) fn owe(&mut self, most: u8) {
+        self.owed = (self.owed + 1).min(most);
+    }
+
+    /// Whether a return that [`declines`](Self::declines) would send to the shared store
+    /// may withdraw demand raised by the owner instead, and stay.
+    #[inline(always)]
+    pub(crate) fn owes(&self) -> bool {
+        self.owed > 0
+    }
+
+    /// Records one unit of the owner's demand withdrawn.
+    pub(crate) fn withdrawn(&mut self) {
+        self.owed = self.owed.saturating_sub(1);
     }
 
     /// Records a block kept under demand (see [`declines`](Self::declines)).

@@ -19,10 +19,12 @@
 //! which frees the class and allocates at most others: it keeps nothing back, or the block
 //! it kept would be the one the producer misses, and steals for). A thread that allocates and frees one block at a time
 //! finds its slot empty at each return and has allocated since, so it keeps its blocks (two
-//! such threads would otherwise trade them through the shared store forever); one that does
-//! so in batches of two or more, while demand stands that no return pays down, passes all
-//! but one block of each batch through the store. The check costs the hit path nothing
-//! while there is no demand. A thread that exits hands its cache to the shared store.
+//! such threads would otherwise trade them through the shared store forever). Demand that
+//! a thread's own allocations raised is its own returns' to withdraw: a return that would
+//! answer demand stays instead while its thread owes some, so a thread that works in
+//! batches under standing demand answers it once, then keeps its blocks (rather than pass
+//! part of every batch through the store and take it back, raising the demand again). The
+//! check costs the hit path nothing while there is no demand. A thread that exits hands its cache to the shared store.
 
 pub(crate) mod cache;
 mod reaper;
@@ -370,9 +372,16 @@ impl DevicePool {
                     self.counters.hits.fetch_add(1, Relaxed);
                 }
             }
-            // Served from outside this thread's cache: ask for a return to the shared store.
-            if let Some(demand) = self.demand.get(class) {
-                let _ = demand.fetch_update(Relaxed, Relaxed, |d| (d < MAX_DEMAND).then_some(d + 1));
+            // Served from outside this thread's cache: ask for a return to the shared store,
+            // and remember the request as this thread's own, for its returns to withdraw.
+            if let Some(demand) = self.demand.get(class)
+                && demand.fetch_update(Relaxed, Relaxed, |d| (d < MAX_DEMAND).then_some(d + 1)).is_ok()
+                && let Some(body) = self.my_cache()
+            {
+                // SAFETY: as in `acquire`.
+                unsafe {
+                    body.stacks.owner(|stacks| stacks.get_mut(class).map(|slot| slot.owe(MAX_DEMAND as u8)))
+                };
             }
             return self.ready(block, bytes);
         }
@@ -606,8 +615,9 @@ impl DevicePool {
     /// The owner's side of [`keep_fast`](Self::keep_fast) and [`store`](Self::store): keeps
     /// `block` in `stacks` (this thread's cache) if the pool is open, the return does not
     /// answer demand for its class elsewhere (`CacheClass::declines`) and the slot has credit;
-    /// with `grow` (off the hit path: it may call out) a full slot first claims one more
-    /// block of credit. Returns whether it kept it.
+    /// with `grow` (off the hit path: it may call out and write shared atomics) a full slot
+    /// first claims one more block of credit, and a return that would answer demand may
+    /// withdraw demand the thread owes instead. Returns whether it kept it.
     #[inline(always)]
     fn keep(
         &self,
@@ -629,8 +639,17 @@ impl DevicePool {
         // holds a block of it, or from a thread that has allocated none of the class since
         // it last kept a block of it under demand (see the module documentation).
         let under_demand = self.demand.get(class).is_some_and(|demand| demand.load(Relaxed) > 0);
+        // A return that would answer the demand withdraws instead, and stays, if this
+        // thread raised demand of its own that its returns have not yet withdrawn: it has
+        // answered its own request (a thread that works in batches would otherwise send
+        // part of each batch through the shared store and take it back from there, which
+        // raises the demand again). Off the hit path: it writes the shared demand.
+        let mut withdraw = false;
         if under_demand && !slot.declines() {
-            return false;
+            if !grow || !slot.owes() {
+                return false;
+            }
+            withdraw = true;
         }
         let Some(taken) = block.take() else { return false };
         if grow && slot.len() == slot.credit {
@@ -641,6 +660,12 @@ impl DevicePool {
             Ok(()) => {
                 if under_demand {
                     slot.kept_under_demand();
+                }
+                if withdraw {
+                    slot.withdrawn();
+                    if let Some(demand) = self.demand.get(class) {
+                        let _ = demand.fetch_update(Relaxed, Relaxed, |d| d.checked_sub(1));
+                    }
                 }
                 body.pushed(class, slot, cap, requested);
                 true
@@ -1113,5 +1138,43 @@ fn free_vec(mem: &RawAllocation, align: usize) {
         // element size) and alignment, allocated by the global allocator; the Vec was
         // forgotten, so this is the only owner.
         unsafe { std::alloc::dealloc(ptr.as_ptr(), layout) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{AllocationMode, DeviceId, MemoryManager};
+    use std::sync::atomic::Ordering::Relaxed;
+
+    /// A thread that allocates and frees two blocks at a time while demand for the class
+    /// stands (raised by a thread that took a block from the shared store and left) keeps
+    /// both in its cache once it has answered that demand: the demand its own allocations
+    /// from the store raise is its own to withdraw. (Otherwise each round's second return
+    /// went to the shared store, and the next round's second allocation took it back from
+    /// there, raising the demand again: every round through the store's lock, for good.)
+    #[test]
+    fn a_thread_working_in_pairs_under_standing_demand_keeps_its_blocks() {
+        let manager = MemoryManager::new();
+        let allocate = || manager.allocate::<u8>(4096, AllocationMode::Pooled).unwrap();
+        // One thread leaves a block in the shared store (its cache goes there as it exits),
+        // and another takes it from there, raising the demand, and leaves with it.
+        std::thread::scope(|scope| scope.spawn(|| drop(allocate())).join().unwrap());
+        let held = std::thread::scope(|scope| scope.spawn(allocate).join().unwrap());
+        let pool = manager.pool(DeviceId::CPU, AllocationMode::Pooled).unwrap();
+        let class = pool.classes.class_of(4096).unwrap();
+        assert_eq!(pool.demand[class].load(Relaxed), 1, "the demand stands");
+        let shared_after_each_round: Vec<usize> = (0..20)
+            .map(|_| {
+                drop((allocate(), allocate()));
+                super::lock(&pool.shared[class]).len()
+            })
+            .collect();
+        assert_eq!(&shared_after_each_round[2..], [0; 18], "blocks in the shared store after each round");
+        assert_eq!(
+            pool.my_cache().map(|body| body.held(class)),
+            Some(2),
+            "both blocks in this thread's cache"
+        );
+        drop(held);
     }
 }
