@@ -311,3 +311,16 @@ fn a_consumer_that_allocates_another_class_keeps_no_block_of_the_producers_back(
     assert_eq!(end.pool_steals, warm.pool_steals, "steals after the first two rounds: {end:?}");
     assert_eq!(end.pool_misses, warm.pool_misses, "misses after the first two rounds: {end:?}");
 }
+
+/// The same pipeline, with a consumer whose own work uses buffers of the producer's class:
+/// its allocation from the shared store raises demand of its own, which the return of that
+/// buffer pays, so the producer's blocks still go back through the store and are never
+/// stolen after warm-up. (When only a return that would otherwise have gone to the store
+/// paid what a thread owed, the consumer kept the producer's blocks and the producer stole
+/// them back, a few times per run.)
+#[test]
+fn a_consumer_that_allocates_the_producers_class_keeps_no_block_of_the_producers_back() {
+    let (warm, end) =
+        lockstep(|_| {}, |manager| drop(manager.allocate::<u8>(4096, AllocationMode::Pooled).unwrap()));
+    assert_eq!(end.pool_steals, warm.pool_steals, "steals after the first two rounds: {end:?}");
+}

@@ -19,12 +19,14 @@
 //! back, or the one object it kept would be the one the producer misses, and steals for). A
 //! thread that rents and returns one object at a time finds its bucket empty at each return
 //! and has rented since, so it keeps its objects, and two such threads never trade objects
-//! through the store. Demand that a thread's own rents raised is its own returns' to
-//! withdraw: a return that would answer demand stays instead while its thread owes some,
-//! so a thread that rents and returns in batches under standing demand answers it once and
-//! then keeps its objects (rather than pass part of every batch through the store and take
-//! it back, raising the demand again). The check costs the hit path nothing while there is
-//! no demand. A bucket that runs empty
+//! through the store. A thread *owes* the demand its own rents raised until its returns
+//! pay it: while it owes some, each of its returns under demand pays one unit, by staying
+//! and withdrawing the request (or, if it cannot stay, through the store). So a thread that
+//! rents and returns in batches under standing demand answers it once and then keeps its
+//! objects, rather than pass part of every batch through the store and take it back (which
+//! raises the demand again). The check costs the hit path nothing while there is no
+//! demand. (A bucket passes to a later thread with its slot, and with what it owed: at most
+//! twice [`CREDIT_BATCH`] returns that stay rather than answer.) A bucket that runs empty
 //! gives its unused share of the total bound back, so an idle thread holds at most
 //! [`CREDIT_BATCH`] unused units.
 
@@ -398,16 +400,17 @@ impl<T> ObjectPool<T> {
                     if pushed != Push::Owed {
                         return pushed;
                     }
-                    // The return would answer demand, but this thread raised some that its
-                    // returns have not withdrawn: it has answered its own request, so the
-                    // object stays and the request goes. (A thread that rents in batches
-                    // would otherwise pass part of each batch through the store and take
-                    // it back from there, raising the demand again.)
+                    // This thread owes demand (raised by its own rents, not yet paid): the
+                    // return pays one unit. It stays, withdrawing the request it answers (a
+                    // thread that rents in batches would otherwise pass part of each batch
+                    // through the store and take it back from there, raising the demand
+                    // again), or, if it cannot stay, the shared store answers it.
+                    owned.owed -= 1;
                     let kept = local.grow_and_push(owned, &mut value, &self.shared, self.max_per_bucket, 0);
                     if kept != Push::Kept {
                         return Push::Donate;
                     }
-                    owned.owed -= 1;
+                    owned.rents_at_return = local.counters.rents();
                     self.answer_demand();
                     Push::Kept
                 })
@@ -782,8 +785,8 @@ enum Push {
     /// Kept out for the shared store: rents elsewhere want it, and this return answers
     /// (see [`Local::declines`]).
     Donate,
-    /// As `Donate`, but the bucket owes demand its own rents raised: off the hit path, the
-    /// return withdraws that instead and stays (see [`ObjectPool::give_back_slow`]).
+    /// Under demand, while the bucket owes demand its own rents raised: off the hit path,
+    /// the return pays one unit of it (see [`ObjectPool::give_back_slow`]).
     Owed,
 }
 
@@ -846,9 +849,12 @@ impl<T> Local<T> {
         let idle = self.idle.load(Ordering::Relaxed);
         let mut declined = None;
         if demand > 0 {
+            if owned.owed > 0 {
+                return Push::Owed;
+            }
             declined = self.declines(owned, idle);
             if declined.is_none() {
-                return if owned.owed > 0 { Push::Owed } else { Push::Donate };
+                return Push::Donate;
             }
         }
         if idle >= owned.credit

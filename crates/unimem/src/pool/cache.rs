@@ -81,14 +81,20 @@ impl CacheClass {
         self.owed = (self.owed + 1).min(most);
     }
 
-    /// Whether a return that [`declines`](Self::declines) would send to the shared store
-    /// may withdraw demand raised by the owner instead, and stay.
+    /// Whether the owner owes demand: a return under demand then pays one unit of it
+    /// (withdrawn if the block stays, answered by the shared store otherwise).
     #[inline(always)]
     pub(crate) fn owes(&self) -> bool {
         self.owed > 0
     }
 
-    /// Records one unit of the owner's demand withdrawn.
+    /// Forgets the owner's demand record, for a slot that passes to another thread.
+    pub(crate) fn forget_demand(&mut self) {
+        self.owed = 0;
+        self.rents_at_return = self.rents;
+    }
+
+    /// Records one unit of the owner's demand paid.
     pub(crate) fn withdrawn(&mut self) {
         self.owed = self.owed.saturating_sub(1);
     }

@@ -5,8 +5,10 @@
 //! to a shared per-class store, and is freed only when both are full or the pool is bounded
 //! out. The bounds (`max_pool_bytes_per_class`, `max_pool_bytes`) are kept exactly with
 //! *credit*: before a cache or the shared store may keep a block it claims the block's size
-//! from atomic budgets, and it gives the credit back when trimmed. Caches keep their credit
-//! while they hand blocks out, so a steady allocate/free loop touches no shared atomic.
+//! from atomic budgets, and the credit goes back with trimmed blocks. Caches keep their
+//! credit while they hand blocks out, so a steady allocate/free loop touches no shared
+//! atomic, and give back what they do not use when they miss; a shared store keeps a few
+//! small blocks' worth (see `Store`), so a pipeline's crossings do not touch the budgets.
 //!
 //! An allocation that misses its own cache looks in the shared store, then in other threads'
 //! caches (taking their idle blocks of the class under the [`handoff`](crate::handoff)
@@ -17,14 +19,18 @@
 //! answers if its cache already holds a block of the class, or if its thread has allocated
 //! none of the class since it last kept a block of it under demand (a pipeline's consumer,
 //! which frees the class and allocates at most others: it keeps nothing back, or the block
-//! it kept would be the one the producer misses, and steals for). A thread that allocates and frees one block at a time
-//! finds its slot empty at each return and has allocated since, so it keeps its blocks (two
-//! such threads would otherwise trade them through the shared store forever). Demand that
-//! a thread's own allocations raised is its own returns' to withdraw: a return that would
-//! answer demand stays instead while its thread owes some, so a thread that works in
-//! batches under standing demand answers it once, then keeps its blocks (rather than pass
-//! part of every batch through the store and take it back, raising the demand again). The
-//! check costs the hit path nothing while there is no demand. A thread that exits hands its cache to the shared store.
+//! it kept would be the one the producer misses, and steals for). A thread that allocates
+//! and frees one block at a time finds its slot empty at each return and has allocated
+//! since, so it keeps its blocks (two such threads would otherwise trade them through the
+//! shared store forever). A thread *owes* the demand its own allocations raised until its
+//! returns pay it: while it owes some, each of its returns under demand pays one unit, by
+//! staying and withdrawing the request (or, if it cannot stay, through the store). So a
+//! thread that works in batches under standing demand answers it once, then keeps its
+//! blocks, rather than pass part of every batch through the store and take it back (which
+//! raises the demand again); and a consumer whose own work allocates the producer's class
+//! pays for its own buffer with that buffer's return, not with the producer's. The check
+//! costs the hit path nothing while there is no demand. A thread that exits hands its cache
+//! to the shared store and forgets what it owed.
 
 pub(crate) mod cache;
 mod reaper;
@@ -224,10 +230,12 @@ pub(crate) struct DevicePool {
 }
 
 /// The shared store of one class: blocks that did not fit in a cache, and the budget it holds
-/// for them. Like a cache, it keeps its credit for a while after its blocks leave, so that a
-/// pipeline's crossings (a return in, an allocation out) claim and give back no budget: two
-/// read-modify-writes each on atomics that both of the pipeline's threads write, a fifth of
-/// the cost of a crossing at 4 KiB.
+/// for them. Like a cache, it keeps some credit after its blocks leave (see
+/// [`STORE_SPARE_BYTES`]), so that a pipeline's crossings (a return in, an allocation out)
+/// claim and give back no budget: two read-modify-writes each on atomics that both of the
+/// pipeline's threads write, a fifth of the cost of a crossing at 4 KiB. The credit goes to
+/// a cache of the class that finds the bounds reached (`grow_credit`), back to the budget
+/// when a claim fails under the total bound (`reclaim_spare_credit`) and at a trim.
 #[derive(Default)]
 struct Store {
     /// Boxed: a block moves between a buffer and the pool without being copied or
@@ -273,6 +281,13 @@ impl Store {
         Some(block)
     }
 
+    /// Gives up one block's worth of the credit no block uses, if there is any.
+    fn take_one_spare(&mut self) -> bool {
+        let spare = self.credit > to_u64(self.blocks.len());
+        self.credit -= u64::from(spare);
+        spare
+    }
+
     /// Gives up the credit no block uses; returns how many blocks' worth.
     fn take_spare(&mut self) -> u64 {
         let spare = self.credit - to_u64(self.blocks.len());
@@ -282,7 +297,8 @@ impl Store {
 }
 
 /// Unused credit a shared store may keep (see [`Store`]): as many blocks as a cache holds
-/// where they come to at most this many bytes, otherwise one.
+/// where they come to at most this many bytes, otherwise none (a crossing of a larger block
+/// costs far more than the budget's atomics).
 const STORE_SPARE_BYTES: u64 = 1 << 20;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -419,7 +435,7 @@ impl DevicePool {
         // A block from the store leaves its credit there; one stolen brings its own, which
         // goes.
         let spare =
-            if to_u64(cap) <= STORE_SPARE_BYTES / cache::SLOTS as u64 { cache::SLOTS as u64 } else { 1 };
+            if to_u64(cap) <= STORE_SPARE_BYTES / cache::SLOTS as u64 { cache::SLOTS as u64 } else { 0 };
         let (stored, shed) = self.shared.get(class).map_or((None, 0), |s| lock(s).pop(spare));
         self.release_budget(class, shed);
         let found = match stored {
@@ -710,17 +726,21 @@ impl DevicePool {
         // holds a block of it, or from a thread that has allocated none of the class since
         // it last kept a block of it under demand (see the module documentation).
         let under_demand = self.demand.get(class).is_some_and(|demand| demand.load(Relaxed) > 0);
-        // A return that would answer the demand withdraws instead, and stays, if this
-        // thread raised demand of its own that its returns have not yet withdrawn: it has
-        // answered its own request (a thread that works in batches would otherwise send
-        // part of each batch through the shared store and take it back from there, which
-        // raises the demand again). Off the hit path: it writes the shared demand.
-        let mut withdraw = false;
-        if under_demand && !slot.declines() {
-            if !grow || !slot.owes() {
-                return false;
-            }
-            withdraw = true;
+        // While this thread owes demand (raised by its own allocations and not yet paid),
+        // a return under demand pays one unit: it stays, withdrawing the request it answers
+        // (a thread that works in batches would otherwise send part of each batch through
+        // the shared store and take it back from there, which raises the demand again), or,
+        // if it cannot stay, the shared store answers it. Off the hit path: it writes the
+        // shared demand.
+        let withdraw = under_demand && slot.owes();
+        if withdraw && !grow {
+            return false;
+        }
+        if under_demand && !withdraw && !slot.declines() {
+            return false;
+        }
+        if withdraw {
+            slot.withdrawn();
         }
         let Some(taken) = block.take() else { return false };
         if grow && slot.len() == slot.credit {
@@ -781,11 +801,17 @@ impl DevicePool {
         pool.store_shared(block?, class, requested)
     }
 
-    /// Claims one more block of credit for a cache's class, if the bounds allow.
+    /// Claims one more block of credit for a cache's class, if the bounds allow, or takes it
+    /// from the credit the class's shared store holds without a block (no budget changes
+    /// hands: otherwise a store that kept its credit could shut the class's caches out of a
+    /// bound it has reached, and every return would go through the store).
     #[cold]
     #[inline(never)]
     fn grow_credit(&self, body: &Body, slot: &mut CacheClass, class: usize) {
-        if slot.can_grow() && self.claim_budget(class, 1) {
+        if !slot.can_grow() {
+            return;
+        }
+        if self.claim_budget(class, 1) || self.shared.get(class).is_some_and(|s| lock(s).take_one_spare()) {
             slot.credit += 1;
             body.publish(class, slot);
         }
@@ -883,15 +909,15 @@ impl DevicePool {
     }
 
     /// Gives back the spare credit of `class` in other threads' caches (credit that no held
-    /// block uses), and the shared stores' spare credit of every class (the total bound may
-    /// be what failed); returns whether there was any.
+    /// block uses) and, where the class's own bound has room (so the total bound is what
+    /// failed), the spare credit of every class's shared store; returns whether there was
+    /// any.
     #[cold]
     fn reclaim_spare_credit(&self, class: usize) -> bool {
         let mut reclaimed = false;
-        for (other, shared) in self.shared.iter().enumerate() {
-            let spare = lock(shared).take_spare();
-            self.release_budget(other, spare);
-            reclaimed |= spare > 0;
+        let size = to_u64(self.classes.size_of(class));
+        if self.class_budget.get(class).is_some_and(|b| b.load(Relaxed) + size <= self.limits.per_class) {
+            reclaimed = self.reclaim_store_credit();
         }
         let (cells, bodies) = self.other_caches(|body| body.has_spare_credit(class));
         let mut spare = 0;
@@ -903,6 +929,18 @@ impl DevicePool {
         });
         self.release_budget(class, spare);
         reclaimed || spare > 0
+    }
+
+    /// Gives back the credit every shared store holds without a block; returns whether there
+    /// was any. Takes each store's lock in turn (never two at once).
+    fn reclaim_store_credit(&self) -> bool {
+        let mut reclaimed = false;
+        for (class, shared) in self.shared.iter().enumerate() {
+            let spare = lock(shared).take_spare();
+            self.release_budget(class, spare);
+            reclaimed |= spare > 0;
+        }
+        reclaimed
     }
 
     /// Puts `blocks` of `class`, already paid for by budget, into the shared store (or frees
@@ -983,6 +1021,8 @@ impl DevicePool {
             let taken = self.take_class(class, pooled.saturating_sub(keep).div_ceil(size), &mut freed);
             pooled = pooled.saturating_sub(taken * size);
         }
+        // A trim also ends the shared stores' hold on credit that no block uses.
+        self.reclaim_store_credit();
         self.retire_trimmed(freed)
     }
 
@@ -1177,6 +1217,8 @@ impl ThreadExit for DevicePool {
             for (class, slot) in stacks.iter_mut().enumerate() {
                 let mut taken = Vec::new();
                 slot.take_all(&mut taken);
+                // The slot passes to a later thread, which owes nothing.
+                slot.forget_demand();
                 self.release_budget(class, u64::from(slot.take_spare_credit()));
                 if taken.is_empty() {
                     body.publish(class, slot);
@@ -1256,6 +1298,34 @@ mod tests {
         let stats = manager.statistics();
         assert_eq!((stats.total_pooled, stats.pool_overflows), (16 << 10, 0), "{stats:?}");
         assert_eq!(super::lock(&pool.shared[small]).credit, 0);
+    }
+
+    /// A shared store that holds a class's whole bound as credit, with fewer blocks, gives
+    /// that credit to a cache of the class that needs it: a thread that allocates and frees
+    /// one block at a time then keeps it in its cache. (Otherwise the store's credit shut
+    /// the caches out of the bound for good, and every allocation and free went through the
+    /// store's lock.)
+    #[test]
+    fn a_store_gives_its_spare_credit_to_a_cache_at_the_class_bound() {
+        let options = crate::MemoryOptions::default().with_max_pool_bytes_per_class(16 << 10).unwrap();
+        let manager = MemoryManager::builder().options(options).build();
+        let allocate = || manager.allocate::<u8>(4096, AllocationMode::Pooled).unwrap();
+        // Four blocks (the bound) go to the shared store with a thread that exits.
+        std::thread::scope(|scope| {
+            scope.spawn(|| drop((allocate(), allocate(), allocate(), allocate()))).join().unwrap()
+        });
+        let pool = manager.pool(DeviceId::CPU, AllocationMode::Pooled).unwrap();
+        let class = pool.classes.class_of(4096).unwrap();
+        assert_eq!(super::lock(&pool.shared[class]).blocks.len(), 4);
+        for _ in 0..10 {
+            drop(allocate());
+        }
+        assert_eq!(
+            pool.my_cache().map(|body| body.held(class)),
+            Some(1),
+            "the block stays in this thread's cache"
+        );
+        assert_eq!(super::lock(&pool.shared[class]).blocks.len(), 3);
     }
 
     /// A thread that allocates and frees two blocks at a time while demand for the class
