@@ -2,7 +2,9 @@
 //! both pools.
 //!
 //! The owner's side ([`Handoff::owner`]) takes no lock and runs no atomic read-modify-write:
-//! two plain stores, one load and a compiler fence. Another thread (a *stealer*: a miss
+//! two plain stores, one load and a compiler fence. (What a pool runs inside it may take a
+//! lock that is never held while waiting for a cache, such as a shared store's: a stealer
+//! then waits a little longer.) Another thread (a *stealer*: a miss
 //! looking for idle blocks, `trim`, a pool being closed) takes the cache away from its owner
 //! for a moment with [`StealLock::steal`]. The two sides meet in a Dekker handshake:
 //!
@@ -21,7 +23,8 @@
 //! owner's release of `busy`, which makes everything the owner wrote visible to it. In the
 //! other direction, an owner that reads `claimed == false` as written by a stealer's release
 //! sees everything that stealer wrote. An owner that finds its cache claimed does not wait:
-//! it takes the pool's shared path for this operation, so the owner never blocks.
+//! it takes the pool's shared path for this operation, so the handshake never blocks the
+//! owner.
 //!
 //! `tests/handoff_loom.rs` model-checks this file with loom, both fences modelled as
 //! `SeqCst` fences (which is what `membarrier` guarantees and what runs without it).

@@ -404,7 +404,10 @@ impl<T> ObjectPool<T> {
                     // return pays one unit. It stays, withdrawing the request it answers (a
                     // thread that rents in batches would otherwise pass part of each batch
                     // through the store and take it back from there, raising the demand
-                    // again), or, if it cannot stay, the shared store answers it.
+                    // again), or, if it cannot stay, the shared store answers it. (Should the
+                    // store have no room either, the object is dropped and the demand stays:
+                    // unlike the size-class pool, this pool counts a donation against the
+                    // demand only once it is in the store.)
                     owned.owed -= 1;
                     let kept = local.grow_and_push(owned, &mut value, &self.shared, self.max_per_bucket, 0);
                     if kept != Push::Kept {
@@ -771,8 +774,8 @@ struct Owned<T> {
     credit: usize,
     /// The owner's rents (hits and misses) when it last kept an object under demand.
     rents_at_return: u64,
-    /// Demand that the owner's own rents raised and that its own returns have not yet
-    /// withdrawn (at most the bound on demand).
+    /// Demand that the owner's own rents raised and that its own returns have not yet paid
+    /// (at most the bound on demand).
     owed: usize,
 }
 
@@ -1021,29 +1024,41 @@ mod tests {
         drop(held);
     }
 
-    /// A thread that rents and returns two objects at a time while demand stands (raised
-    /// by another thread that took objects from outside its own bucket) keeps both in its
-    /// bucket once it has answered that demand: the demand its own rents from the store
-    /// raise is its own to withdraw. (Otherwise each round's second return went to the
-    /// shared store, and the next round's second rent took it back from there, raising the
+    /// A thread that rents and returns two (or three) objects at a time while demand stands
+    /// (raised by another thread that took objects from outside its own bucket) keeps them
+    /// all in its bucket once it has answered that demand: the demand its own rents from
+    /// the store raise is its own to pay. (Otherwise each round's later returns went to the
+    /// shared store, and the next round's rents took them back from there, raising the
     /// demand again: every round through the store's lock, for good.)
     #[test]
     fn a_thread_working_in_pairs_under_standing_demand_keeps_its_objects() {
-        let pool = std::sync::Arc::new(ObjectPool::new(|| 0u64));
-        drop((pool.rent(), pool.rent())); // two idle objects in this thread's bucket
-        let other = std::sync::Arc::clone(&pool);
-        let held = std::thread::spawn(move || (other.rent_owned(), other.rent_owned())).join().unwrap();
-        assert_eq!(pool.statistics().steals, 2, "the other thread took both from this bucket");
-        assert!(pool.demand.load(Ordering::Relaxed) > 0, "the demand stands");
-        let shared_after_each_round: Vec<usize> = (0..20)
-            .map(|_| {
-                drop((pool.rent(), pool.rent()));
-                pool.shared.len()
-            })
-            .collect();
-        assert_eq!(shared_after_each_round[10..], [0; 10], "objects in the shared store after each round");
-        assert_eq!(pool.local().map(|local| local.idle.load(Ordering::Relaxed)), Some(2));
-        drop(held);
+        for batch in [2, 3] {
+            let pool = std::sync::Arc::new(ObjectPool::new(|| 0u64));
+            let rent_batch =
+                |pool: &ObjectPool<u64>| (0..batch).map(|_| pool.rent()).collect::<Vec<_>>().len();
+            rent_batch(&pool); // idle objects in this thread's bucket
+            let other = std::sync::Arc::clone(&pool);
+            let held = std::thread::spawn(move || (0..batch).map(|_| other.rent_owned()).collect::<Vec<_>>())
+                .join()
+                .unwrap();
+            assert!(pool.statistics().steals > 0, "the other thread took them from this bucket");
+            assert!(pool.demand.load(Ordering::Relaxed) > 0, "the demand stands");
+            let shared_after_each_round: Vec<usize> = (0..20)
+                .map(|_| {
+                    rent_batch(&pool);
+                    pool.shared.len()
+                })
+                .collect();
+            // Two rounds pay the standing demand; from the third on, nothing goes through the
+            // store.
+            assert_eq!(
+                shared_after_each_round[2..],
+                [0; 18],
+                "objects in the shared store after each round of {batch}: {shared_after_each_round:?}"
+            );
+            assert_eq!(pool.local().map(|local| local.idle.load(Ordering::Relaxed)), Some(batch));
+            drop(held);
+        }
     }
 
     #[test]

@@ -29,7 +29,7 @@ pub(crate) struct CacheClass {
     /// `rents` when the owner last kept a block of the class under demand.
     rents_at_return: u32,
     /// Demand for the class that the owner's own allocations raised and that its own
-    /// returns have not yet withdrawn (at most the pool's bound on demand).
+    /// returns have not yet paid (at most the pool's bound on demand).
     owed: u8,
 }
 

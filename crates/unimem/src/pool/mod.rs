@@ -702,9 +702,10 @@ impl DevicePool {
     /// The owner's side of [`keep_fast`](Self::keep_fast) and [`store`](Self::store): keeps
     /// `block` in `stacks` (this thread's cache) if the pool is open, the return does not
     /// answer demand for its class elsewhere (`CacheClass::declines`) and the slot has credit;
-    /// with `grow` (off the hit path: it may call out and write shared atomics) a full slot
-    /// first claims one more block of credit, and a return that would answer demand may
-    /// withdraw demand the thread owes instead. Returns whether it kept it.
+    /// with `grow` (off the hit path: it may call out, take the class's store lock and write
+    /// shared atomics) a full slot first claims one more block of credit (or takes it from
+    /// the store), and a return under demand while the thread owes some pays one unit of it.
+    /// Returns whether it kept it.
     #[inline(always)]
     fn keep(
         &self,
@@ -752,11 +753,8 @@ impl DevicePool {
                 if under_demand {
                     slot.kept_under_demand();
                 }
-                if withdraw {
-                    slot.withdrawn();
-                    if let Some(demand) = self.demand.get(class) {
-                        let _ = demand.fetch_update(Relaxed, Relaxed, |d| d.checked_sub(1));
-                    }
+                if withdraw && let Some(demand) = self.demand.get(class) {
+                    let _ = demand.fetch_update(Relaxed, Relaxed, |d| d.checked_sub(1));
                 }
                 body.pushed(class, slot, cap, requested);
                 true
@@ -845,18 +843,27 @@ impl DevicePool {
         if !claimed && self.reclaim_spare_credit(class) {
             claimed = self.claim_budget(class, 1);
         }
-        if !claimed {
-            self.counters.overflows.fetch_add(1, Relaxed);
-            return Some(block);
-        }
         let mut store = lock(shared);
         if self.closed.load(Relaxed) {
             drop(store);
-            self.release_budget(class, 1);
+            if claimed {
+                self.release_budget(class, 1);
+            }
             return Some(block);
         }
-        store.append_paid(&mut vec![block]);
-        None // As above.
+        if claimed {
+            store.append_paid(&mut vec![block]);
+            return None; // As above.
+        }
+        // An allocation may have left the store credit meanwhile.
+        match store.push_credited(block) {
+            Ok(()) => None, // As above.
+            Err(block) => {
+                drop(store);
+                self.counters.overflows.fetch_add(1, Relaxed);
+                Some(block)
+            }
+        }
     }
 
     /// Makes this thread's cache if it has none yet, and asks to hear when the thread exits.
@@ -1328,34 +1335,45 @@ mod tests {
         assert_eq!(super::lock(&pool.shared[class]).blocks.len(), 3);
     }
 
-    /// A thread that allocates and frees two blocks at a time while demand for the class
-    /// stands (raised by another thread that took blocks from outside its own cache) keeps
-    /// both in its cache once it has answered that demand: the demand its own allocations
-    /// from the store raise is its own to withdraw. (Otherwise each round's second return
-    /// went to the shared store, and the next round's second allocation took it back from
-    /// there, raising the demand again: every round through the store's lock, for good.)
+    /// A thread that allocates and frees two (or three) blocks at a time while demand for
+    /// the class stands (raised by another thread that took blocks from outside its own
+    /// cache) keeps them all in its cache once it has answered that demand: the demand its
+    /// own allocations from the store raise is its own to pay. (Otherwise each round's
+    /// later returns went to the shared store, and the next round's allocations took them
+    /// back from there, raising the demand again: every round through the store's lock,
+    /// for good. And a keep that counted two units paid for one left a thread that owed
+    /// two sending one block of each batch of three through the store.)
     #[test]
     fn a_thread_working_in_pairs_under_standing_demand_keeps_its_blocks() {
-        let manager = MemoryManager::new();
-        let allocate = || manager.allocate::<u8>(4096, AllocationMode::Pooled).unwrap();
-        drop((allocate(), allocate())); // two blocks in this thread's cache
-        let held = std::thread::scope(|scope| scope.spawn(|| (allocate(), allocate())).join().unwrap());
-        assert_eq!(manager.statistics().pool_steals, 1, "the other thread took both from this cache");
-        let pool = manager.pool(DeviceId::CPU, AllocationMode::Pooled).unwrap();
-        let class = pool.classes.class_of(4096).unwrap();
-        assert!(pool.demand[class].load(Relaxed) > 0, "the demand stands");
-        let shared_after_each_round: Vec<usize> = (0..20)
-            .map(|_| {
-                drop((allocate(), allocate()));
-                super::lock(&pool.shared[class]).blocks.len()
-            })
-            .collect();
-        assert_eq!(shared_after_each_round[10..], [0; 10], "blocks in the shared store after each round");
-        assert_eq!(
-            pool.my_cache().map(|body| body.held(class)),
-            Some(2),
-            "both blocks in this thread's cache"
-        );
-        drop(held);
+        for batch in [2, 3] {
+            let manager = MemoryManager::new();
+            let allocate = || manager.allocate::<u8>(4096, AllocationMode::Pooled).unwrap();
+            let allocate_batch = || (0..batch).map(|_| allocate()).collect::<Vec<_>>();
+            drop(allocate_batch()); // blocks in this thread's cache
+            let held = std::thread::scope(|scope| scope.spawn(allocate_batch).join().unwrap());
+            assert_eq!(manager.statistics().pool_steals, 1, "the other thread took them from this cache");
+            let pool = manager.pool(DeviceId::CPU, AllocationMode::Pooled).unwrap();
+            let class = pool.classes.class_of(4096).unwrap();
+            assert!(pool.demand[class].load(Relaxed) > 0, "the demand stands");
+            let shared_after_each_round: Vec<usize> = (0..20)
+                .map(|_| {
+                    drop(allocate_batch());
+                    super::lock(&pool.shared[class]).blocks.len()
+                })
+                .collect();
+            // Two rounds pay the standing demand; from the third on, nothing goes through
+            // the store.
+            assert_eq!(
+                shared_after_each_round[2..],
+                [0; 18],
+                "blocks in the shared store after each round of {batch}: {shared_after_each_round:?}"
+            );
+            assert_eq!(
+                pool.my_cache().map(|body| body.held(class)),
+                Some(batch as u64),
+                "the whole batch in this thread's cache"
+            );
+            drop(held);
+        }
     }
 }
