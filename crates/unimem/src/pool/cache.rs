@@ -73,7 +73,7 @@ impl CacheClass {
     /// changes nothing, so a return that goes on to the slow path is judged the same there.
     #[inline(always)]
     pub(crate) fn declines(&self) -> bool {
-        self.len == 0 && self.rents != self.rents_at_return
+        self.len == 0 && self.rented_since_kept()
     }
 
     /// Records demand for the class raised by an allocation of the owner's.
@@ -97,6 +97,12 @@ impl CacheClass {
     /// Records one unit of the owner's demand paid.
     pub(crate) fn withdrawn(&mut self) {
         self.owed = self.owed.saturating_sub(1);
+    }
+
+    /// Whether the owner has allocated the class since it last kept a block of it under
+    /// demand (or since the slot passed to it).
+    pub(crate) fn rented_since_kept(&self) -> bool {
+        self.rents != self.rents_at_return
     }
 
     /// Records a block kept under demand (see [`declines`](Self::declines)).
