@@ -76,6 +76,15 @@ impl CacheClass {
         self.len == 0 && self.rented_since_kept()
     }
 
+    /// Whether the owner has ever allocated the class (false again, for one return, when the
+    /// count wraps after 2^32 allocations). A cache keeps only the classes its thread
+    /// allocates: a block of a class it only frees (a pipeline's consumer) could only
+    /// wait there for another thread to steal it.
+    #[inline(always)]
+    pub(crate) fn rented(&self) -> bool {
+        self.rents != 0
+    }
+
     /// Records demand for the class raised by an allocation of the owner's.
     pub(crate) fn owe(&mut self, most: u8) {
         self.owed = (self.owed + 1).min(most);
