@@ -237,7 +237,10 @@ pub(crate) struct DevicePool {
 /// claim and give back no budget: two read-modify-writes each on atomics that both of the
 /// pipeline's threads write, a fifth of the cost of a crossing at 4 KiB. The credit goes to
 /// a cache of the class that finds the bounds reached (`grow_credit`), back to the budget
-/// when a claim fails (`reclaim_spare_credit`) and at a trim.
+/// when a claim fails (`reclaim_spare_credit`) and at a trim. A burst of returns claims that
+/// allowance at once, and a burst of allocations gives the unused credit back at once when
+/// it passes it: one pair of read-modify-writes per allowance's worth of blocks, not one
+/// per block.
 #[derive(Default)]
 struct Store {
     /// Boxed: a block moves between a buffer and the pool without being copied or
@@ -266,12 +269,12 @@ impl Store {
     }
 
     /// Takes the newest block, keeping the credit that paid for it, unless more than
-    /// `spare` would then be unused: returns the block and the blocks' worth of credit
-    /// given up (for the caller to release).
+    /// `spare` would then be unused: then all the unused credit goes. Returns the block and
+    /// the blocks' worth of credit given up (for the caller to release).
     fn pop(&mut self, spare: u64) -> (Option<Box<Block>>, u64) {
         let block = self.blocks.pop();
         let unused = self.credit - to_u64(self.blocks.len());
-        let shed = unused.saturating_sub(spare);
+        let shed = if unused > spare { unused } else { 0 };
         self.credit -= shed;
         (block, shed)
     }
@@ -438,8 +441,7 @@ impl DevicePool {
         }
         // A block from the store leaves its credit there; one stolen brings its own, which
         // goes.
-        let spare =
-            if to_u64(cap) <= STORE_SPARE_BYTES / cache::SLOTS as u64 { cache::SLOTS as u64 } else { 1 };
+        let spare = self.store_spare(class);
         let (stored, shed) = self.shared.get(class).map_or((None, 0), |s| lock(s).pop(spare));
         self.release_budget(class, shed);
         let found = match stored {
@@ -808,6 +810,13 @@ impl DevicePool {
         pool.store_shared(block?, class, requested)
     }
 
+    /// Unused credit the shared store of `class` may keep, in blocks (see
+    /// [`STORE_SPARE_BYTES`]).
+    fn store_spare(&self, class: usize) -> u64 {
+        let size = to_u64(self.classes.size_of(class));
+        if size <= STORE_SPARE_BYTES / cache::SLOTS as u64 { cache::SLOTS as u64 } else { 1 }
+    }
+
     /// Claims one more block of credit for a cache's class, if the bounds allow, or, for a
     /// thread that allocates the class, takes it from the credit the class's shared store
     /// holds without a block (no budget changes hands: otherwise a store that kept its credit
@@ -843,7 +852,9 @@ impl DevicePool {
             let _ = demand.fetch_update(Relaxed, Relaxed, |d| d.checked_sub(1));
         }
         // Into the store on its own credit if it has some left (a pipeline's steady state),
-        // otherwise on one more block of budget.
+        // otherwise on more budget: the store's allowance of spare credit at once if the
+        // bounds have room for it (a burst of returns then claims once per allowance), else
+        // one block's worth. Claimed under the store's lock: only the budgets' atomics.
         let mut store = lock(shared);
         if self.closed.load(Relaxed) {
             return Some(block);
@@ -851,11 +862,14 @@ impl DevicePool {
         let Err(block) = store.push_credited(block) else {
             return None; // The unlock that follows is the last use of the pool.
         };
-        drop(store);
-        let mut claimed = self.claim_budget(class, 1);
-        if !claimed && self.reclaim_spare_credit(class) {
-            claimed = self.claim_budget(class, 1);
+        let spare = self.store_spare(class);
+        if let Some(blocks) = [spare, 1].into_iter().find(|&n| self.claim_budget(class, n)) {
+            store.credit += blocks;
+            return store.push_credited(block).err(); // `None`; as above.
         }
+        drop(store);
+        // The bounds are reached: take back the credit held without blocks and try again.
+        let claimed = self.reclaim_spare_credit(class) && self.claim_budget(class, 1);
         let mut store = lock(shared);
         if self.closed.load(Relaxed) {
             drop(store);
@@ -865,8 +879,8 @@ impl DevicePool {
             return Some(block);
         }
         if claimed {
-            store.append_paid(&mut vec![block]);
-            return None; // As above.
+            store.credit += 1;
+            return store.push_credited(block).err(); // As above.
         }
         // An allocation may have left the store credit meanwhile.
         match store.push_credited(block) {
@@ -1386,6 +1400,26 @@ mod tests {
                 .unwrap()
         });
         assert_eq!(in_store, 4, "the return is in the store");
+    }
+
+    /// A return that the shared store has no credit for claims the store's whole allowance
+    /// of spare credit at once where the bounds have room for it (a burst of returns then
+    /// pays one claim per allowance, not one per block), and one block's worth where they
+    /// have room for less.
+    #[test]
+    fn a_return_claims_the_stores_allowance_at_once_within_the_bounds() {
+        for (per_class, credit) in [(1 << 30, 4), (8 << 10, 1)] {
+            let options = crate::MemoryOptions::default().with_max_pool_bytes_per_class(per_class).unwrap();
+            let manager = MemoryManager::builder().options(options).build();
+            let pool = manager.pool(DeviceId::CPU, AllocationMode::Pooled).unwrap();
+            let class = pool.classes.class_of(4096).unwrap();
+            let buffer = manager.allocate::<u8>(4096, AllocationMode::Pooled).unwrap();
+            // Dropped on a thread that never allocates the class: into the shared store.
+            std::thread::scope(|scope| scope.spawn(|| drop(buffer)).join().unwrap());
+            let store = super::lock(&pool.shared[class]);
+            assert_eq!((store.blocks.len(), store.credit), (1, credit), "bound {per_class}");
+            assert_eq!(pool.class_budget[class].load(Relaxed), credit * 4096);
+        }
     }
 
     /// A thread that has never allocated a class keeps none of it in its cache, demand or
