@@ -98,23 +98,6 @@ fn raw_fresh(
     })
 }
 
-/// Times freeing `count` blocks of a raw allocator (allocated untimed).
-fn raw_free(
-    raw: &dyn RawAllocator,
-    sampling: &Sampling,
-    bytes: usize,
-    count: usize,
-) -> anyhow::Result<Figure> {
-    sampling.per_run(|| {
-        let held = (0..count).map(|_| raw.allocate(bytes)).collect::<anyhow::Result<Vec<_>>>()?;
-        let start = Instant::now();
-        for block in held {
-            raw.free(block);
-        }
-        Ok((start.elapsed(), count as u64))
-    })
-}
-
 /// The baselines' figures for one row, each named; a baseline that fails is left out and
 /// said why in `notes`.
 fn baselines(
@@ -179,20 +162,20 @@ pub fn rows(
     // Pool hit: allocate and return a block of a class the pool holds.
     step("pool hit");
     let hit_bytes = 1024;
-    match manager.allocate_on::<u8>(id, hit_bytes, AllocationMode::Pooled) {
-        Ok(warm) => {
-            drop(warm);
-            let unimem = sampling.per_op(|| {
-                drop(black_box(manager.allocate_on::<u8>(id, hit_bytes, AllocationMode::Pooled)));
+    let hit = manager.allocate_on::<u8>(id, hit_bytes, AllocationMode::Pooled).and_then(|warm| {
+        drop(warm);
+        let mut failed = None;
+        let figure =
+            sampling.per_op(|| match manager.allocate_on::<u8>(id, hit_bytes, AllocationMode::Pooled) {
+                // The buffer goes through `black_box`, as the baselines' pointers do.
+                Ok(buffer) => drop(black_box(buffer)),
+                Err(e) => failed = Some(e),
             });
-            let base = baselines(&raws, &mut notes, |raw| {
-                let mut failed = None;
-                let figure = sampling.per_op(|| match raw.allocate(hit_bytes) {
-                    Ok(block) => raw.free(black_box(block)),
-                    Err(e) => failed = Some(e),
-                });
-                failed.map_or(Ok(figure), Err)
-            });
+        failed.map_or(Ok(figure), Err)
+    });
+    match hit {
+        Ok(unimem) => {
+            let base = baselines(&raws, &mut notes, |raw| raw.time_pairs(sampling, hit_bytes));
             let row = Row::measured(
                 Table::Allocation,
                 id,
@@ -294,7 +277,7 @@ pub fn rows(
     });
     match disposal {
         Ok(unimem) => {
-            let base = baselines(&raws, &mut notes, |raw| raw_free(raw, sampling, bytes, count));
+            let base = baselines(&raws, &mut notes, |raw| raw.time_frees(sampling, bytes, count));
             finish(
                 Row::measured(Table::Allocation, id, "disposal (return to pool)", bytes as u64, unimem, base),
                 &mut notes,

@@ -4,9 +4,13 @@
 //! include it do the same work on both sides: unimem's fresh memory is zeroed.
 
 use std::alloc::{GlobalAlloc, Layout};
+use std::hint::black_box;
+use std::time::Instant;
 
 use anyhow::{Context as _, bail};
 use unimem::{DeviceId, DeviceKind, MemoryManager};
+
+use super::measure::{Figure, Sampling};
 
 /// Bytes between first writes on the host.
 pub const PAGE: usize = 4096;
@@ -31,6 +35,31 @@ pub trait RawAllocator {
     /// Gives memory cached after frees back to the system, so that the next allocations
     /// are fresh (as unimem's pool is trimmed before a "fresh allocation" sample).
     fn release_cached(&self) {}
+    /// Times an allocation of `bytes` freed at once, per pair: the pool hit's baseline. The
+    /// host allocators call themselves directly in the timed loop; through this trait each
+    /// call would add a virtual call and an `anyhow::Result`, work that unimem's side of
+    /// the row does not do.
+    fn time_pairs(&self, sampling: &Sampling, bytes: usize) -> anyhow::Result<Figure> {
+        let mut failed = None;
+        let figure = sampling.per_op(|| match self.allocate(bytes) {
+            Ok(block) => self.free(black_box(block)),
+            Err(e) => failed = Some(e),
+        });
+        failed.map_or(Ok(figure), Err)
+    }
+    /// Times freeing `count` blocks of `bytes` (allocated untimed), per block: the
+    /// disposal row's baseline. Direct calls on the host, as in
+    /// [`time_pairs`](Self::time_pairs).
+    fn time_frees(&self, sampling: &Sampling, bytes: usize, count: usize) -> anyhow::Result<Figure> {
+        sampling.per_run(|| {
+            let held = (0..count).map(|_| self.allocate(bytes)).collect::<anyhow::Result<Vec<_>>>()?;
+            let start = Instant::now();
+            for block in held {
+                self.free(block);
+            }
+            Ok((start.elapsed(), count as u64))
+        })
+    }
     /// The driver calls of `write`, `read` and `copy`, as the tables name them.
     fn copy_calls(&self) -> [&'static str; 3] {
         ["write", "read", "copy"]
@@ -126,6 +155,40 @@ impl RawAllocator for Malloc {
         unsafe { libc::free(block.handle as *mut libc::c_void) };
     }
 
+    fn time_pairs(&self, sampling: &Sampling, bytes: usize) -> anyhow::Result<Figure> {
+        let bytes = bytes.max(1);
+        let mut failed = false;
+        let figure = sampling.per_op(|| {
+            // SAFETY: malloc with a non-zero size; `free` takes what it returned (null
+            // included, which is counted as a failure).
+            unsafe {
+                let ptr = black_box(libc::malloc(bytes));
+                failed |= ptr.is_null();
+                libc::free(ptr);
+            }
+        });
+        direct(figure, failed, self.name(), bytes)
+    }
+
+    fn time_frees(&self, sampling: &Sampling, bytes: usize, count: usize) -> anyhow::Result<Figure> {
+        let bytes = bytes.max(1);
+        sampling.per_run(|| {
+            // SAFETY: malloc with a non-zero size.
+            let held: Vec<_> = (0..count).map(|_| unsafe { libc::malloc(bytes) }).collect();
+            let failed = held.iter().any(|ptr| ptr.is_null());
+            let start = Instant::now();
+            for &ptr in &held {
+                // SAFETY: from malloc above (or null, which `free` ignores), freed once.
+                unsafe { libc::free(ptr) };
+            }
+            let elapsed = start.elapsed();
+            if failed {
+                bail!("malloc({bytes}) returned null");
+            }
+            Ok((elapsed, count as u64))
+        })
+    }
+
     fn release_cached(&self) {
         #[cfg(target_env = "gnu")]
         // SAFETY: malloc_trim only returns free memory to the system.
@@ -133,6 +196,14 @@ impl RawAllocator for Malloc {
             libc::malloc_trim(0);
         }
     }
+}
+
+/// A figure of a directly called allocator's loop, or the error if an allocation failed.
+fn direct(figure: Figure, failed: bool, name: &str, bytes: usize) -> anyhow::Result<Figure> {
+    if failed {
+        bail!("{name}({bytes}) returned null");
+    }
+    Ok(figure)
 }
 
 /// mimalloc, called as an allocator (not installed as the global one).
@@ -165,6 +236,41 @@ impl RawAllocator for Mimalloc {
         let layout = Layout::from_size_align(block.bytes.max(1), HOST_ALIGN).expect("allocated with it");
         // SAFETY: allocated by MiMalloc with this layout, freed once.
         unsafe { mimalloc::MiMalloc.dealloc(block.handle as *mut u8, layout) };
+    }
+
+    fn time_pairs(&self, sampling: &Sampling, bytes: usize) -> anyhow::Result<Figure> {
+        let layout = Layout::from_size_align(bytes.max(1), HOST_ALIGN)?;
+        let mut failed = false;
+        let figure = sampling.per_op(|| {
+            // SAFETY: a layout of non-zero size; a non-null result is freed with it, once.
+            unsafe {
+                let ptr = black_box(mimalloc::MiMalloc.alloc(layout));
+                failed |= ptr.is_null();
+                if !ptr.is_null() {
+                    mimalloc::MiMalloc.dealloc(ptr, layout);
+                }
+            }
+        });
+        direct(figure, failed, self.name(), bytes)
+    }
+
+    fn time_frees(&self, sampling: &Sampling, bytes: usize, count: usize) -> anyhow::Result<Figure> {
+        let layout = Layout::from_size_align(bytes.max(1), HOST_ALIGN)?;
+        sampling.per_run(|| {
+            // SAFETY: a layout of non-zero size.
+            let held: Vec<_> = (0..count).map(|_| unsafe { mimalloc::MiMalloc.alloc(layout) }).collect();
+            let failed = held.iter().any(|ptr| ptr.is_null());
+            let start = Instant::now();
+            for &ptr in held.iter().filter(|ptr| !ptr.is_null()) {
+                // SAFETY: allocated above with this layout, freed once.
+                unsafe { mimalloc::MiMalloc.dealloc(ptr, layout) };
+            }
+            let elapsed = start.elapsed();
+            if failed {
+                bail!("mimalloc({bytes}) returned null");
+            }
+            Ok((elapsed, count as u64))
+        })
     }
 
     fn release_cached(&self) {
