@@ -1,38 +1,40 @@
 //! The size-class pool of one (device, memory kind).
 //!
-//! Memory is handed out in [`Block`]s: one backend allocation, rounded up to its size class.
-//! A block that comes back goes first to the returning thread's cache (see [`cache`]), if
-//! that thread allocates the class, then to a shared per-class store, and is freed only when
-//! both are full or the pool is bounded out. (A cache keeps no class its thread has never
-//! allocated: a pipeline's consumer sends every block it drops to the store, where the
-//! producer takes it back without stealing.) The bounds (`max_pool_bytes_per_class`, `max_pool_bytes`) are kept exactly with
-//! *credit*: before a cache or the shared store may keep a block it claims the block's size
-//! from atomic budgets, and the credit goes back with trimmed blocks. Caches keep their
-//! credit while they hand blocks out, so a steady allocate/free loop touches no shared
-//! atomic, and give back what they do not use when they miss; a shared store keeps a few
-//! small blocks' worth (see `Store`), so a pipeline's crossings do not touch the budgets.
+//! Memory is handed out in [`Block`]s: one backend allocation, rounded up to its size
+//! class. A block that comes back goes first to the returning thread's cache (see
+//! [`cache`]), if that thread allocates the class, then to a shared per-class store, and is
+//! freed only when both are full or the pool is bounded out. (A cache keeps no class its
+//! thread has never allocated: a pipeline's consumer sends every block it drops to the
+//! store, where the producer takes it back without stealing.) The bounds
+//! (`max_pool_bytes_per_class`, `max_pool_bytes`) are kept exactly with *credit*: before a
+//! cache or the shared store may keep a block it claims the block's size from atomic
+//! budgets, and the credit goes back with trimmed blocks. Caches keep their credit while
+//! they hand blocks out, so a steady allocate/free loop touches no shared atomic, and give
+//! back what they do not use when they miss; a shared store keeps a few small blocks' worth
+//! (see `Store`), so a pipeline's crossings do not touch the budgets.
 //!
-//! An allocation that misses its own cache looks in the shared store, then in other threads'
-//! caches (taking their idle blocks of the class under the [`handoff`](crate::handoff)
-//! protocol), and only then asks the backend. Reuse across threads, the shape of a pipeline
-//! where one thread allocates and another drops, is kept cheap by *demand*: each allocation
-//! served from outside its own cache asks, through a per-class counter, for one returned
-//! block to go to the shared store instead of the returning thread's cache. A return
-//! answers if its cache already holds a block of the class, or if its thread has allocated
-//! none of the class since it last kept a block of it under demand (a consumer that
-//! allocated the class once and now frees it and allocates at most others: it keeps nothing
-//! back, or the block it kept would be the one the producer misses, and steals for). A thread that allocates
-//! and frees one block at a time finds its slot empty at each return and has allocated
-//! since, so it keeps its blocks (two such threads would otherwise trade them through the
-//! shared store forever). A thread *owes* the demand its own allocations raised until its
-//! returns pay it: while it owes some, each of its returns under demand pays one unit, by
-//! staying and withdrawing the request (or, if it cannot stay, through the store). So a
-//! thread that works in batches under standing demand answers it once, then keeps its
-//! blocks, rather than pass part of every batch through the store and take it back (which
-//! raises the demand again); and a consumer whose own work allocates the producer's class
-//! pays for its own buffer with that buffer's return, not with the producer's. The check
-//! costs the hit path nothing while there is no demand. A thread that exits hands its cache
-//! to the shared store and forgets what it owed.
+//! An allocation that misses its own cache looks in the shared store, then in other
+//! threads' caches (taking their idle blocks of the class under the
+//! [`handoff`](crate::handoff) protocol), and only then asks the backend. Reuse across
+//! threads, the shape of a pipeline where one thread allocates and another drops, is kept
+//! cheap by *demand*: each allocation served from outside its own cache asks, through a
+//! per-class counter, for one returned block to go to the shared store instead of the
+//! returning thread's cache. A return answers if its cache already holds a block of the
+//! class, or if its thread has allocated none of the class since it last kept a block of it
+//! under demand (a consumer that allocated the class once and now frees it and allocates at
+//! most others: it keeps nothing back, or the block it kept would be the one the producer
+//! misses, and steals for). A thread that allocates and frees one block at a time finds its
+//! slot empty at each return and has allocated since, so it keeps its blocks (two such
+//! threads would otherwise trade them through the shared store forever). A thread *owes*
+//! the demand its own allocations raised until its returns pay it: while it owes some, each
+//! of its returns under demand pays one unit, by staying and withdrawing the request (or,
+//! if it cannot stay, through the store). So a thread that works in batches under standing
+//! demand answers it once, then keeps its blocks, rather than pass part of every batch
+//! through the store and take it back (which raises the demand again); and a consumer whose
+//! own work allocates the producer's class pays for its own buffer with that buffer's
+//! return, not with the producer's. The check costs the hit path nothing while there is no
+//! demand. A thread that exits hands its cache to the shared store and forgets what it
+//! owed.
 
 pub(crate) mod cache;
 mod reaper;
@@ -863,7 +865,8 @@ impl DevicePool {
             return None; // The unlock that follows is the last use of the pool.
         };
         let spare = self.store_spare(class);
-        if let Some(blocks) = [spare, 1].into_iter().find(|&n| self.claim_budget(class, n)) {
+        let fallback = (spare > 1).then_some(1);
+        if let Some(blocks) = std::iter::once(spare).chain(fallback).find(|&n| self.claim_budget(class, n)) {
             store.credit += blocks;
             return store.push_credited(block).err(); // `None`; as above.
         }
