@@ -9,6 +9,7 @@
 
 mod alloc;
 mod measure;
+mod objects;
 mod output;
 mod pipeline;
 mod plot;
@@ -160,6 +161,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             if device.kind == unimem::DeviceKind::Cpu {
                 step("pipeline");
                 pipeline::rows(&manager, device, &sampling, args.quick, &mut emit);
+                step("object pool");
+                objects::rows(device.id, &sampling, &mut emit);
             }
         }
         {

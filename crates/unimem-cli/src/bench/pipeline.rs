@@ -20,7 +20,10 @@ mod harness;
 const ITEMS: u64 = 2000;
 
 /// One sample: `ITEMS` items made here and consumed on another thread.
-fn run_once<T: Send>(make: impl FnMut() -> T, consume: impl Fn(T) + Send + Sync) -> (Duration, u64) {
+pub(super) fn run_once<T: Send>(
+    make: impl FnMut() -> T,
+    consume: impl Fn(T) + Send + Sync,
+) -> (Duration, u64) {
     (harness::pipeline(ITEMS, make, consume), ITEMS)
 }
 
