@@ -85,11 +85,16 @@ fn a_quick_bench_reports_every_table_for_every_device_as_json() {
     }
     let devices = json["devices"].as_array().expect("devices");
     assert_eq!(devices[0]["kind"], "Cpu");
-    // The host's allocation table has the pipeline and object pool rows, measured.
+    // The host's allocation table has the two-thread, warm write, pipeline and object pool
+    // rows, measured.
     let host = devices[0]["allocation"].as_array().expect("allocation table");
-    for operation in
-        ["pipeline, dropped on another thread", "object pool rent + return", "object pool pipeline"]
-    {
+    for operation in [
+        "two threads, one class",
+        "warm allocate + write every byte + drop",
+        "pipeline, dropped on another thread",
+        "object pool rent + return",
+        "object pool pipeline",
+    ] {
         assert!(
             host.iter().any(|r| r["operation"].as_str().is_some_and(|o| o.starts_with(operation))
                 && r["skipped"].is_null()),

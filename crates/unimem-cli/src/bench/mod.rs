@@ -8,6 +8,7 @@
 //! with the reason and a hint; a closed stdout stops the printing, not the run.
 
 mod alloc;
+mod host;
 mod measure;
 mod objects;
 mod output;
@@ -159,6 +160,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             };
             alloc::rows(&manager, device, &sampling, args.quick, &mut step, &mut emit);
             if device.kind == unimem::DeviceKind::Cpu {
+                step("two threads, warm writes");
+                host::rows(&manager, device.id, &sampling, args.quick, &mut emit);
                 step("pipeline");
                 pipeline::rows(&manager, device, &sampling, args.quick, &mut emit);
                 step("object pool");

@@ -10,7 +10,7 @@ use unimem::{AllocationMode, DeviceInfo, MemoryManager};
 
 use super::measure::{Figure, Sampling};
 use super::raw::{Malloc, Mimalloc, RawAllocator, RawBlock};
-use super::report::{Row, Table};
+use super::report::Row;
 
 /// The harness of the criterion benches' pipeline groups, so that both measure alike.
 #[path = "../../../unimem/benches/support/pipeline.rs"]
@@ -91,30 +91,12 @@ pub fn rows(
             "pipeline, dropped on another thread ({:.1}% hits)",
             100.0 * hits as f64 / allocations.max(1) as f64
         );
-        let row = match unimem {
-            Ok(unimem) => {
-                let mut baselines = Vec::new();
-                let mut notes = Vec::new();
-                for (name, figure) in [
-                    (Malloc.name(), raw_pipeline(&Malloc, sampling, bytes)),
-                    (Mimalloc.name(), raw_pipeline(&Mimalloc, sampling, bytes)),
-                ] {
-                    match figure {
-                        Ok(figure) => baselines.push((name.to_string(), figure)),
-                        Err(e) => notes.push(format!("{name}: {e:#}")),
-                    }
-                }
-                let operation = if notes.is_empty() {
-                    operation
-                } else {
-                    format!("{operation} (baselines not run: {})", notes.join("; "))
-                };
-                Row::measured(Table::Allocation, device.id, operation, bytes as u64, unimem, baselines)
-            }
-            Err(e) => {
-                Row::skipped(Table::Allocation, device.id, operation, bytes as u64, e.to_string(), None)
-            }
-        };
+        let row = Row::compared(device.id, operation, bytes as u64, unimem, || {
+            vec![
+                (Malloc.name().to_string(), raw_pipeline(&Malloc, sampling, bytes)),
+                (Mimalloc.name().to_string(), raw_pipeline(&Mimalloc, sampling, bytes)),
+            ]
+        });
         emit(row);
         manager.trim();
     }

@@ -4,13 +4,15 @@
 //! include it do the same work on both sides: unimem's fresh memory is zeroed.
 
 use std::alloc::{GlobalAlloc, Layout};
+use std::collections::HashMap;
 use std::hint::black_box;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use unimem::{DeviceId, DeviceKind, MemoryManager};
 
 use super::measure::{Figure, Sampling};
+use super::traces::Op;
 
 /// Bytes between first writes on the host.
 pub const PAGE: usize = 4096;
@@ -59,6 +61,41 @@ pub trait RawAllocator {
             }
             Ok((start.elapsed(), count as u64))
         })
+    }
+    /// Replays a trace's `ops` (writing every page of each block first if `fill`); returns
+    /// the time of the calls and the operations replayed: the baseline of table 3. Called
+    /// through the trait object once, it calls `allocate` and `free` directly.
+    fn replay(&self, ops: &[Op], fill: bool) -> anyhow::Result<(Duration, u64)> {
+        let mut live: HashMap<u64, RawBlock> = HashMap::with_capacity(64);
+        let start = Instant::now();
+        let mut outcome = Ok(());
+        for op in ops {
+            match *op {
+                Op::Alloc { id, bytes } => match self.allocate(bytes) {
+                    Ok(block) => {
+                        live.insert(id, block);
+                        if fill && let Err(e) = self.first_write(block) {
+                            outcome = Err(e);
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        outcome = Err(e);
+                        break;
+                    }
+                },
+                Op::Free { id } => {
+                    if let Some(block) = live.remove(&id) {
+                        self.free(block);
+                    }
+                }
+            }
+        }
+        let elapsed = start.elapsed();
+        for (_, block) in live {
+            self.free(block);
+        }
+        outcome.map(|()| (elapsed, ops.len() as u64))
     }
     /// The driver calls of `write`, `read` and `copy`, as the tables name them.
     fn copy_calls(&self) -> [&'static str; 3] {
@@ -156,37 +193,11 @@ impl RawAllocator for Malloc {
     }
 
     fn time_pairs(&self, sampling: &Sampling, bytes: usize) -> anyhow::Result<Figure> {
-        let bytes = bytes.max(1);
-        let mut failed = false;
-        let figure = sampling.per_op(|| {
-            // SAFETY: malloc with a non-zero size; `free` takes what it returned (null
-            // included, which is counted as a failure).
-            unsafe {
-                let ptr = black_box(libc::malloc(bytes));
-                failed |= ptr.is_null();
-                libc::free(ptr);
-            }
-        });
-        direct(figure, failed, self.name(), bytes)
+        host_pairs(self, sampling, bytes, false)
     }
 
     fn time_frees(&self, sampling: &Sampling, bytes: usize, count: usize) -> anyhow::Result<Figure> {
-        let bytes = bytes.max(1);
-        sampling.per_run(|| {
-            // SAFETY: malloc with a non-zero size.
-            let held: Vec<_> = (0..count).map(|_| unsafe { libc::malloc(bytes) }).collect();
-            let failed = held.iter().any(|ptr| ptr.is_null());
-            let start = Instant::now();
-            for &ptr in &held {
-                // SAFETY: from malloc above (or null, which `free` ignores), freed once.
-                unsafe { libc::free(ptr) };
-            }
-            let elapsed = start.elapsed();
-            if failed {
-                bail!("malloc({bytes}) returned null");
-            }
-            Ok((elapsed, count as u64))
-        })
+        host_frees(self, sampling, bytes, count)
     }
 
     fn release_cached(&self) {
@@ -198,12 +209,107 @@ impl RawAllocator for Malloc {
     }
 }
 
-/// A figure of a directly called allocator's loop, or the error if an allocation failed.
-fn direct(figure: Figure, failed: bool, name: &str, bytes: usize) -> anyhow::Result<Figure> {
-    if failed {
-        bail!("{name}({bytes}) returned null");
+/// A host allocator called directly in the timed loops of the host rows: no trait object
+/// and no `Result` per call (unimem's hit path has neither), and shareable between threads.
+pub trait HostAllocator: RawAllocator + Sync {
+    /// `bytes` (at least 1) of memory, or null.
+    fn alloc_raw(&self, bytes: usize) -> *mut u8;
+    /// Frees `ptr`.
+    ///
+    /// # Safety
+    /// `ptr` came from `alloc_raw(bytes)` of this allocator, is not null, and is freed once.
+    unsafe fn free_raw(&self, ptr: *mut u8, bytes: usize);
+}
+
+impl HostAllocator for Malloc {
+    #[inline]
+    fn alloc_raw(&self, bytes: usize) -> *mut u8 {
+        // SAFETY: malloc has no precondition; the caller checks for null.
+        unsafe { libc::malloc(bytes.max(1)).cast() }
     }
-    Ok(figure)
+
+    #[inline]
+    unsafe fn free_raw(&self, ptr: *mut u8, _bytes: usize) {
+        // SAFETY: from malloc, freed once (the caller's contract).
+        unsafe { libc::free(ptr.cast()) }
+    }
+}
+
+impl HostAllocator for Mimalloc {
+    #[inline]
+    fn alloc_raw(&self, bytes: usize) -> *mut u8 {
+        match Layout::from_size_align(bytes.max(1), HOST_ALIGN) {
+            // SAFETY: a layout of non-zero size.
+            Ok(layout) => unsafe { mimalloc::MiMalloc.alloc(layout) },
+            Err(_) => std::ptr::null_mut(),
+        }
+    }
+
+    #[inline]
+    unsafe fn free_raw(&self, ptr: *mut u8, bytes: usize) {
+        // The layout was valid when `ptr` was allocated with it.
+        if let Ok(layout) = Layout::from_size_align(bytes.max(1), HOST_ALIGN) {
+            // SAFETY: allocated by MiMalloc with this layout, freed once (the caller's contract).
+            unsafe { mimalloc::MiMalloc.dealloc(ptr, layout) }
+        }
+    }
+}
+
+/// The error of a host allocator that returned null in a timed loop.
+fn null(host: &impl HostAllocator, bytes: usize) -> anyhow::Error {
+    anyhow::anyhow!("{}({bytes}) returned null", host.name())
+}
+
+/// Times an allocation of `bytes` freed at once (written in full first if `write`), per
+/// pair: the baseline of the pool hit and of the warm allocate + write + drop rows.
+pub fn host_pairs<H: HostAllocator>(
+    host: &H,
+    sampling: &Sampling,
+    bytes: usize,
+    write: bool,
+) -> anyhow::Result<Figure> {
+    let mut failed = false;
+    let figure = sampling.per_op(|| {
+        let ptr = black_box(host.alloc_raw(bytes));
+        if ptr.is_null() {
+            failed = true;
+            return;
+        }
+        if write {
+            // SAFETY: `ptr` is a fresh allocation of `bytes` bytes.
+            unsafe { std::ptr::write_bytes(ptr, 1, bytes) };
+            // The writes are read here, so the compiler cannot drop them as dead before a
+            // free (it knows `free`).
+            black_box(ptr);
+        }
+        // SAFETY: from `alloc_raw(bytes)` just above, not null, freed once.
+        unsafe { host.free_raw(ptr, bytes) };
+    });
+    if failed { Err(null(host, bytes)) } else { Ok(figure) }
+}
+
+/// Times freeing `count` blocks of `bytes` (allocated untimed), per block: the disposal
+/// row's baseline.
+pub fn host_frees<H: HostAllocator>(
+    host: &H,
+    sampling: &Sampling,
+    bytes: usize,
+    count: usize,
+) -> anyhow::Result<Figure> {
+    sampling.per_run(|| {
+        let held: Vec<_> = (0..count).map(|_| host.alloc_raw(bytes)).collect();
+        let failed = held.iter().any(|ptr| ptr.is_null());
+        let start = Instant::now();
+        for &ptr in held.iter().filter(|ptr| !ptr.is_null()) {
+            // SAFETY: from `alloc_raw(bytes)` above, not null, freed once.
+            unsafe { host.free_raw(ptr, bytes) };
+        }
+        let elapsed = start.elapsed();
+        if failed {
+            return Err(null(host, bytes));
+        }
+        Ok((elapsed, count as u64))
+    })
 }
 
 /// mimalloc, called as an allocator (not installed as the global one).
@@ -239,38 +345,11 @@ impl RawAllocator for Mimalloc {
     }
 
     fn time_pairs(&self, sampling: &Sampling, bytes: usize) -> anyhow::Result<Figure> {
-        let layout = Layout::from_size_align(bytes.max(1), HOST_ALIGN)?;
-        let mut failed = false;
-        let figure = sampling.per_op(|| {
-            // SAFETY: a layout of non-zero size; a non-null result is freed with it, once.
-            unsafe {
-                let ptr = black_box(mimalloc::MiMalloc.alloc(layout));
-                failed |= ptr.is_null();
-                if !ptr.is_null() {
-                    mimalloc::MiMalloc.dealloc(ptr, layout);
-                }
-            }
-        });
-        direct(figure, failed, self.name(), bytes)
+        host_pairs(self, sampling, bytes, false)
     }
 
     fn time_frees(&self, sampling: &Sampling, bytes: usize, count: usize) -> anyhow::Result<Figure> {
-        let layout = Layout::from_size_align(bytes.max(1), HOST_ALIGN)?;
-        sampling.per_run(|| {
-            // SAFETY: a layout of non-zero size.
-            let held: Vec<_> = (0..count).map(|_| unsafe { mimalloc::MiMalloc.alloc(layout) }).collect();
-            let failed = held.iter().any(|ptr| ptr.is_null());
-            let start = Instant::now();
-            for &ptr in held.iter().filter(|ptr| !ptr.is_null()) {
-                // SAFETY: allocated above with this layout, freed once.
-                unsafe { mimalloc::MiMalloc.dealloc(ptr, layout) };
-            }
-            let elapsed = start.elapsed();
-            if failed {
-                bail!("mimalloc({bytes}) returned null");
-            }
-            Ok((elapsed, count as u64))
-        })
+        host_frees(self, sampling, bytes, count)
     }
 
     fn release_cached(&self) {

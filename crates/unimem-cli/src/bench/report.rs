@@ -99,6 +99,37 @@ impl Row {
         }
     }
 
+    /// A row of table 1 measured by unimem's side `unimem` (skipped, with its error, if
+    /// that failed) against the `baselines` it then runs; a baseline that fails is left out
+    /// and named in the operation with its error.
+    pub fn compared<E: std::fmt::Display>(
+        device: DeviceId,
+        operation: impl Into<String>,
+        bytes: u64,
+        unimem: Result<Figure, E>,
+        baselines: impl FnOnce() -> Vec<(String, anyhow::Result<Figure>)>,
+    ) -> Row {
+        let operation = operation.into();
+        let unimem = match unimem {
+            Ok(unimem) => unimem,
+            Err(e) => return Row::skipped(Table::Allocation, device, operation, bytes, e.to_string(), None),
+        };
+        let mut notes = Vec::new();
+        let mut measured = Vec::new();
+        for (name, figure) in baselines() {
+            match figure {
+                Ok(figure) => measured.push((name, figure)),
+                Err(e) => notes.push(format!("{name}: {e:#}")),
+            }
+        }
+        let operation = if notes.is_empty() {
+            operation
+        } else {
+            format!("{operation} (baselines not run: {})", notes.join("; "))
+        };
+        Row::measured(Table::Allocation, device, operation, bytes, unimem, measured)
+    }
+
     /// A row that could not run.
     pub fn skipped(
         table: Table,

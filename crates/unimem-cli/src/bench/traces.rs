@@ -17,7 +17,7 @@ use anyhow::{Context as _, bail};
 use unimem::{AllocationMode, Buffer, DeviceId, MemoryManager, MemoryOptions};
 
 use super::measure::{Figure, Sampling};
-use super::raw::{self, RawBlock};
+use super::raw;
 use super::report::{PoolEfficiency, Row, Table};
 
 /// One operation of a trace.
@@ -203,44 +203,6 @@ fn replay(
     Ok((elapsed, manager))
 }
 
-/// The same trace on a raw allocator.
-fn replay_raw(
-    raw: &dyn raw::RawAllocator,
-    trace: &Trace,
-    fill: bool,
-) -> anyhow::Result<(std::time::Duration, u64)> {
-    let mut live: HashMap<u64, RawBlock> = HashMap::with_capacity(64);
-    let start = Instant::now();
-    let mut outcome = Ok(());
-    for op in &trace.ops {
-        match *op {
-            Op::Alloc { id, bytes } => match raw.allocate(bytes) {
-                Ok(block) => {
-                    live.insert(id, block);
-                    if fill && let Err(e) = raw.first_write(block) {
-                        outcome = Err(e);
-                        break;
-                    }
-                }
-                Err(e) => {
-                    outcome = Err(e);
-                    break;
-                }
-            },
-            Op::Free { id } => {
-                if let Some(block) = live.remove(&id) {
-                    raw.free(block);
-                }
-            }
-        }
-    }
-    let elapsed = start.elapsed();
-    for (_, block) in live {
-        raw.free(block);
-    }
-    outcome.map(|()| (elapsed, trace.ops.len() as u64))
-}
-
 /// Every row of table 3 for `device`: each trace with 1 and 4 divisions.
 pub fn pool_rows(
     manager: &MemoryManager,
@@ -295,7 +257,7 @@ fn pool_row(
     let mut baselines: Vec<(String, Figure)> = vec![("unpooled".into(), unpooled)];
     let fill = device != DeviceId::CPU;
     for raw in raws {
-        if let Ok(figure) = sampling.per_run(|| replay_raw(raw.as_ref(), trace, fill)) {
+        if let Ok(figure) = sampling.per_run(|| raw.replay(&trace.ops, fill)) {
             baselines.push((raw.name().to_string(), figure));
         }
     }
