@@ -281,6 +281,11 @@ impl Body {
     pub(crate) fn has_spare_credit(&self, class: usize) -> bool {
         self.credit.get(class).is_some_and(|credit| u64::from(credit.load(Relaxed)) > self.held(class))
     }
+
+    /// Whether the cache, as last published, has credit beyond its blocks in any class.
+    pub(crate) fn has_any_spare_credit(&self) -> bool {
+        (0..self.credit.len()).any(|class| self.has_spare_credit(class))
+    }
 }
 
 /// One thread's cache in one pool. Padded: neighbouring threads' caches share no line.

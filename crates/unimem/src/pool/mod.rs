@@ -10,8 +10,10 @@
 //! cache or the shared store may keep a block it claims the block's size from atomic
 //! budgets, and the credit goes back with trimmed blocks. Caches keep their credit while
 //! they hand blocks out, so a steady allocate/free loop touches no shared atomic, and give
-//! back what they do not use when they miss; a shared store keeps a few small blocks' worth
-//! (see `Store`), so a pipeline's crossings do not touch the budgets.
+//! back what they do not use when they miss, or when a return finds the bounds reached
+//! (under the total bound, that of every class: see `reclaim_spare_credit`); a shared
+//! store keeps a few small blocks' worth (see `Store`), so a pipeline's crossings do not
+//! touch the budgets.
 //!
 //! An allocation that misses its own cache looks in the shared store, then in other
 //! threads' caches (taking their idle blocks of the class under the
@@ -945,23 +947,39 @@ impl DevicePool {
         Some(first)
     }
 
-    /// Gives back the spare credit of `class` in other threads' caches (credit that no held
-    /// block uses) and that of every class's shared store (the total bound may be what
-    /// failed); returns whether there was any. It locks each store in turn: a cost paid
-    /// only by a return that found the bounds reached, and that is otherwise freed.
+    /// Gives back credit that no held block uses, to make room for a block of `class`: that
+    /// of every class's shared store, and that of caches. Under the class bound only the
+    /// class's own counts, and it is taken from other threads' caches (this thread's is the
+    /// one that just could not grow). Under the total bound every class's credit counts, so
+    /// it is taken from every cache, this thread's too: a thread whose blocks are out again
+    /// keeps their credit, and would otherwise shut every other class out of a pool that
+    /// holds nothing. Returns whether there was any. It locks each store in turn and stops
+    /// the caches' owners for a moment: a cost paid only by a return that found the bounds
+    /// reached, and that is otherwise freed.
     #[cold]
     fn reclaim_spare_credit(&self, class: usize) -> bool {
-        let reclaimed = self.reclaim_store_credit();
-        let (cells, bodies) = self.other_caches(|body| body.has_spare_credit(class));
-        let mut spare = 0;
+        let mut reclaimed = self.reclaim_store_credit();
+        let size = to_u64(self.classes.size_of(class));
+        let total = self.total_budget.load(Relaxed).saturating_add(size) > self.limits.total;
+        let (cells, bodies) = if total {
+            self.all_caches(Body::has_any_spare_credit)
+        } else {
+            self.other_caches(|body| body.has_spare_credit(class))
+        };
+        let mut spare = vec![0; self.classes.count()];
         self.steal_lock.steal(&cells, |n, stacks| {
-            if let Some(slot) = stacks.get_mut(class) {
-                spare += u64::from(slot.take_spare_credit());
-                bodies[n].publish(class, slot);
+            for (c, slot) in stacks.iter_mut().enumerate().filter(|&(c, _)| total || c == class) {
+                if let Some(spare) = spare.get_mut(c) {
+                    *spare += u64::from(slot.take_spare_credit());
+                }
+                bodies[n].publish(c, slot);
             }
         });
-        self.release_budget(class, spare);
-        reclaimed || spare > 0
+        for (c, blocks) in spare.into_iter().enumerate() {
+            self.release_budget(c, blocks);
+            reclaimed |= blocks > 0;
+        }
+        reclaimed
     }
 
     /// Gives back the credit every shared store holds without a block; returns whether there
@@ -1331,6 +1349,44 @@ mod tests {
         let stats = manager.statistics();
         assert_eq!((stats.total_pooled, stats.pool_overflows), (16 << 10, 0), "{stats:?}");
         assert_eq!(super::lock(&pool.shared[small]).credit, 0);
+    }
+
+    /// Credit a cache keeps for blocks its thread has out again (allocated from the cache
+    /// and still live) never keeps another class from pooling under the total bound, on
+    /// the same thread or from another one: the pool holds no block, so a return fits.
+    #[test]
+    fn spare_credit_in_a_cache_gives_way_to_another_class_under_the_total_bound() {
+        let options = crate::MemoryOptions::default().with_max_pool_bytes(64 << 10).unwrap();
+        let manager = MemoryManager::builder().options(options).build();
+        let allocate = |bytes: usize| manager.allocate::<u8>(bytes, AllocationMode::Pooled).unwrap();
+        let pair = || (allocate(32 << 10), allocate(32 << 10));
+        // Pooled (64 KiB of credit in this thread's cache), then out again: the credit stays.
+        drop(pair());
+        let held = pair();
+        drop(allocate(4 << 10));
+        let stats = manager.statistics();
+        assert_eq!((stats.total_pooled, stats.pool_overflows), (4 << 10, 0), "{stats:?}");
+        // (Of these two returns one overflows: with the 4 KiB block pooled, both do not fit.)
+        drop(held);
+        manager.trim();
+        let overflows = manager.statistics().pool_overflows;
+
+        // The same with the credit in a live thread's cache, and the return on this one.
+        let (ready, done) = (std::sync::Barrier::new(2), std::sync::Barrier::new(2));
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                drop(pair());
+                let held = pair();
+                ready.wait();
+                done.wait();
+                drop(held);
+            });
+            ready.wait();
+            drop(allocate(8 << 10));
+            let stats = manager.statistics();
+            done.wait();
+            assert_eq!((stats.total_pooled, stats.pool_overflows - overflows), (8 << 10, 0), "{stats:?}");
+        });
     }
 
     /// A manager whose 4 KiB class is bounded at four blocks, all four in the shared store
