@@ -151,6 +151,13 @@ impl RawAllocator for LockedMalloc {
         unsafe { libc::munlock(block.handle as *const libc::c_void, block.bytes.max(1)) };
         Malloc.free(block);
     }
+
+    fn release_cached(&self) {
+        // As `Malloc`'s: without it, glibc hands the next sample the pages it just freed
+        // (its mmap threshold has grown past 1 MiB), still resident, and `mlock` has no page
+        // to fault in, while unimem's pinned pool starts each sample trimmed.
+        Malloc.release_cached();
+    }
 }
 
 /// Writes one byte of every page of `bytes` bytes at `ptr`.
