@@ -9,7 +9,7 @@ use std::time::Duration;
 use unimem::{AllocationMode, DeviceInfo, MemoryManager};
 
 use super::measure::{Figure, Sampling};
-use super::raw::{Malloc, Mimalloc, RawAllocator, RawBlock};
+use super::raw::{HostAllocator, Malloc, Mimalloc, RawAllocator as _};
 use super::report::Row;
 
 /// The harness of the criterion benches' pipeline groups, so that both measure alike.
@@ -27,34 +27,35 @@ pub(super) fn run_once<T: Send>(
     (harness::pipeline(ITEMS, make, consume), ITEMS)
 }
 
-/// A raw block that may cross threads (the host allocators free from any thread).
-struct Sent(RawBlock);
+/// A host allocator's block that may cross threads (both host allocators free from any
+/// thread).
+struct Sent(*mut u8);
 
 // SAFETY: a block of `malloc` or mimalloc is plain memory that either may free from any
-// thread; the handle is only an address.
+// thread.
 unsafe impl Send for Sent {}
 
-/// The raw side: `raw` allocates here and frees on the other thread.
-fn raw_pipeline<R: RawAllocator + Sync>(
-    raw: &R,
-    sampling: &Sampling,
-    bytes: usize,
-) -> anyhow::Result<Figure> {
+/// The raw side: `host` allocates here (called directly, as in the other host rows) and
+/// frees on the other thread.
+fn raw_pipeline<H: HostAllocator>(host: &H, sampling: &Sampling, bytes: usize) -> anyhow::Result<Figure> {
     sampling.per_run(|| {
-        let mut failed = None;
-        let make = || match raw.allocate(bytes) {
-            Ok(block) => Some(Sent(block)),
-            Err(e) => {
-                failed.get_or_insert(e);
-                None
-            }
+        let mut failed = false;
+        let make = || {
+            let ptr = host.alloc_raw(bytes);
+            failed |= ptr.is_null();
+            Sent(ptr)
         };
-        let result = run_once(make, |block: Option<Sent>| {
-            if let Some(Sent(block)) = black_box(block) {
-                raw.free(block);
+        let result = run_once(make, |block: Sent| {
+            let ptr = black_box(block).0;
+            if !ptr.is_null() {
+                // SAFETY: from `alloc_raw(bytes)` on the other thread, not null, freed once.
+                unsafe { host.free_raw(ptr, bytes) };
             }
         });
-        failed.map_or(Ok(result), Err)
+        if failed {
+            anyhow::bail!("{}({bytes}) returned null", host.name());
+        }
+        Ok(result)
     })
 }
 

@@ -245,20 +245,15 @@ impl HostAllocator for Malloc {
 impl HostAllocator for Mimalloc {
     #[inline]
     fn alloc_raw(&self, bytes: usize) -> *mut u8 {
-        match Layout::from_size_align(bytes.max(1), HOST_ALIGN) {
-            // SAFETY: a layout of non-zero size.
-            Ok(layout) => unsafe { mimalloc::MiMalloc.alloc(layout) },
-            Err(_) => std::ptr::null_mut(),
-        }
+        // SAFETY: mi_malloc has no precondition; its blocks are aligned to 16 bytes
+        // (`HOST_ALIGN`), as malloc's are. The caller checks for null.
+        unsafe { libmimalloc_sys::mi_malloc(bytes.max(1)).cast() }
     }
 
     #[inline]
-    unsafe fn free_raw(&self, ptr: *mut u8, bytes: usize) {
-        // The layout was valid when `ptr` was allocated with it.
-        if let Ok(layout) = Layout::from_size_align(bytes.max(1), HOST_ALIGN) {
-            // SAFETY: allocated by MiMalloc with this layout, freed once (the caller's contract).
-            unsafe { mimalloc::MiMalloc.dealloc(ptr, layout) }
-        }
+    unsafe fn free_raw(&self, ptr: *mut u8, _bytes: usize) {
+        // SAFETY: from mi_malloc, freed once (the caller's contract).
+        unsafe { libmimalloc_sys::mi_free(ptr.cast()) }
     }
 }
 
