@@ -528,3 +528,22 @@ fn a_consumer_that_rents_too_keeps_nothing_of_the_producers_back() {
     assert_eq!(end.steals, warm.steals, "steals after the first two rounds: {end:?}");
     assert_eq!(end.dropped, 0, "{end:?}");
 }
+
+/// Credit a bucket keeps for objects its thread has rented out again never keeps another
+/// thread's return out of a pool that holds no idle object: the total bound counts idle
+/// objects, not rented ones.
+#[test]
+fn a_bucket_whose_objects_are_out_again_leaves_room_for_another_threads_return() {
+    let (pool, _alive) = tracked_arc_pool(8, 8);
+    // This thread's bucket fills to the total bound, then its objects go out again.
+    drop((0..8).map(|_| pool.rent()).collect::<Vec<_>>());
+    let held: Vec<_> = (0..8).map(|_| pool.rent()).collect();
+    let before = pool.statistics();
+    assert_eq!(before.idle, 0, "{before:?}");
+    std::thread::scope(|scope| {
+        scope.spawn(|| drop(pool.rent())).join().unwrap();
+    });
+    let after = pool.statistics();
+    assert_eq!((after.idle, after.dropped - before.dropped), (1, 0), "{after:?}");
+    drop(held);
+}

@@ -28,7 +28,10 @@
 //! demand. (A bucket passes to a later thread with its slot, and with what it owed: at most
 //! twice [`CREDIT_BATCH`] returns that stay rather than answer.) A bucket that runs empty
 //! gives its unused share of the total bound back, so an idle thread holds at most
-//! [`CREDIT_BATCH`] unused units.
+//! [`CREDIT_BATCH`] unused units; and a return that finds the bound reached while the idle
+//! objects leave part of it unused takes every bucket's unused share back first (a thread
+//! whose objects are rented out again would otherwise hold the bound against every other
+//! thread's returns).
 
 mod guard;
 mod shared;
@@ -451,8 +454,36 @@ impl<T> ObjectPool<T> {
             }
             value = back;
         }
+        // Buckets whose objects are rented out again keep the units that paid for them: if
+        // the idle objects leave part of the bound unused, those units come back and the
+        // store keeps this object on one of them.
+        if self.reclaim_spare_credit() {
+            match self.push_shared(value) {
+                Ok(()) => return,
+                Err(back) => value = back,
+            }
+        }
         self.count(local, Event::Dropped);
         drop(value);
+    }
+
+    /// Takes back the units of the total bound that buckets hold beyond their idle objects,
+    /// every thread's bucket for a moment under the handoff protocol, but only when the
+    /// idle objects (as last published) leave part of the bound unused: a return to a pool
+    /// full of idle objects is dropped without stopping anyone. Returns whether any came
+    /// back.
+    #[cold]
+    fn reclaim_spare_credit(&self) -> bool {
+        let buckets: Vec<&Local<T>> = self.locals.iter().map(|padded| &**padded).collect();
+        let idle = buckets.iter().map(|local| local.idle.load(Ordering::Relaxed)).sum::<usize>();
+        if self.shared.len().saturating_add(idle) >= self.max_total {
+            return false;
+        }
+        let cells: Vec<_> = buckets.iter().map(|local| &local.owned).collect();
+        let mut spare = 0;
+        self.steal_lock.steal(&cells, |_, owned| spare += owned.take_credit());
+        self.shared.release(spare);
+        spare > 0
     }
 
     /// Keeps `value` in the shared store if the total bound allows; a return that reaches
