@@ -217,6 +217,7 @@ impl<T: Element> Buffer<T> {
     }
 
     /// Whether the memory is device memory the host reaches only through copies.
+    #[inline]
     fn is_device_only(&self) -> bool {
         self.block.mem.host.is_none()
     }
@@ -333,13 +334,14 @@ impl<T: Element> Buffer<T> {
 
     /// The host address of the elements, for host-addressable memory, after any device work
     /// that a raw handle may have enqueued on it.
+    #[inline]
     fn host_ptr(&self) -> Result<NonNull<T>> {
         let host = self
             .block
             .mem
             .host
             .map(NonNull::cast)
-            .ok_or(Error::NotHostAddressable { device: self.device() })?;
+            .ok_or_else(|| Error::NotHostAddressable { device: self.device() })?;
         if self.block.coherence.device_pending.load(Ordering::Acquire) {
             let pool = &self.block.pool;
             if let Some(queue) = self.queue()? {
@@ -398,6 +400,7 @@ impl<T: Element> Buffer<T> {
 
     /// The elements, read in place (zero-copy) from host-addressable memory, or from the
     /// host mirror of device memory (made, by one copy, if the host side is stale).
+    #[inline]
     pub fn as_slice(&self) -> Result<&[T]> {
         if self.is_device_only() {
             let bytes = self.size_in_bytes();
@@ -414,6 +417,7 @@ impl<T: Element> Buffer<T> {
     /// The elements, written in place (zero-copy) in host-addressable memory, or in the
     /// host mirror of device memory (synchronised first if stale), which then counts as
     /// newer than the device.
+    #[inline]
     pub fn as_mut_slice(&mut self) -> Result<&mut [T]> {
         if self.is_device_only() {
             self.mirror()?;
