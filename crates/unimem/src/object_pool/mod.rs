@@ -457,7 +457,7 @@ impl<T> ObjectPool<T> {
         // Buckets whose objects are rented out again keep the units that paid for them: if
         // the idle objects leave part of the bound unused, those units come back and the
         // store keeps this object on one of them.
-        if self.reclaim_spare_credit() {
+        if self.reclaim_spare_credit(local) {
             match self.push_shared(value) {
                 Ok(()) => return,
                 Err(back) => value = back,
@@ -468,19 +468,31 @@ impl<T> ObjectPool<T> {
     }
 
     /// Takes back the units of the total bound that buckets hold beyond their idle objects,
-    /// every thread's bucket for a moment under the handoff protocol, but only when the
-    /// idle objects (as last published) leave part of the bound unused: a return to a pool
-    /// full of idle objects is dropped without stopping anyone. Returns whether any came
-    /// back.
+    /// but only when the idle objects (as last published) leave part of the bound unused:
+    /// a return to a pool full of idle objects is dropped without stopping anyone. This
+    /// thread's bucket gives its units through its owner's side, with no barrier; the
+    /// other threads' buckets are stopped for a moment under the handoff protocol, with
+    /// one. Returns whether any came back. Called only outside this thread's owner section.
     #[cold]
-    fn reclaim_spare_credit(&self) -> bool {
-        let buckets: Vec<&Local<T>> = self.locals.iter().map(|padded| &**padded).collect();
-        let idle = buckets.iter().map(|local| local.idle.load(Ordering::Relaxed)).sum::<usize>();
+    fn reclaim_spare_credit(&self, local: Option<&Local<T>>) -> bool {
+        let idle = self.locals.iter().map(|padded| padded.idle.load(Ordering::Relaxed)).sum::<usize>();
         if self.shared.len().saturating_add(idle) >= self.max_total {
             return false;
         }
-        let cells: Vec<_> = buckets.iter().map(|local| &local.owned).collect();
         let mut spare = 0;
+        if let Some(local) = local {
+            // SAFETY: this thread's bucket, from outside its owner section; `take_credit`
+            // does not re-enter the pool.
+            spare += unsafe { local.owned.owner(Owned::take_credit) }.unwrap_or(0);
+        }
+        let mine = local.map(std::ptr::from_ref);
+        let cells: Vec<_> = self
+            .locals
+            .iter()
+            .map(|padded| &**padded)
+            .filter(|other| Some(std::ptr::from_ref(*other)) != mine)
+            .map(|other| &other.owned)
+            .collect();
         self.steal_lock.steal(&cells, |_, owned| spare += owned.take_credit());
         self.shared.release(spare);
         spare > 0

@@ -949,32 +949,41 @@ impl DevicePool {
 
     /// Gives back credit that no held block uses, to make room for a block of `class`: that
     /// of every class's shared store, and that of caches. Under the class bound only the
-    /// class's own counts, and it is taken from other threads' caches (this thread's is the
-    /// one that just could not grow). Under the total bound every class's credit counts, so
-    /// it is taken from every cache, this thread's too: a thread whose blocks are out again
-    /// keeps their credit, and would otherwise shut every other class out of a pool that
-    /// holds nothing. Returns whether there was any. It locks each store in turn and stops
-    /// the caches' owners for a moment: a cost paid only by a return that found the bounds
-    /// reached, and that is otherwise freed.
+    /// class's own counts; under the total bound every class's does (a thread whose blocks
+    /// are out again keeps their credit, and would otherwise shut every other class out of
+    /// a pool that holds nothing). This thread's cache gives its spare credit through its
+    /// owner's side, with no barrier; other threads' caches are stopped for a moment, with
+    /// one, and only those that published some spare credit. Returns whether there was any.
+    /// A cost paid only by a return that found the bounds reached, and is otherwise freed.
+    ///
+    /// Called only outside this thread's owner section (a return, after `keep`).
     #[cold]
     fn reclaim_spare_credit(&self, class: usize) -> bool {
         let mut reclaimed = self.reclaim_store_credit();
         let size = to_u64(self.classes.size_of(class));
         let total = self.total_budget.load(Relaxed).saturating_add(size) > self.limits.total;
-        let (cells, bodies) = if total {
-            self.all_caches(Body::has_any_spare_credit)
-        } else {
-            self.other_caches(|body| body.has_spare_credit(class))
-        };
         let mut spare = vec![0; self.classes.count()];
-        self.steal_lock.steal(&cells, |n, stacks| {
+        let mut take = |body: &Body, stacks: &mut [CacheClass]| {
             for (c, slot) in stacks.iter_mut().enumerate().filter(|&(c, _)| total || c == class) {
                 if let Some(spare) = spare.get_mut(c) {
                     *spare += u64::from(slot.take_spare_credit());
                 }
-                bodies[n].publish(c, slot);
+                body.publish(c, slot);
             }
-        });
+        };
+        if let Some(body) = self.my_cache() {
+            // SAFETY: this thread's own cache, from outside its owner section (see above);
+            // `take` does not re-enter the pool's caches. A stealer holding it now means
+            // this cache gives nothing this time.
+            unsafe { body.stacks.owner(|stacks| take(body, stacks)) };
+        }
+        let (cells, bodies) =
+            self.other_caches(
+                |body| {
+                    if total { body.has_any_spare_credit() } else { body.has_spare_credit(class) }
+                },
+            );
+        self.steal_lock.steal(&cells, |n, stacks| take(bodies[n], stacks));
         for (c, blocks) in spare.into_iter().enumerate() {
             self.release_budget(c, blocks);
             reclaimed |= blocks > 0;
