@@ -9,7 +9,7 @@ use std::time::Duration;
 use unimem::{AllocationMode, DeviceInfo, MemoryManager};
 
 use super::measure::{Figure, Sampling};
-use super::raw::{HostAllocator, Malloc, Mimalloc, RawAllocator as _};
+use super::raw::{HostAllocator, Malloc, Mimalloc, RawAllocator as _, null};
 use super::report::Row;
 
 /// The harness of the criterion benches' pipeline groups, so that both measure alike.
@@ -52,10 +52,7 @@ fn raw_pipeline<H: HostAllocator>(host: &H, sampling: &Sampling, bytes: usize) -
                 unsafe { host.free_raw(ptr, bytes) };
             }
         });
-        if failed {
-            anyhow::bail!("{}({bytes}) returned null", host.name());
-        }
-        Ok(result)
+        if failed { Err(null(host, bytes)) } else { Ok(result) }
     })
 }
 

@@ -258,7 +258,7 @@ impl HostAllocator for Mimalloc {
 }
 
 /// The error of a host allocator that returned null in a timed loop.
-fn null(host: &impl HostAllocator, bytes: usize) -> anyhow::Error {
+pub fn null(host: &impl HostAllocator, bytes: usize) -> anyhow::Error {
     anyhow::anyhow!("{}({bytes}) returned null", host.name())
 }
 

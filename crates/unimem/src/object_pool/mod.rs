@@ -470,9 +470,9 @@ impl<T> ObjectPool<T> {
     /// Takes back the units of the total bound that buckets hold beyond their idle objects,
     /// but only when the idle objects (as last published) leave part of the bound unused:
     /// a return to a pool full of idle objects is dropped without stopping anyone. This
-    /// thread's bucket gives its units through its owner's side, with no barrier; the
-    /// other threads' buckets are stopped for a moment under the handoff protocol, with
-    /// one. Returns whether any came back. Called only outside this thread's owner section.
+    /// thread's bucket gives its units first, through its owner's side, with no barrier;
+    /// only if it has none are the other threads' buckets stopped for a moment under the
+    /// handoff protocol, with one. Returns whether any came back. Called only outside this thread's owner section.
     #[cold]
     fn reclaim_spare_credit(&self, local: Option<&Local<T>>) -> bool {
         let idle = self.locals.iter().map(|padded| padded.idle.load(Ordering::Relaxed)).sum::<usize>();
@@ -484,6 +484,11 @@ impl<T> ObjectPool<T> {
             // SAFETY: this thread's bucket, from outside its owner section; `take_credit`
             // does not re-enter the pool.
             spare += unsafe { local.owned.owner(Owned::take_credit) }.unwrap_or(0);
+        }
+        if spare > 0 {
+            // Enough for the one object: no other thread is stopped.
+            self.shared.release(spare);
+            return true;
         }
         let mine = local.map(std::ptr::from_ref);
         let cells: Vec<_> = self

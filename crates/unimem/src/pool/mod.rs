@@ -977,12 +977,9 @@ impl DevicePool {
             // this cache gives nothing this time.
             unsafe { body.stacks.owner(|stacks| take(body, stacks)) };
         }
-        let (cells, bodies) =
-            self.other_caches(
-                |body| {
-                    if total { body.has_any_spare_credit() } else { body.has_spare_credit(class) }
-                },
-            );
+        let wanted =
+            |body: &Body| if total { body.has_any_spare_credit() } else { body.has_spare_credit(class) };
+        let (cells, bodies) = self.other_caches(wanted);
         self.steal_lock.steal(&cells, |n, stacks| take(bodies[n], stacks));
         for (c, blocks) in spare.into_iter().enumerate() {
             self.release_budget(c, blocks);
