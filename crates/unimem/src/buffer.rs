@@ -1,6 +1,9 @@
 //! `Buffer<T>`: one typed allocation on one device.
 
+mod coherence;
 mod view;
+
+pub(crate) use coherence::Coherence;
 
 pub use view::{BufferView, BufferViewMut, Mapping};
 
@@ -15,8 +18,7 @@ use std::marker::PhantomData;
 use std::mem::ManuallyDrop;
 use std::ops::{Bound, Range, RangeBounds};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 /// One end of a transfer, as the transfer engine sees it before it commits to a path.
 #[derive(Clone, Copy, Debug)]
@@ -88,38 +90,6 @@ pub struct Buffer<T: Element> {
     block: ManuallyDrop<Box<Block>>,
     len: usize,
     _element: PhantomData<T>,
-}
-
-/// The coherence state of the buffer that owns a block. Every field is at its default for a
-/// block in a pool: a buffer drop that finds it otherwise takes the slow path, which resets
-/// it (and drops the mirror) before the block goes back.
-#[derive(Default)]
-pub(crate) struct Coherence {
-    /// Device memory only: the host copy, present once the host has looked.
-    mirror: OnceLock<HostMirror>,
-    /// Device memory only: the mirror holds writes the device has not seen.
-    host_newer: bool,
-    /// Host-visible device memory (pinned, unified) only: a raw handle was given out, so
-    /// device work may use the memory; the next host access waits for it first.
-    device_pending: AtomicBool,
-    /// The last use of the memory by a caller's queue, recorded when its raw-access guard
-    /// dropped: unimem's queue is ordered after it before unimem next uses the memory, and
-    /// before the memory goes back to its pool.
-    last_use: Option<Fence>,
-    /// `last_use` is a fence that unimem's queue is not yet ordered after.
-    last_use_pending: AtomicBool,
-}
-
-impl Coherence {
-    /// Whether anything is recorded: a mirror, device work to wait for, a caller's last use.
-    #[inline(always)]
-    fn in_use(&mut self) -> bool {
-        self.last_use.is_some()
-            || *self.last_use_pending.get_mut()
-            || *self.device_pending.get_mut()
-            || self.host_newer
-            || self.mirror.get_mut().is_some()
-    }
 }
 
 /// Checks that `offset..offset + len` lies within `buffer_len` elements.
@@ -207,8 +177,7 @@ impl<T: Element> Buffer<T> {
         match (self.device(), self.block.mem.host) {
             (DeviceId::CPU, _) => Location::Host,
             (_, Some(_)) => Location::Both,
-            (_, None) => match (self.block.coherence.mirror.get().is_some(), self.block.coherence.host_newer)
-            {
+            (_, None) => match (self.block.coherence.mirror().is_some(), self.block.coherence.host_newer()) {
                 (false, _) => Location::Device,
                 (true, false) => Location::Both,
                 (true, true) => Location::Host,
@@ -226,11 +195,11 @@ impl<T: Element> Buffer<T> {
     /// the last use of the memory by a caller's queue (enqueued, not waited for).
     fn ops(&self) -> Result<&dyn Backend> {
         let pool = &self.block.pool;
-        if self.block.coherence.last_use_pending.load(Ordering::Acquire) {
-            if let (Some(fence), Some(queue)) = (&self.block.coherence.last_use, pool.queue()) {
+        if self.block.coherence.last_use_pending() {
+            if let (Some(fence), Some(queue)) = (self.block.coherence.last_use(), pool.queue()) {
                 queue.order_after(fence).map_err(Error::on(pool.device))?;
             }
-            self.block.coherence.last_use_pending.store(false, Ordering::Release);
+            self.block.coherence.last_use_ordered();
         }
         Ok(pool.backend())
     }
@@ -250,7 +219,7 @@ impl<T: Element> Buffer<T> {
 
     /// The host mirror, made (one copy from the device) if there is none.
     fn mirror(&self) -> Result<&HostMirror> {
-        if let Some(mirror) = self.block.coherence.mirror.get() {
+        if let Some(mirror) = self.block.coherence.mirror() {
             return Ok(mirror);
         }
         let bytes = self.size_in_bytes();
@@ -264,30 +233,29 @@ impl<T: Element> Buffer<T> {
             pool.count_sync(true);
         }
         // A thread that raced us read the same device contents (device writes need `&mut`).
-        Ok(self.block.coherence.mirror.get_or_init(|| mirror))
+        Ok(self.block.coherence.init_mirror(mirror))
     }
 
     /// Makes the device side current: writes the mirror back if the host side is newer.
     fn flush(&mut self) -> Result<()> {
-        if !self.block.coherence.host_newer {
+        if !self.block.coherence.host_newer() {
             return Ok(());
         }
         let bytes = self.size_in_bytes();
-        if let Some(mirror) = self.block.coherence.mirror.get().filter(|_| bytes > 0) {
+        if let Some(mirror) = self.block.coherence.mirror().filter(|_| bytes > 0) {
             let pool = &self.block.pool;
             // SAFETY: as in `mirror`.
             unsafe { self.ops()?.write(&self.block.mem, 0, mirror.bytes(bytes)) }
                 .map_err(Error::on(pool.device))?;
             pool.count_sync(false);
         }
-        self.block.coherence.host_newer = false;
+        self.block.coherence.set_host_newer(false);
         Ok(())
     }
 
     /// Forgets the host mirror: the device is about to change the contents.
     fn invalidate_mirror(&mut self) {
-        self.block.coherence.mirror = OnceLock::new();
-        self.block.coherence.host_newer = false;
+        self.block.coherence.drop_mirror();
     }
 
     /// The memory, for the backend's own interop code.
@@ -324,8 +292,7 @@ impl<T: Element> Buffer<T> {
         allow(dead_code, reason = "used by the OpenCL and CUDA backends")
     )]
     pub(crate) fn record_last_use(&mut self, fence: Fence) {
-        self.block.coherence.last_use = Some(fence);
-        *self.block.coherence.last_use_pending.get_mut() = true;
+        self.block.coherence.set_last_use(Some(fence));
     }
 
     pub(crate) fn manager_id(&self) -> u64 {
@@ -342,12 +309,12 @@ impl<T: Element> Buffer<T> {
             .host
             .map(NonNull::cast)
             .ok_or_else(|| Error::NotHostAddressable { device: self.device() })?;
-        if self.block.coherence.device_pending.load(Ordering::Acquire) {
+        if self.block.coherence.device_pending() {
             let pool = &self.block.pool;
             if let Some(queue) = self.queue()? {
                 queue.before_host_access(&self.block.mem, pool.kind).map_err(Error::on(pool.device))?;
             }
-            self.block.coherence.device_pending.store(false, Ordering::Release);
+            self.block.coherence.device_done();
         }
         Ok(host)
     }
@@ -373,7 +340,7 @@ impl<T: Element> Buffer<T> {
         if let Some(queue) = pool.queue() {
             queue.before_device_access(&self.block.mem, pool.kind).map_err(Error::on(pool.device))?;
         }
-        *self.block.coherence.device_pending.get_mut() = true;
+        self.block.coherence.mark_device_pending_mut();
         Ok(())
     }
 
@@ -387,8 +354,7 @@ impl<T: Element> Buffer<T> {
         if access != MapMode::Read {
             self.invalidate_mirror();
         }
-        self.block.coherence.last_use = last_use;
-        *self.block.coherence.last_use_pending.get_mut() = self.block.coherence.last_use.is_some();
+        self.block.coherence.set_last_use(last_use);
     }
 
     /// The device side was written through a raw pointer lent for reading only (cudarc's
@@ -441,7 +407,7 @@ impl<T: Element> Buffer<T> {
     /// is unchanged then.
     pub async fn copy_from(&mut self, src: &[T], offset: usize) -> Result<()> {
         check_range(offset, src.len(), self.len)?;
-        if src.is_empty() || !self.is_device_only() || self.block.coherence.host_newer {
+        if src.is_empty() || !self.is_device_only() || self.block.coherence.host_newer() {
             return self.copy_from_blocking(src, offset);
         }
         let device = self.device();
@@ -460,7 +426,7 @@ impl<T: Element> Buffer<T> {
         if src.is_empty() {
             return Ok(());
         }
-        if self.is_device_only() && !self.block.coherence.host_newer {
+        if self.is_device_only() && !self.block.coherence.host_newer() {
             let pool = &self.block.pool;
             let at = offset * size_of::<T>();
             // SAFETY: device memory of this pool's backend; `check_range` bounds the range.
@@ -486,7 +452,7 @@ impl<T: Element> Buffer<T> {
     /// unchanged then.
     pub async fn copy_to(&self, dst: &mut [T], offset: usize) -> Result<()> {
         check_range(offset, dst.len(), self.len)?;
-        if dst.is_empty() || !self.is_device_only() || self.block.coherence.mirror.get().is_some() {
+        if dst.is_empty() || !self.is_device_only() || self.block.coherence.mirror().is_some() {
             return self.copy_to_blocking(dst, offset);
         }
         let device = self.device();
@@ -504,7 +470,7 @@ impl<T: Element> Buffer<T> {
     /// written there.
     fn write_mirror(&mut self, src: &[T], offset: usize) {
         let bytes = self.size_in_bytes();
-        if let Some(mirror) = self.block.coherence.mirror.get_mut() {
+        if let Some(mirror) = self.block.coherence.mirror_mut() {
             let at = offset * size_of::<T>();
             mirror.bytes_mut(bytes)[at..at + size_of_val(src)].copy_from_slice(bytemuck::cast_slice(src));
         }
@@ -516,7 +482,7 @@ impl<T: Element> Buffer<T> {
         if dst.is_empty() {
             return Ok(());
         }
-        if self.is_device_only() && self.block.coherence.mirror.get().is_none() {
+        if self.is_device_only() && self.block.coherence.mirror().is_none() {
             let pool = &self.block.pool;
             // SAFETY: as in `copy_from_blocking`.
             unsafe {
@@ -538,7 +504,7 @@ impl<T: Element> Buffer<T> {
         Shape {
             device: pool.device,
             manager: pool.manager_id,
-            host: !self.is_device_only() || (as_source && self.block.coherence.host_newer),
+            host: !self.is_device_only() || (as_source && self.block.coherence.host_newer()),
             dma: pool.device != DeviceId::CPU && pool.kind == MemoryKind::Pinned,
         }
     }
@@ -553,11 +519,11 @@ impl<T: Element> Buffer<T> {
         if !self.is_device_only() {
             let all: &[u8] = bytemuck::cast_slice(self.as_slice()?);
             if device_use {
-                self.block.coherence.device_pending.store(true, Ordering::Release);
+                self.block.coherence.mark_device_pending();
             }
             return Ok(Side::Host(HostRange(NonNull::from(&all[bytes]))));
         }
-        if self.block.coherence.host_newer {
+        if self.block.coherence.host_newer() {
             let all = self.mirror()?.bytes(self.size_in_bytes());
             return Ok(Side::Host(HostRange(NonNull::from(&all[bytes]))));
         }
@@ -573,14 +539,16 @@ impl<T: Element> Buffer<T> {
         let bytes = range.start * size_of::<T>()..range.end * size_of::<T>();
         if !self.is_device_only() {
             let start = self.host_ptr()?.cast::<u8>();
-            *self.block.coherence.device_pending.get_mut() |= device_use;
+            if device_use {
+                self.block.coherence.mark_device_pending_mut();
+            }
             // SAFETY: `bytes` lies within the `size_in_bytes()` host-addressable bytes at
             // `start` (the caller checked the range; see `as_slice`), so the offset stays in
             // the allocation; only the address is computed, nothing is read.
             let first = unsafe { start.add(bytes.start) };
             return Ok(Side::Host(HostRange(NonNull::slice_from_raw_parts(first, bytes.len()))));
         }
-        if self.block.coherence.host_newer && range.len() < self.len {
+        if self.block.coherence.host_newer() && range.len() < self.len {
             self.flush()?;
         }
         self.ops()?;
@@ -621,10 +589,10 @@ impl<T: Element> Buffer<T> {
                 .map_err(Error::on(self.device()))?;
             if filled {
                 let size = self.size_in_bytes();
-                if let Some(mirror) = self.block.coherence.mirror.get_mut() {
+                if let Some(mirror) = self.block.coherence.mirror_mut() {
                     bytemuck::cast_slice_mut::<u8, T>(mirror.bytes_mut(size))[range].fill(value);
                 }
-                self.block.coherence.host_newer = false;
+                self.block.coherence.set_host_newer(false);
                 return Ok(());
             }
             if range.len() == self.len {
@@ -666,7 +634,7 @@ impl<T: Element> Buffer<T> {
             self.host_ptr()?;
             return Ok(Mapping::new(self, mode, None));
         }
-        if mode == MapMode::Write && self.block.coherence.mirror.get().is_none() {
+        if mode == MapMode::Write && self.block.coherence.mirror().is_none() {
             // The zeroed contents stay the guard's until it is written and dropped.
             let scratch = self.new_mirror()?;
             return Ok(Mapping::new(self, mode, Some(scratch)));
@@ -678,15 +646,14 @@ impl<T: Element> Buffer<T> {
     /// Installs a written [`MapMode::Write`] mapping's contents as the host side, newer
     /// than the device.
     pub(crate) fn install_mirror(&mut self, mirror: HostMirror) {
-        self.block.coherence.mirror = OnceLock::from(mirror);
-        self.block.coherence.host_newer = true;
+        self.block.coherence.install_mirror(mirror);
     }
 
     /// The mirror of device memory, marked newer than the device. Call after `mirror()`.
     fn mirror_mut(&mut self) -> &mut [u8] {
-        self.block.coherence.host_newer = true;
+        self.block.coherence.set_host_newer(true);
         let bytes = self.size_in_bytes();
-        match self.block.coherence.mirror.get_mut() {
+        match self.block.coherence.mirror_mut() {
             Some(mirror) => mirror.bytes_mut(bytes),
             None => &mut [],
         }
@@ -725,8 +692,8 @@ impl<T: Element> Buffer<T> {
     fn drop_slow(&mut self) {
         // Enqueued, not waited for: the block's fence (or the stream order) then keeps its
         // next user after the caller's streams.
-        let unordered = *self.block.coherence.last_use_pending.get_mut() && self.ops().is_err();
-        if *self.block.coherence.device_pending.get_mut() {
+        let unordered = self.block.coherence.last_use_pending() && self.ops().is_err();
+        if self.block.coherence.device_pending() {
             let pool = &self.block.pool;
             // An error leaves the memory with the device; freeing it still works.
             let _ = pool.queue().map(|queue| queue.return_to_host(&self.block.mem, pool.kind));
@@ -734,7 +701,7 @@ impl<T: Element> Buffer<T> {
         // SAFETY: `drop` runs once and `block` is not used after it is taken.
         let mut block = unsafe { ManuallyDrop::take(&mut self.block) };
         // The block's next user starts from a clean state (the mirror is freed here).
-        let last_use = std::mem::take(&mut block.coherence).last_use;
+        let last_use = block.coherence.reset();
         match last_use.filter(|_| unordered) {
             // Unimem's queue could not be ordered after the caller's last use, which may
             // still run: not pooled, and freed once that use has completed (waited for on

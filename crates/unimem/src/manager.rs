@@ -458,12 +458,13 @@ impl MemoryManager {
         len: usize,
         mode: AllocationMode,
     ) -> Option<Box<Block>> {
-        // The same checks as `byte_len`, with no error built (they are constants but one).
+        // The checks of `byte_len`, with no error built: constants but the product, whose
+        // bound (`isize::MAX`) the size classes' own (a hit is at most the largest class)
+        // makes for it.
         if size_of::<T>() == 0 || align_of::<T>() > ALIGN {
             return None;
         }
-        let bytes = len.checked_mul(size_of::<T>()).filter(|&b| b <= isize::MAX as usize)?;
-        self.take_cached(device, bytes, mode)
+        self.take_cached(device, len.checked_mul(size_of::<T>())?, mode)
     }
 
     /// A block of `bytes` from this thread's cache of the pool of (`device`, `mode`), made

@@ -9,6 +9,7 @@
 //! back to the pool's shared store when it exits.
 
 use super::Block;
+use super::size_class::SizeClasses;
 use crate::handoff::Handoff;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering::Relaxed};
@@ -187,11 +188,16 @@ pub(crate) struct Body {
     /// The thread (`thread_slots::thread_id`) that asked to hear of its exit last: a slot
     /// passes to a new thread when its old one exits, and each must ask.
     pub(crate) hooked: AtomicU64,
+    /// The pool's size classes, copied here: a return finds its class from the buffer's
+    /// size with what the thread reaches anyway (see `DevicePool::keep_fast`).
+    pub(crate) sizes: SizeClasses,
 }
 
 impl Body {
-    fn new(classes: usize) -> Self {
+    fn new(sizes: &SizeClasses) -> Self {
+        let classes = sizes.count();
         Body {
+            sizes: sizes.clone(),
             stacks: Handoff::new((0..classes).map(|_| CacheClass::default()).collect()),
             held: (0..classes).map(|_| AtomicU8::new(0)).collect(),
             credit: (0..classes).map(|_| AtomicU8::new(0)).collect(),
@@ -302,7 +308,7 @@ impl Cache {
     }
 
     /// The contents, made now if needed (by the owner).
-    pub(crate) fn body_or_init(&self, classes: usize) -> &Body {
-        self.body.get_or_init(|| Body::new(classes))
+    pub(crate) fn body_or_init(&self, sizes: &SizeClasses) -> &Body {
+        self.body.get_or_init(|| Body::new(sizes))
     }
 }

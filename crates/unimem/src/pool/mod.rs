@@ -688,12 +688,17 @@ impl DevicePool {
         if pool.fenced {
             return Some(block);
         }
-        let (Some(class), Some(body)) =
-            (block.class, pool.caches.current_cached().and_then(|cache| cache.body()))
-        else {
+        let Some(body) = pool.caches.current_cached().and_then(|cache| cache.body()) else {
             return Some(block);
         };
-        let class = class as usize;
+        // The class, from the buffer's size rather than from the block: a loop that frees
+        // what it allocated then waits for no load through the block's pointer (a chain of
+        // dependent loads from one allocation to the next) before it reaches its slot.
+        // Checking the block's own class is only a branch.
+        let Some(class) = body.sizes.class_of(requested) else { return Some(block) };
+        if block.class != Some(class as u32) {
+            return Some(block);
+        }
         let mut block = Some(block);
         // SAFETY: as in `acquire_fast`; `keep` does not re-enter the pool's caches.
         let kept = unsafe {
@@ -901,7 +906,7 @@ impl DevicePool {
     /// Makes this thread's cache if it has none yet, and asks to hear when the thread exits.
     fn init_cache(self: &Arc<Self>) {
         let Some(cache) = self.caches.current() else { return };
-        let body = cache.body_or_init(self.classes.count());
+        let body = cache.body_or_init(&self.classes);
         let me = crate::thread_slots::thread_id();
         // Only this slot's owner writes it (as for the cache itself).
         if body.hooked.load(Relaxed) != me {
@@ -1430,6 +1435,25 @@ mod tests {
             "the block stays in this thread's cache"
         );
         assert_eq!(super::lock(&pool.shared[class]).blocks.len(), 3);
+    }
+
+    /// The hit path of a return finds the class from the buffer's size; a block whose own
+    /// class is another one still goes back to its own class (through the slow path).
+    #[test]
+    fn a_return_whose_size_names_another_class_goes_back_to_the_blocks_own() {
+        let manager = MemoryManager::new();
+        let pool = manager.pool(DeviceId::CPU, AllocationMode::Pooled).unwrap();
+        let (small, large) = (pool.classes.class_of(1024).unwrap(), pool.classes.class_of(4096).unwrap());
+        // Both classes allocated once by this thread, so that its cache keeps either; the
+        // small class's block is out again, so its slot has room.
+        drop(manager.allocate::<u8>(1024, AllocationMode::Pooled).unwrap());
+        drop(manager.allocate::<u8>(4096, AllocationMode::Pooled).unwrap());
+        let out = manager.allocate::<u8>(1024, AllocationMode::Pooled).unwrap();
+        let Ok(block) = pool.acquire(4096, true) else { panic!("a 4 KiB block") };
+        block.recycle(1024);
+        let held = |class| pool.my_cache().map(|body| body.held(class));
+        assert_eq!((held(small), held(large)), (Some(0), Some(1)));
+        drop(out);
     }
 
     /// ... but a thread that no longer allocates the class, only frees it (it allocated it
