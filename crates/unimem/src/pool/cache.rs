@@ -154,24 +154,22 @@ impl CacheClass {
 
 /// Counters of the operations done through one cache, written by its owner only (a load and
 /// a store: no read-modify-write) and read by anyone. Buffers may be rented through one
-/// cache and returned through another, so the signed ones are only meaningful summed.
+/// cache and returned through another, so `requested` is only meaningful summed. Live
+/// buffers and their bytes are not counted here but found from what the pool holds (see
+/// `DevicePool::statistics`): a hit and its return write two counters, not six.
 #[derive(Default)]
 pub(crate) struct CacheCounters {
     pub hits: AtomicU64,
-    pub live: AtomicI64,
-    pub live_bytes: AtomicI64,
     pub requested: AtomicI64,
 }
 
 impl CacheCounters {
-    /// Counts a buffer handed out (`sign = 1`) or returned (`sign = -1`) through the cache.
-    /// Only the owner calls it.
+    /// Counts a buffer of `requested` bytes handed out (`sign = 1`) or returned (`sign = -1`)
+    /// through the cache. Only the owner calls it.
     #[inline(always)]
-    fn count(&self, sign: i64, cap: usize, requested: usize) {
-        let add = |counter: &AtomicI64, n: i64| counter.store(counter.load(Relaxed).wrapping_add(n), Relaxed);
-        add(&self.live, sign);
-        add(&self.live_bytes, sign.wrapping_mul(cap as i64));
-        add(&self.requested, sign.wrapping_mul(requested as i64));
+    fn count(&self, sign: i64, requested: usize) {
+        let counter = &self.requested;
+        counter.store(counter.load(Relaxed).wrapping_add(sign.wrapping_mul(requested as i64)), Relaxed);
     }
 }
 
@@ -219,23 +217,22 @@ impl Body {
         let block = slot.pop()?;
         slot.rents = slot.rents.wrapping_add(1);
         self.publish_len(class, slot);
-        self.count_hit(block.capacity(), requested);
+        self.count_hit(requested);
         Some(block)
     }
 
-    /// Counts a return of a block of `cap` bytes for a buffer of `requested` that does not
-    /// stay in this cache; only the owner calls it.
-    pub(crate) fn count_return(&self, cap: usize, requested: usize) {
-        self.counters.count(-1, cap, requested);
+    /// Counts a return of a buffer of `requested` bytes whose block does not stay in this
+    /// cache; only the owner calls it.
+    pub(crate) fn count_return(&self, requested: usize) {
+        self.counters.count(-1, requested);
     }
 
-    /// Counts a hit, of a block of `cap` bytes for a buffer of `requested`; only the owner
-    /// calls it.
+    /// Counts a hit, for a buffer of `requested` bytes; only the owner calls it.
     #[inline(always)]
-    pub(crate) fn count_hit(&self, cap: usize, requested: usize) {
+    pub(crate) fn count_hit(&self, requested: usize) {
         let c = &self.counters;
         c.hits.store(c.hits.load(Relaxed) + 1, Relaxed);
-        c.count(1, cap, requested);
+        c.count(1, requested);
     }
 
     /// [`pop`](Self::pop), for a hit path: only a block with no fence to wait for (a fenced
@@ -254,11 +251,11 @@ impl Body {
     }
 
     /// Counts a block pushed into `slot` (class `class`) by the owner, for a buffer of
-    /// `requested` bytes and capacity `cap`.
+    /// `requested` bytes.
     #[inline(always)]
-    pub(crate) fn pushed(&self, class: usize, slot: &CacheClass, cap: usize, requested: usize) {
+    pub(crate) fn pushed(&self, class: usize, slot: &CacheClass, requested: usize) {
         self.publish_len(class, slot);
-        self.counters.count(-1, cap, requested);
+        self.counters.count(-1, requested);
     }
 
     /// Publishes the length of `slot`; called by whoever holds the stacks.

@@ -180,8 +180,11 @@ struct Counters {
     held: AtomicU64,
     /// Bytes waiting for their last device use before they are freed.
     pending_free: AtomicU64,
-    live: AtomicI64,
-    live_bytes: AtomicI64,
+    /// Blocks held from the backend (as `held`) and waiting to be freed (as
+    /// `pending_free`): with the pooled ones, they give the live buffers, which are not
+    /// counted one by one (see `statistics`).
+    blocks: AtomicU64,
+    pending_blocks: AtomicU64,
     requested: AtomicI64,
 }
 
@@ -457,9 +460,9 @@ impl DevicePool {
             // rather than with read-modify-writes on the pool's lines, which a pipeline's
             // other thread writes too.
             match self.my_cache() {
-                Some(body) => body.count_hit(cap, bytes),
+                Some(body) => body.count_hit(bytes),
                 None => {
-                    self.count_live(1, cap, bytes);
+                    self.count_requested(1, bytes);
                     self.counters.hits.fetch_add(1, Relaxed);
                 }
             }
@@ -490,7 +493,7 @@ impl DevicePool {
         let waited = block.fence.as_ref().map_or(Ok(()), Fence::wait);
         if let Err(e) = waited {
             // The memory's state is unknown: the block is retired with its fence.
-            self.count_live(-1, block.capacity(), requested);
+            self.count_requested(-1, requested);
             block.retire();
             return Err(AcquireError::Backend(e));
         }
@@ -513,8 +516,11 @@ impl DevicePool {
         }
         match self.backend.allocate(cap, self.kind) {
             Ok(mem) => {
-                self.count_held(cap);
-                self.count_live(1, cap, requested);
+                self.count_held(mem.bytes);
+                self.count_requested(1, requested);
+                // A pooled block's capacity is its class's size, which the statistics count
+                // it as while it is pooled; memory of another size is not pooled.
+                let class = class.filter(|_| mem.bytes == cap);
                 Ok(Box::new(Block {
                     mem,
                     class,
@@ -545,7 +551,7 @@ impl DevicePool {
         self.counters.reserved.fetch_add(to_u64(cap), Relaxed);
         self.count_held(cap);
         self.counters.unpooled.fetch_add(1, Relaxed);
-        self.count_live(1, cap, requested);
+        self.count_requested(1, requested);
         Box::new(Block {
             mem,
             class: None,
@@ -573,9 +579,10 @@ impl DevicePool {
         }
     }
 
-    /// Counts `bytes` more held from the backend, raising the peak: only memory really held
-    /// counts towards it, never a reservation that the backend then refused.
+    /// Counts a block of `bytes` more held from the backend, raising the peak: only memory
+    /// really held counts towards it, never a reservation that the backend then refused.
     fn count_held(&self, bytes: usize) {
+        self.counters.blocks.fetch_add(1, Relaxed);
         let held = self.counters.held.fetch_add(to_u64(bytes), Relaxed).saturating_add(to_u64(bytes));
         self.counters.peak.fetch_max(held, Relaxed);
     }
@@ -592,7 +599,7 @@ impl DevicePool {
         let block = {
             let mut deferred = lock(&self.deferred);
             if !self.closed.load(Relaxed) {
-                self.counters.pending_free.fetch_add(to_u64(block.capacity()), Relaxed);
+                self.count_pending(&block, 1);
                 deferred.push(block);
                 return;
             }
@@ -624,7 +631,7 @@ impl DevicePool {
             done
         };
         for block in done {
-            self.counters.pending_free.fetch_sub(to_u64(block.capacity()), Relaxed);
+            self.count_pending(&block, -1);
             drop(block);
         }
     }
@@ -638,11 +645,23 @@ impl DevicePool {
         }
     }
 
-    fn count_live(&self, buffers: i64, cap: usize, requested: usize) {
+    /// Counts a buffer of `requested` bytes made (`sign = 1`) or gone (`sign = -1`) outside
+    /// any cache.
+    pub(crate) fn count_requested(&self, sign: i64, requested: usize) {
+        self.counters.requested.fetch_add(sign * to_i64(requested), Relaxed);
+    }
+
+    /// Counts `block` as waiting to be freed (`sign = 1`), or no longer (`sign = -1`).
+    pub(crate) fn count_pending(&self, block: &Block, sign: i64) {
         let c = &self.counters;
-        c.live.fetch_add(buffers, Relaxed);
-        c.live_bytes.fetch_add(buffers * to_i64(cap), Relaxed);
-        c.requested.fetch_add(buffers * to_i64(requested), Relaxed);
+        let bytes = to_u64(block.capacity());
+        if sign > 0 {
+            c.pending_free.fetch_add(bytes, Relaxed);
+            c.pending_blocks.fetch_add(1, Relaxed);
+        } else {
+            c.pending_free.fetch_sub(bytes, Relaxed);
+            c.pending_blocks.fetch_sub(1, Relaxed);
+        }
     }
 
     /// Claims budget for `blocks` blocks of `class`, against the class and the total bound.
@@ -767,7 +786,6 @@ impl DevicePool {
         if grow && slot.len() == slot.credit {
             self.grow_credit(body, slot, class);
         }
-        let cap = taken.capacity();
         match slot.push_credited(taken) {
             Ok(()) => {
                 if under_demand {
@@ -776,7 +794,7 @@ impl DevicePool {
                 if withdraw && let Some(demand) = self.demand.get(class) {
                     let _ = demand.fetch_update(Relaxed, Relaxed, |d| d.checked_sub(1));
                 }
-                body.pushed(class, slot, cap, requested);
+                body.pushed(class, slot, requested);
                 true
             }
             Err(taken) => {
@@ -796,7 +814,7 @@ impl DevicePool {
         // SAFETY: the caller guarantees that `pool` is valid for as long as we use it.
         let pool = unsafe { &*pool };
         let Some(class) = block.class.map(|c| c as usize) else {
-            pool.count_live(-1, block.capacity(), requested);
+            pool.count_requested(-1, requested);
             return Some(block);
         };
         let mut body = pool.my_cache();
@@ -851,8 +869,8 @@ impl DevicePool {
     #[inline(never)]
     fn store_shared(&self, block: Box<Block>, class: usize, requested: usize) -> Option<Box<Block>> {
         match self.my_cache() {
-            Some(body) => body.count_return(block.capacity(), requested),
-            None => self.count_live(-1, block.capacity(), requested),
+            Some(body) => body.count_return(requested),
+            None => self.count_requested(-1, requested),
         }
         let Some(shared) = self.shared.get(class) else {
             return Some(block);
@@ -1068,6 +1086,7 @@ impl DevicePool {
         }
         self.counters.reserved.fetch_sub(to_u64(mem.bytes), Relaxed);
         self.counters.held.fetch_sub(to_u64(mem.bytes), Relaxed);
+        self.counters.blocks.fetch_sub(1, Relaxed);
     }
 
     /// Frees pooled blocks, largest classes first, until at most `keep` bytes stay pooled.
@@ -1210,40 +1229,42 @@ impl DevicePool {
             .collect()
     }
 
+    /// The pool's statistics. Live buffers are not counted one by one (a hit and its return
+    /// would write two more counters each): every block held from the backend is live,
+    /// pooled or waiting to be freed, so the live ones are what the other two leave. That
+    /// balance (`allocated + pooled + pending_free == reserved`) is then exact whenever the
+    /// pool is quiet, by construction; while other threads work, the parts are read at
+    /// slightly different instants, as every figure here is.
     pub(crate) fn statistics(&self) -> PoolStatistics {
         self.free_completed();
         let c = &self.counters;
-        let mut sum = Sums {
-            hits: c.hits.load(Relaxed),
-            live: c.live.load(Relaxed),
-            live_bytes: c.live_bytes.load(Relaxed),
-            requested: c.requested.load(Relaxed),
-        };
+        let classes: Vec<ClassOccupancy> = self.occupancy().into_iter().map(|(_, o)| o).collect();
+        let pooled = classes
+            .iter()
+            .map(|o| o.class_bytes * o.buffers)
+            .sum::<u64>()
+            .min(self.total_budget.load(Relaxed));
+        let pooled_blocks: u64 = classes.iter().map(|o| o.buffers).sum();
+        let (held, pending_free) = (c.held.load(Relaxed), c.pending_free.load(Relaxed));
+        let (blocks, pending_blocks) = (c.blocks.load(Relaxed), c.pending_blocks.load(Relaxed));
+        let mut sum = Sums { hits: c.hits.load(Relaxed), requested: c.requested.load(Relaxed) };
         for body in self.caches.iter().filter_map(|cache| cache.body()) {
             let s = &body.counters;
             sum.hits = sum.hits.wrapping_add(s.hits.load(Relaxed));
-            sum.live = sum.live.wrapping_add(s.live.load(Relaxed));
-            sum.live_bytes = sum.live_bytes.wrapping_add(s.live_bytes.load(Relaxed));
             sum.requested = sum.requested.wrapping_add(s.requested.load(Relaxed));
         }
-        let classes: Vec<ClassOccupancy> = self.occupancy().into_iter().map(|(_, o)| o).collect();
-        let nonneg = |v: i64| u64::try_from(v).unwrap_or(0);
         PoolStatistics {
             device: Some(self.device),
             kind: Some(self.kind),
-            allocated: nonneg(sum.live_bytes),
-            pooled: classes
-                .iter()
-                .map(|o| o.class_bytes * o.buffers)
-                .sum::<u64>()
-                .min(self.total_budget.load(Relaxed)),
-            reserved: c.held.load(Relaxed),
-            pending_free: c.pending_free.load(Relaxed),
-            requested: nonneg(sum.requested),
+            allocated: held.saturating_sub(pooled).saturating_sub(pending_free),
+            pooled,
+            reserved: held,
+            pending_free,
+            requested: u64::try_from(sum.requested).unwrap_or(0),
             hits: sum.hits,
             misses: c.misses.load(Relaxed),
             unpooled: c.unpooled.load(Relaxed),
-            active_buffers: nonneg(sum.live),
+            active_buffers: blocks.saturating_sub(pooled_blocks).saturating_sub(pending_blocks),
             peak: c.peak.load(Relaxed),
             trims: c.trims.load(Relaxed),
             trimmed_bytes: c.trimmed_bytes.load(Relaxed),
@@ -1264,8 +1285,6 @@ type Picked<'a> = (Vec<&'a Handoff<Box<[CacheClass]>>>, Vec<&'a Body>);
 /// The pool's counters summed with its caches'.
 struct Sums {
     hits: u64,
-    live: i64,
-    live_bytes: i64,
     requested: i64,
 }
 

@@ -3,8 +3,7 @@
 //! any more to free their deferred blocks), and blocks whose last user's stream could not
 //! be ordered before unimem's.
 
-use super::{Block, to_u64};
-use std::sync::atomic::Ordering::Relaxed;
+use super::Block;
 
 /// Work that waits for a device and then frees memory.
 type ReaperJob = Box<dyn FnOnce() + Send>;
@@ -37,18 +36,17 @@ impl Block {
         requested: usize,
         wait: impl FnOnce(&Block) + Send + 'static,
     ) {
-        self.pool.count_live(-1, self.capacity(), requested);
+        self.pool.count_requested(-1, requested);
         self.free_after(wait);
     }
 
     /// Frees the block on the reaper thread once `wait` has returned there (`wait` blocks
     /// until the device is done with the memory); counted as waiting to be freed until then.
     pub(crate) fn free_after(self: Box<Self>, wait: impl FnOnce(&Block) + Send + 'static) {
-        let bytes = to_u64(self.capacity());
-        self.pool.counters.pending_free.fetch_add(bytes, Relaxed);
+        self.pool.count_pending(&self, 1);
         reap(Box::new(move || {
             wait(&self);
-            self.pool.counters.pending_free.fetch_sub(bytes, Relaxed);
+            self.pool.count_pending(&self, -1);
             drop(self);
         }));
     }
