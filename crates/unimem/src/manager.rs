@@ -475,7 +475,11 @@ impl MemoryManager {
     fn take_cached(&self, device: DeviceId, bytes: usize, mode: AllocationMode) -> Option<Box<Block>> {
         let pool = self.inner.devices.get(device.index())?.pools[kind_of(mode).index()].as_ref()?;
         let mut block = pool.acquire_fast(bytes, mode != AllocationMode::Unpooled)?;
-        block.mode = mode;
+        // Written only when it changes: a loop that allocates one mode finds it set, and a
+        // store on the hit path costs about a cycle.
+        if block.mode != mode {
+            block.mode = mode;
+        }
         Some(block)
     }
 

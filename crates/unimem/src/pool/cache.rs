@@ -17,73 +17,43 @@ use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering::Relaxed};
 /// Blocks one cache keeps per size class.
 pub(crate) const SLOTS: usize = 4;
 
-/// One size class inside a cache.
+/// The owner has allocated the class (since the slot passed to it, or ever).
+const RENTED: u8 = 1 << 0;
+/// The owner has allocated the class since it last kept a block of it under demand.
+const RENTED_SINCE_KEPT: u8 = 1 << 1;
+
+/// One size class inside a cache, without its length (see [`ClassMut`]).
 #[derive(Default)]
 pub(crate) struct CacheClass {
-    /// Blocks held, the newest last; `slots[..len]` are `Some`.
+    /// Blocks held, the newest last; `slots[..len]` are `Some`, the rest `None`.
     slots: [Option<Box<Block>>; SLOTS],
-    len: u8,
     /// Blocks' worth of the pool's budget this cache has claimed for the class; `len <= credit`.
     pub(crate) credit: u8,
-    /// The owner's allocations of the class: hits and the rest (wrapping).
-    rents: u32,
-    /// `rents` when the owner last kept a block of the class under demand.
-    rents_at_return: u32,
+    /// What the owner's allocations of the class say ([`RENTED`], [`RENTED_SINCE_KEPT`]):
+    /// set by every allocation but written only when it changes, so that a hit stores
+    /// nothing here.
+    rents: u8,
     /// Demand for the class that the owner's own allocations raised and that its own
     /// returns have not yet paid (at most the pool's bound on demand).
     owed: u8,
 }
 
 impl CacheClass {
-    /// The newest block held.
-    #[inline(always)]
-    fn top(&self) -> Option<&Block> {
-        self.slots.get(usize::from(self.len).checked_sub(1)?)?.as_deref()
-    }
-
-    #[inline]
-    pub(crate) fn pop(&mut self) -> Option<Box<Block>> {
-        let len = usize::from(self.len).checked_sub(1)?;
-        let block = self.slots.get_mut(len)?.take()?;
-        self.len -= 1;
-        Some(block)
-    }
-
-    /// Pushes `block` if a slot is free and already paid for by credit; gives it back
-    /// otherwise.
-    #[inline]
-    pub(crate) fn push_credited(&mut self, block: Box<Block>) -> Result<(), Box<Block>> {
-        if self.len >= self.credit {
-            return Err(block);
-        }
-        match self.slots.get_mut(usize::from(self.len)) {
-            // Slots past `len` are empty; checking it spares the store a drop of the old value.
-            Some(slot) if slot.is_none() => {
-                *slot = Some(block);
-                self.len += 1;
-                Ok(())
-            }
-            _ => Err(block),
-        }
-    }
-
-    /// For a return of the class under demand: whether it may stay here rather than answer
-    /// the demand. It answers it (`false`) if the class already holds a block, or if the
-    /// owner has allocated none of the class since it last kept one under demand (see the
-    /// pool's module documentation). Only the owner calls it, inside its handoff. It
-    /// changes nothing, so a return that goes on to the slow path is judged the same there.
-    #[inline(always)]
-    pub(crate) fn declines(&self) -> bool {
-        self.len == 0 && self.rented_since_kept()
-    }
-
-    /// Whether the owner has ever allocated the class (false again, for one return, when the
-    /// count wraps after 2^32 allocations). A cache keeps only the classes its thread
+    /// Whether the owner has ever allocated the class. A cache keeps only the classes its thread
     /// allocates: a block of a class it only frees (a pipeline's consumer) could only
     /// wait there for another thread to steal it.
     #[inline(always)]
     pub(crate) fn rented(&self) -> bool {
-        self.rents != 0
+        self.rents & RENTED != 0
+    }
+
+    /// Records an allocation of the class by the owner: a load and, only when something
+    /// changes, a store.
+    #[inline(always)]
+    fn rent(&mut self) {
+        if self.rents != RENTED | RENTED_SINCE_KEPT {
+            self.rents = RENTED | RENTED_SINCE_KEPT;
+        }
     }
 
     /// Records demand for the class raised by an allocation of the owner's.
@@ -101,7 +71,7 @@ impl CacheClass {
     /// Forgets the owner's demand record, for a slot that passes to another thread.
     pub(crate) fn forget_demand(&mut self) {
         self.owed = 0;
-        self.rents_at_return = self.rents;
+        self.rents &= !RENTED_SINCE_KEPT;
     }
 
     /// Records one unit of the owner's demand paid.
@@ -112,33 +82,105 @@ impl CacheClass {
     /// Whether the owner has allocated the class since it last kept a block of it under
     /// demand (or since the slot passed to it).
     pub(crate) fn rented_since_kept(&self) -> bool {
-        self.rents != self.rents_at_return
+        self.rents & RENTED_SINCE_KEPT != 0
     }
 
     /// Records a block kept under demand (see [`declines`](Self::declines)).
     #[inline(always)]
     pub(crate) fn kept_under_demand(&mut self) {
-        self.rents_at_return = self.rents;
+        self.rents &= !RENTED_SINCE_KEPT;
     }
 
     /// Counts an allocation of the class by the owner that this cache did not serve.
     pub(crate) fn rented_elsewhere(&mut self) {
-        self.rents = self.rents.wrapping_add(1);
+        self.rent();
     }
 
     /// Whether one more block of credit may be claimed.
     pub(crate) fn can_grow(&self) -> bool {
         usize::from(self.credit) < SLOTS
     }
+}
 
+/// One size class of a cache as the holder of its stacks (the owner, or a stealer) sees
+/// it: the stack, and its length, which is also the count of blocks held that other threads
+/// read (statistics, stealers choosing whom to take from). Kept in one place, so a hit and a
+/// return store it once. Only the holder writes it.
+pub(crate) struct ClassMut<'a> {
+    stack: &'a mut CacheClass,
+    len: &'a AtomicU8,
+}
+
+impl std::ops::Deref for ClassMut<'_> {
+    type Target = CacheClass;
+    fn deref(&self) -> &CacheClass {
+        self.stack
+    }
+}
+
+impl std::ops::DerefMut for ClassMut<'_> {
+    fn deref_mut(&mut self) -> &mut CacheClass {
+        self.stack
+    }
+}
+
+impl ClassMut<'_> {
+    /// Blocks held.
+    #[inline(always)]
     pub(crate) fn len(&self) -> u8 {
-        self.len
+        // Relaxed: only the holder writes it, and holders are ordered by the handoff.
+        self.len.load(Relaxed)
+    }
+
+    /// The newest block held.
+    #[inline(always)]
+    fn top(&self) -> Option<&Block> {
+        self.stack.slots.get(usize::from(self.len()).checked_sub(1)?)?.as_deref()
+    }
+
+    #[inline(always)]
+    pub(crate) fn pop(&mut self) -> Option<Box<Block>> {
+        let len = usize::from(self.len()).checked_sub(1)?;
+        let block = self.stack.slots.get_mut(len)?.take()?;
+        // `len < SLOTS`, so it fits.
+        self.len.store(len as u8, Relaxed);
+        Some(block)
+    }
+
+    /// Pushes `block` if a slot is free and already paid for by credit; gives it back
+    /// otherwise.
+    #[inline(always)]
+    pub(crate) fn push_credited(&mut self, block: Box<Block>) -> Result<(), Box<Block>> {
+        let len = self.len();
+        if len >= self.stack.credit {
+            return Err(block);
+        }
+        match self.stack.slots.get_mut(usize::from(len)) {
+            // Slots past `len` are empty; checking it spares the store a drop of the old value.
+            Some(slot) if slot.is_none() => {
+                *slot = Some(block);
+                self.len.store(len + 1, Relaxed);
+                Ok(())
+            }
+            _ => Err(block),
+        }
+    }
+
+    /// For a return of the class under demand: whether it may stay here rather than answer
+    /// the demand. It answers it (`false`) if the class already holds a block, or if the
+    /// owner has allocated none of the class since it last kept one under demand (see the
+    /// pool's module documentation). Only the owner calls it, inside its handoff. It
+    /// changes nothing, so a return that goes on to the slow path is judged the same there.
+    #[inline(always)]
+    pub(crate) fn declines(&self) -> bool {
+        self.len() == 0 && self.rented_since_kept()
     }
 
     /// Gives up the credit not used by a held block; returns how many blocks' worth.
     pub(crate) fn take_spare_credit(&mut self) -> u8 {
-        let spare = self.credit - self.len;
-        self.credit = self.len;
+        let len = self.len();
+        let spare = self.stack.credit - len;
+        self.stack.credit = len;
         spare
     }
 
@@ -146,7 +188,7 @@ impl CacheClass {
     #[allow(clippy::vec_box, reason = "blocks move in and out of buffers as boxes")]
     pub(crate) fn take_all(&mut self, into: &mut Vec<Box<Block>>) {
         while let Some(block) = self.pop() {
-            self.credit -= 1;
+            self.stack.credit -= 1;
             into.push(block);
         }
     }
@@ -176,8 +218,9 @@ impl CacheCounters {
 /// A cache's contents, made by its owner's first allocation.
 pub(crate) struct Body {
     pub(crate) stacks: Handoff<Box<[CacheClass]>>,
-    /// Per class, as in `stacks`: blocks held. Written by whoever holds the stacks (owner
-    /// or stealer), read by anyone: statistics, and stealers choosing whom to take from.
+    /// Per class, as in `stacks`: blocks held, the length of the class's stack (see
+    /// [`ClassMut`]). Written by whoever holds the stacks (owner or stealer), read by
+    /// anyone: statistics, and stealers choosing whom to take from.
     held: Box<[AtomicU8]>,
     /// Per class, as in `stacks`: credit, published the same way when it changes (off the
     /// hit path), for threads looking for spare credit.
@@ -204,6 +247,25 @@ impl Body {
         }
     }
 
+    /// Class `class` of `stacks`, this cache's stacks, with its length: for whoever holds
+    /// them (inside the owner's side of the handoff, or a steal).
+    #[inline(always)]
+    pub(crate) fn class_mut<'a>(
+        &'a self,
+        stacks: &'a mut [CacheClass],
+        class: usize,
+    ) -> Option<ClassMut<'a>> {
+        Some(ClassMut { stack: stacks.get_mut(class)?, len: self.held.get(class)? })
+    }
+
+    /// Every class of `stacks` (this cache's stacks), with its index, as `class_mut`.
+    pub(crate) fn classes_mut<'a>(
+        &'a self,
+        stacks: &'a mut [CacheClass],
+    ) -> impl Iterator<Item = (usize, ClassMut<'a>)> {
+        stacks.iter_mut().zip(self.held.iter()).map(|(stack, len)| ClassMut { stack, len }).enumerate()
+    }
+
     /// Pops a block of `class` for a caller that asked for `requested` bytes. Runs inside
     /// the owner's side of the handoff, on `stacks`.
     #[inline(always)]
@@ -213,10 +275,9 @@ impl Body {
         class: usize,
         requested: usize,
     ) -> Option<Box<Block>> {
-        let slot = stacks.get_mut(class)?;
+        let mut slot = self.class_mut(stacks, class)?;
         let block = slot.pop()?;
-        slot.rents = slot.rents.wrapping_add(1);
-        self.publish_len(class, slot);
+        slot.rent();
         self.count_hit(requested);
         Some(block)
     }
@@ -244,31 +305,25 @@ impl Body {
         class: usize,
         requested: usize,
     ) -> Option<Box<Block>> {
-        if stacks.get(class)?.top()?.fence.is_some() {
+        let mut slot = self.class_mut(stacks, class)?;
+        if slot.top()?.fence.is_some() {
             return None;
         }
-        self.pop(stacks, class, requested)
+        let block = slot.pop()?;
+        slot.rent();
+        self.count_hit(requested);
+        Some(block)
     }
 
-    /// Counts a block pushed into `slot` (class `class`) by the owner, for a buffer of
-    /// `requested` bytes.
+    /// Counts a block pushed by the owner, for a buffer of `requested` bytes.
     #[inline(always)]
-    pub(crate) fn pushed(&self, class: usize, slot: &CacheClass, requested: usize) {
-        self.publish_len(class, slot);
+    pub(crate) fn pushed(&self, requested: usize) {
         self.counters.count(-1, requested);
     }
 
-    /// Publishes the length of `slot`; called by whoever holds the stacks.
-    #[inline(always)]
-    fn publish_len(&self, class: usize, slot: &CacheClass) {
-        if let Some(held) = self.held.get(class) {
-            held.store(slot.len, Relaxed);
-        }
-    }
-
-    /// Publishes the length and credit of `slot`; called by whoever holds the stacks.
+    /// Publishes the credit of `slot` (class `class`); called by whoever holds the stacks
+    /// after changing it. (Its length is published by every change.)
     pub(crate) fn publish(&self, class: usize, slot: &CacheClass) {
-        self.publish_len(class, slot);
         if let Some(credit) = self.credit.get(class) {
             credit.store(slot.credit, Relaxed);
         }

@@ -436,10 +436,10 @@ impl DevicePool {
             // SAFETY: as in `acquire`.
             let spare = unsafe {
                 body.stacks.owner(|stacks| {
-                    stacks.get_mut(class).map_or(0, |slot| {
+                    body.class_mut(stacks, class).map_or(0, |mut slot| {
                         slot.rented_elsewhere();
                         let spare = slot.take_spare_credit();
-                        body.publish(class, slot);
+                        body.publish(class, &slot);
                         spare
                     })
                 })
@@ -756,7 +756,7 @@ impl DevicePool {
         if self.closed.load(Relaxed) {
             return false;
         }
-        let Some(slot) = stacks.get_mut(class) else { return false };
+        let Some(mut slot) = body.class_mut(stacks, class) else { return false };
         // A class this thread never allocates goes to the shared store, where the threads
         // that allocate it find it without stealing.
         if !slot.rented() {
@@ -784,7 +784,7 @@ impl DevicePool {
         }
         let Some(taken) = block.take() else { return false };
         if grow && slot.len() == slot.credit {
-            self.grow_credit(body, slot, class);
+            self.grow_credit(body, &mut slot, class);
         }
         match slot.push_credited(taken) {
             Ok(()) => {
@@ -794,7 +794,7 @@ impl DevicePool {
                 if withdraw && let Some(demand) = self.demand.get(class) {
                     let _ = demand.fetch_update(Relaxed, Relaxed, |d| d.checked_sub(1));
                 }
-                body.pushed(class, slot, requested);
+                body.pushed(requested);
                 true
             }
             Err(taken) => {
@@ -958,10 +958,10 @@ impl DevicePool {
         let (cells, bodies) = self.other_caches(|body| body.held(class) > 0);
         let mut taken = Vec::new();
         self.steal_lock.steal(&cells, |n, stacks| {
-            if let Some(slot) = stacks.get_mut(class) {
+            if let Some(mut slot) = bodies[n].class_mut(stacks, class) {
                 slot.take_all(&mut taken);
                 self.release_budget(class, u64::from(slot.take_spare_credit()));
-                bodies[n].publish(class, slot);
+                bodies[n].publish(class, &slot);
             }
         });
         let first = taken.pop()?;
@@ -987,11 +987,11 @@ impl DevicePool {
         let total = self.total_budget.load(Relaxed).saturating_add(size) > self.limits.total;
         let mut spare = vec![0; self.classes.count()];
         let mut take = |body: &Body, stacks: &mut [CacheClass]| {
-            for (c, slot) in stacks.iter_mut().enumerate().filter(|&(c, _)| total || c == class) {
+            for (c, mut slot) in body.classes_mut(stacks).filter(|&(c, _)| total || c == class) {
                 if let Some(spare) = spare.get_mut(c) {
                     *spare += u64::from(slot.take_spare_credit());
                 }
-                body.publish(c, slot);
+                body.publish(c, &slot);
             }
         };
         if let Some(body) = self.my_cache() {
@@ -1125,7 +1125,7 @@ impl DevicePool {
         let (cells, bodies) =
             self.all_caches(|body| closed || body.held(class) > 0 || body.has_spare_credit(class));
         self.steal_lock.steal(&cells, |n, stacks| {
-            let Some(slot) = stacks.get_mut(class) else { return };
+            let Some(mut slot) = bodies[n].class_mut(stacks, class) else { return };
             while left > 0 {
                 let Some(block) = slot.pop() else { break };
                 slot.credit -= 1;
@@ -1135,7 +1135,7 @@ impl DevicePool {
             }
             // Give back the credit that no pooled block uses any more.
             self.release_budget(class, u64::from(slot.take_spare_credit()));
-            bodies[n].publish(class, slot);
+            bodies[n].publish(class, &slot);
         });
         if let Some(shared) = self.shared.get(class) {
             let mut shared = lock(shared);
@@ -1295,26 +1295,26 @@ impl ThreadExit for DevicePool {
         let Some(body) = self.caches.get(index).and_then(|cache| cache.body()) else { return };
         let mut closed = Vec::new();
         let take = |stacks: &mut Box<[CacheClass]>| {
-            for (class, slot) in stacks.iter_mut().enumerate() {
-                let mut taken = Vec::new();
-                slot.take_all(&mut taken);
+            for (class, mut slot) in body.classes_mut(stacks) {
                 // The slot passes to a later thread, which owes nothing.
                 slot.forget_demand();
-                self.release_budget(class, u64::from(slot.take_spare_credit()));
-                if taken.is_empty() {
-                    body.publish(class, slot);
-                    continue;
-                }
-                // Into the shared store, with the credit that paid for them, while the cache is
-                // still held, and published under the store's lock: a trim or a statistics
-                // snapshot on another thread finds every block in one place or the other.
-                if let Some(shared) = self.shared.get(class) {
-                    let mut shared = lock(shared);
-                    if !self.closed.load(Relaxed) {
-                        shared.append_paid(&mut taken);
+                // Into the shared store, with the credit that paid for them, while the cache
+                // is still held and under the store's lock (the cache's count of blocks held
+                // drops with each one taken): a trim or a statistics snapshot on another
+                // thread finds every block in one place or the other.
+                let mut taken = Vec::new();
+                match self.shared.get(class) {
+                    Some(shared) if slot.len() > 0 => {
+                        let mut shared = lock(shared);
+                        slot.take_all(&mut taken);
+                        if !self.closed.load(Relaxed) {
+                            shared.append_paid(&mut taken);
+                        }
                     }
-                    body.publish(class, slot);
+                    _ => slot.take_all(&mut taken),
                 }
+                self.release_budget(class, u64::from(slot.take_spare_credit()));
+                body.publish(class, &slot);
                 if !taken.is_empty() {
                     closed.push((class, taken));
                 }
