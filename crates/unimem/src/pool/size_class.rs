@@ -43,12 +43,13 @@ impl SizeClasses {
         if bytes > MAX_CLASS_BYTES {
             return None;
         }
-        // 2^e < bytes <= 2^(e+1), with MIN_SHIFT <= e < MAX_SHIFT.
+        // 2^e <= bytes - 1 < 2^(e+1), with MIN_SHIFT <= e < MAX_SHIFT.
         let e = usize::BITS - 1 - (bytes - 1).leading_zeros();
-        let step_shift = e - self.div_shift;
-        // k in 1..=N: the step of (2^e, 2^(e+1)] that holds `bytes`.
-        let k = (bytes - (1 << e) + (1 << step_shift) - 1) >> step_shift;
-        Some(1 + (((e - MIN_SHIFT) as usize) << self.div_shift) + k - 1)
+        // The top `div_shift + 1` bits of `bytes - 1`: 2^div_shift + j, where j in 0..N is
+        // the step of (2^e, 2^(e+1)] that holds `bytes` (steps of 2^(e - div_shift) bytes).
+        let top = (bytes - 1) >> (e - self.div_shift);
+        let j = top ^ (1 << self.div_shift);
+        Some((((e - MIN_SHIFT) as usize) << self.div_shift) + j + 1)
     }
 
     /// The capacity in bytes of class `class` (which must be below [`count`](Self::count)).
