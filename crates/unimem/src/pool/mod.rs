@@ -37,6 +37,12 @@
 //! return, not with the producer's. The check costs the hit path nothing while there is no
 //! demand. A thread that exits hands its cache to the shared store and forgets what it
 //! owed.
+//!
+//! A hit and its return each store only what they must: the handoff's flag, the slot and
+//! the class's length (which is also the count other threads read), and two counters, hits
+//! and requested bytes, with the owner's plain stores. Live buffers and their bytes are not
+//! counted one by one: the statistics find them from what the pool holds (see
+//! `DevicePool::statistics`).
 
 pub(crate) mod cache;
 mod reaper;
