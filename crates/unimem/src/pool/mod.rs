@@ -396,7 +396,9 @@ impl DevicePool {
     /// cheaply; `None` (having changed nothing) sends the caller to [`acquire`](Self::acquire).
     #[inline(always)]
     pub(crate) fn acquire_fast(&self, bytes: usize, pooled: bool) -> Option<Box<Block>> {
-        if !(pooled && self.limits.pooling) {
+        // A pool with pooling off makes no caches (only a pooled allocation's miss or a
+        // return to a pooling pool makes one), so the lookup below misses for it.
+        if !pooled {
             return None;
         }
         let class = self.classes.class_of(bytes)?;
