@@ -141,19 +141,22 @@ impl ClassMut<'_> {
         self.len.load(Relaxed)
     }
 
-    /// The newest block held.
-    #[inline(always)]
-    fn top(&self) -> Option<&Block> {
-        let newest = (*self.stack.slots.get(usize::from(self.len()).checked_sub(1)?)?)?;
-        // SAFETY: slots below the length own live blocks (see `CacheClass::slots`), which
-        // `&self` keeps in place.
-        Some(unsafe { newest.as_ref() })
-    }
-
     #[inline(always)]
     pub(crate) fn pop(&mut self) -> Option<Box<Block>> {
+        self.pop_if(|_| true)
+    }
+
+    /// Pops the newest block if `take` accepts it. The length is loaded once: an atomic
+    /// load is never merged with another, so a separate look at the top would load it twice.
+    #[inline(always)]
+    pub(crate) fn pop_if(&mut self, take: impl FnOnce(&Block) -> bool) -> Option<Box<Block>> {
         let len = usize::from(self.len()).checked_sub(1)?;
         let newest = (*self.stack.slots.get(len)?)?;
+        // SAFETY: slots below the length own live blocks (see `CacheClass::slots`), which
+        // `&mut self` keeps in place while the reference lives.
+        if !take(unsafe { newest.as_ref() }) {
+            return None;
+        }
         // `len < SLOTS`, so it fits. From here the slot owns nothing (its pointer stays).
         self.len.store(len as u8, Relaxed);
         // SAFETY: the slot owned this block, made by `Box::into_raw`, and gave it up above.
@@ -319,10 +322,7 @@ impl Body {
         requested: usize,
     ) -> Option<Box<Block>> {
         let mut slot = self.class_mut(stacks, class)?;
-        if slot.top()?.fence.is_some() {
-            return None;
-        }
-        let block = slot.pop()?;
+        let block = slot.pop_if(|block| block.fence.is_none())?;
         slot.rent();
         self.count_hit(requested);
         Some(block)
