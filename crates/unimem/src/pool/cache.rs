@@ -265,8 +265,12 @@ impl Body {
 
     /// Class `class` of `stacks`, this cache's stacks, with its length: for whoever holds
     /// them (inside the owner's side of the handoff, or a steal).
+    ///
+    /// # Safety
+    /// `stacks` is the value of this body's own `stacks` handoff: the slots below a class's
+    /// length own blocks only when that length is the one in this body's `held`.
     #[inline(always)]
-    pub(crate) fn class_mut<'a>(
+    pub(crate) unsafe fn class_mut<'a>(
         &'a self,
         stacks: &'a mut [CacheClass],
         class: usize,
@@ -275,7 +279,10 @@ impl Body {
     }
 
     /// Every class of `stacks` (this cache's stacks), with its index, as `class_mut`.
-    pub(crate) fn classes_mut<'a>(
+    ///
+    /// # Safety
+    /// As for [`class_mut`](Self::class_mut).
+    pub(crate) unsafe fn classes_mut<'a>(
         &'a self,
         stacks: &'a mut [CacheClass],
     ) -> impl Iterator<Item = (usize, ClassMut<'a>)> {
@@ -284,14 +291,18 @@ impl Body {
 
     /// Pops a block of `class` for a caller that asked for `requested` bytes. Runs inside
     /// the owner's side of the handoff, on `stacks`.
+    ///
+    /// # Safety
+    /// As for [`class_mut`](Self::class_mut).
     #[inline(always)]
-    pub(crate) fn pop(
+    pub(crate) unsafe fn pop(
         &self,
         stacks: &mut [CacheClass],
         class: usize,
         requested: usize,
     ) -> Option<Box<Block>> {
-        let mut slot = self.class_mut(stacks, class)?;
+        // SAFETY: the caller's contract.
+        let mut slot = unsafe { self.class_mut(stacks, class) }?;
         let block = slot.pop()?;
         slot.rent();
         self.count_hit(requested);
@@ -314,14 +325,18 @@ impl Body {
 
     /// [`pop`](Self::pop), for a hit path: only a block with no fence to wait for (a fenced
     /// one stays, for the caller's slow path). Runs inside the owner's side of the handoff.
+    ///
+    /// # Safety
+    /// As for [`class_mut`](Self::class_mut).
     #[inline(always)]
-    pub(crate) fn pop_ready(
+    pub(crate) unsafe fn pop_ready(
         &self,
         stacks: &mut [CacheClass],
         class: usize,
         requested: usize,
     ) -> Option<Box<Block>> {
-        let mut slot = self.class_mut(stacks, class)?;
+        // SAFETY: the caller's contract.
+        let mut slot = unsafe { self.class_mut(stacks, class) }?;
         let block = slot.pop_if(|block| block.fence.is_none())?;
         slot.rent();
         self.count_hit(requested);
@@ -363,6 +378,7 @@ impl Drop for Body {
     /// Frees the blocks the cache still holds (a cache is emptied when its thread exits or
     /// its pool closes, so there are none unless the pool is dropped without closing).
     fn drop(&mut self) {
+        // This body's own stacks with its own lengths, as `classes_mut` pairs them.
         for (stack, len) in self.stacks.get_mut().iter_mut().zip(self.held.iter()) {
             let mut class = ClassMut { stack, len };
             while class.pop().is_some() {}

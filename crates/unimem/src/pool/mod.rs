@@ -405,7 +405,7 @@ impl DevicePool {
         let body = self.caches.current_cached()?.body()?;
         // SAFETY: `current_cached` is the calling thread's own cache (`ThreadSlots` gives
         // each live thread its own slot), and hits only while the fence is expedited;
-        // `pop_ready` does not re-enter the pool.
+        // `pop_ready` does not re-enter the pool, and gets `body`'s own stacks.
         unsafe {
             body.stacks.owner_expedited(
                 #[inline(always)]
@@ -426,7 +426,7 @@ impl DevicePool {
         self.free_completed();
         if let Some(class) = class
             && let Some(body) = self.my_cache()
-            // SAFETY: as in `acquire_fast`.
+            // SAFETY: as in `acquire_fast` (`body`'s own stacks to `pop`).
             && let Some(Some(block)) = unsafe { body.stacks.owner(|stacks| body.pop(stacks, class, bytes)) }
         {
             return if block.fence.is_none() { Ok(block) } else { self.ready(block, bytes) };
@@ -441,7 +441,7 @@ impl DevicePool {
         if let Some(body) = self.my_cache() {
             // This cache has no block of the class: its spare credit goes back, so that a
             // thread that only allocates does not sit on room that returns elsewhere need.
-            // SAFETY: as in `acquire`.
+            // SAFETY: as in `acquire_fast` (`body`'s own stacks to `class_mut`).
             let spare = unsafe {
                 body.stacks.owner(|stacks| {
                     body.class_mut(stacks, class).map_or(0, |mut slot| {
@@ -727,7 +727,8 @@ impl DevicePool {
             return Some(block);
         }
         let mut block = Some(block);
-        // SAFETY: as in `acquire_fast`; `keep` does not re-enter the pool's caches.
+        // SAFETY: as in `acquire_fast`; `keep` does not re-enter the pool's caches, and gets
+        // `body`'s own stacks.
         let kept = unsafe {
             body.stacks.owner_expedited(
                 #[inline(always)]
@@ -748,8 +749,11 @@ impl DevicePool {
     /// shared atomics) a full slot first claims one more block of credit (or takes it from
     /// the store), and a return under demand while the thread owes some pays one unit of it.
     /// Returns whether it kept it.
+    ///
+    /// # Safety
+    /// `stacks` is `body`'s own (as for [`Body::class_mut`]).
     #[inline(always)]
-    fn keep(
+    unsafe fn keep(
         &self,
         body: &Body,
         stacks: &mut [CacheClass],
@@ -764,7 +768,8 @@ impl DevicePool {
         if self.closed.load(Relaxed) {
             return false;
         }
-        let Some(mut slot) = body.class_mut(stacks, class) else { return false };
+        // SAFETY: the caller's contract.
+        let Some(mut slot) = (unsafe { body.class_mut(stacks, class) }) else { return false };
         // A class this thread never allocates goes to the shared store, where the threads
         // that allocate it find it without stealing.
         if !slot.rented() {
@@ -835,7 +840,8 @@ impl DevicePool {
         }
         let mut block = Some(block);
         if let Some(body) = body
-            // SAFETY: as in `acquire`; `keep` does not re-enter the pool's caches.
+            // SAFETY: as in `acquire_fast`; `keep` does not re-enter the pool's caches, and
+            // gets `body`'s own stacks.
             && let Some(true) = unsafe { body.stacks.owner(|stacks| pool.keep(body, stacks, class, &mut block, requested, true)) }
         {
             // The cache's release of its owner flag was the last use of `pool`: from then
@@ -966,7 +972,9 @@ impl DevicePool {
         let (cells, bodies) = self.other_caches(|body| body.held(class) > 0);
         let mut taken = Vec::new();
         self.steal_lock.steal(&cells, |n, stacks| {
-            if let Some(mut slot) = bodies[n].class_mut(stacks, class) {
+            // SAFETY: `cells` and `bodies` are pairs (`other_caches`): `stacks` is
+            // `bodies[n]`'s own.
+            if let Some(mut slot) = unsafe { bodies[n].class_mut(stacks, class) } {
                 slot.take_all(&mut taken);
                 self.release_budget(class, u64::from(slot.take_spare_credit()));
                 bodies[n].publish(class, &slot);
@@ -995,7 +1003,9 @@ impl DevicePool {
         let total = self.total_budget.load(Relaxed).saturating_add(size) > self.limits.total;
         let mut spare = vec![0; self.classes.count()];
         let mut take = |body: &Body, stacks: &mut [CacheClass]| {
-            for (c, mut slot) in body.classes_mut(stacks).filter(|&(c, _)| total || c == class) {
+            // SAFETY: both callers below pass a body with its own stacks (this thread's, or
+            // the pairs of `other_caches`).
+            for (c, mut slot) in unsafe { body.classes_mut(stacks) }.filter(|&(c, _)| total || c == class) {
                 if let Some(spare) = spare.get_mut(c) {
                     *spare += u64::from(slot.take_spare_credit());
                 }
@@ -1133,7 +1143,8 @@ impl DevicePool {
         let (cells, bodies) =
             self.all_caches(|body| closed || body.held(class) > 0 || body.has_spare_credit(class));
         self.steal_lock.steal(&cells, |n, stacks| {
-            let Some(mut slot) = bodies[n].class_mut(stacks, class) else { return };
+            // SAFETY: `cells` and `bodies` are pairs (`all_caches`).
+            let Some(mut slot) = (unsafe { bodies[n].class_mut(stacks, class) }) else { return };
             while left > 0 {
                 let Some(block) = slot.pop() else { break };
                 slot.credit -= 1;
@@ -1287,7 +1298,8 @@ impl DevicePool {
     }
 }
 
-/// Caches picked to steal from: their handoffs, and their bodies at the same indices.
+/// Caches picked to steal from: their handoffs, and their bodies at the same indices (each
+/// handoff is its body's `stacks`, which `Body::class_mut` relies on).
 type Picked<'a> = (Vec<&'a Handoff<Box<[CacheClass]>>>, Vec<&'a Body>);
 
 /// The pool's counters summed with its caches'.
@@ -1303,7 +1315,8 @@ impl ThreadExit for DevicePool {
         let Some(body) = self.caches.get(index).and_then(|cache| cache.body()) else { return };
         let mut closed = Vec::new();
         let take = |stacks: &mut Box<[CacheClass]>| {
-            for (class, mut slot) in body.classes_mut(stacks) {
+            // SAFETY: `stacks` is `body`'s own (the owner call below).
+            for (class, mut slot) in unsafe { body.classes_mut(stacks) } {
                 // The slot passes to a later thread, which owes nothing.
                 slot.forget_demand();
                 // Into the shared store, with the credit that paid for them, while the cache
