@@ -655,12 +655,12 @@ impl DevicePool {
 
     /// Counts a buffer of `requested` bytes made (`sign = 1`) or gone (`sign = -1`) outside
     /// any cache.
-    pub(crate) fn count_requested(&self, sign: i64, requested: usize) {
+    fn count_requested(&self, sign: i64, requested: usize) {
         self.counters.requested.fetch_add(sign * to_i64(requested), Relaxed);
     }
 
     /// Counts `block` as waiting to be freed (`sign = 1`), or no longer (`sign = -1`).
-    pub(crate) fn count_pending(&self, block: &Block, sign: i64) {
+    fn count_pending(&self, block: &Block, sign: i64) {
         let c = &self.counters;
         let bytes = to_u64(block.capacity());
         if sign > 0 {
