@@ -9,7 +9,7 @@
 //! back to the pool's shared store when it exits.
 
 use super::Block;
-use super::size_class::SizeClasses;
+use super::size_class::{MAX_COUNT, SizeClasses};
 use crate::handoff::Handoff;
 use std::ptr::NonNull;
 use std::sync::OnceLock;
@@ -24,14 +24,14 @@ const RENTED: u8 = 1 << 0;
 const RENTED_SINCE_KEPT: u8 = 1 << 1;
 
 /// One size class inside a cache, without its length (see [`ClassMut`]).
-#[derive(Default)]
 pub(crate) struct CacheClass {
     /// Blocks held, the newest last: each of `slots[..len]` owns a block (made by
-    /// `Box::into_raw`); the rest own nothing, whatever they point to. So a pop leaves its
-    /// slot as it was and a push overwrites one without looking: a store less on the hit
-    /// path than with `Option<Box<Block>>`, which a pop must clear. Only [`ClassMut`]
-    /// touches them, and the cache's drop frees what they still own.
-    slots: [Option<NonNull<Block>>; SLOTS],
+    /// `Box::into_raw`); the rest own nothing, whatever they point to (dangling, at first).
+    /// So a pop leaves its slot as it was and a push overwrites one without looking: a
+    /// store less on the hit path than with `Option<Box<Block>>`, which a pop must clear,
+    /// and no check of a slot that the length says is full. Only [`ClassMut`] touches
+    /// them, and the cache's drop frees what they still own.
+    slots: [NonNull<Block>; SLOTS],
     /// Blocks' worth of the pool's budget this cache has claimed for the class; `len <= credit`.
     pub(crate) credit: u8,
     /// What the owner's allocations of the class say ([`RENTED`], [`RENTED_SINCE_KEPT`]):
@@ -46,6 +46,12 @@ pub(crate) struct CacheClass {
 // SAFETY: a `CacheClass` owns the blocks its slots point to (`slots[..len]`), as a
 // `Vec<Box<Block>>` would, and `Block` is `Send`.
 unsafe impl Send for CacheClass {}
+
+impl Default for CacheClass {
+    fn default() -> Self {
+        CacheClass { slots: [NonNull::dangling(); SLOTS], credit: 0, rents: 0, owed: 0 }
+    }
+}
 
 impl CacheClass {
     /// Whether the owner has ever allocated the class. A cache keeps only the classes its thread
@@ -151,7 +157,7 @@ impl ClassMut<'_> {
     #[inline(always)]
     pub(crate) fn pop_if(&mut self, take: impl FnOnce(&Block) -> bool) -> Option<Box<Block>> {
         let len = usize::from(self.len()).checked_sub(1)?;
-        let newest = (*self.stack.slots.get(len)?)?;
+        let newest = *self.stack.slots.get(len)?;
         // SAFETY: slots below the length own live blocks (see `CacheClass::slots`), which
         // `&mut self` keeps in place while the reference lives.
         if !take(unsafe { newest.as_ref() }) {
@@ -174,7 +180,7 @@ impl ClassMut<'_> {
         match self.stack.slots.get_mut(usize::from(len)) {
             // Slots from the length up own nothing: overwritten as they are.
             Some(slot) => {
-                *slot = Some(NonNull::from(Box::leak(block)));
+                *slot = NonNull::from(Box::leak(block));
                 self.len.store(len + 1, Relaxed);
                 Ok(())
             }
@@ -236,8 +242,10 @@ pub(crate) struct Body {
     pub(crate) stacks: Handoff<Box<[CacheClass]>>,
     /// Per class, as in `stacks`: blocks held, the length of the class's stack (see
     /// [`ClassMut`]). Written by whoever holds the stacks (owner or stealer), read by
-    /// anyone: statistics, and stealers choosing whom to take from.
-    held: Box<[AtomicU8]>,
+    /// anyone: statistics, and stealers choosing whom to take from. Of fixed length, in the
+    /// body itself: a hit reaches it at a fixed offset from the cache and checks the class
+    /// against a constant (the classes past the pool's own stay 0).
+    held: [AtomicU8; MAX_COUNT],
     /// Per class, as in `stacks`: credit, published the same way when it changes (off the
     /// hit path), for threads looking for spare credit.
     credit: Box<[AtomicU8]>,
@@ -256,7 +264,7 @@ impl Body {
         Body {
             sizes: sizes.clone(),
             stacks: Handoff::new((0..classes).map(|_| CacheClass::default()).collect()),
-            held: (0..classes).map(|_| AtomicU8::new(0)).collect(),
+            held: [const { AtomicU8::new(0) }; MAX_COUNT],
             credit: (0..classes).map(|_| AtomicU8::new(0)).collect(),
             counters: CacheCounters::default(),
             hooked: AtomicU64::new(0),

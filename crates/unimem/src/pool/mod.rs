@@ -56,13 +56,19 @@ use crate::stats::{ClassOccupancy, PoolStatistics};
 use crate::thread_slots::{ThreadExit, ThreadSlots, on_thread_exit};
 use cache::{Body, Cache, CacheClass};
 use crossbeam_utils::CachePadded;
-use size_class::SizeClasses;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering::Relaxed};
+use size_class::{MAX_COUNT, SizeClasses};
+use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 /// Most returns one class's demand can ask for at once: allocations served from outside
 /// their own cache beyond this ask for nothing more until returns have paid the demand down.
 const MAX_DEMAND: u32 = 2 * cache::SLOTS as u32;
+
+/// A pool's state: set when the manager is gone; returned blocks are then freed, not stored.
+const CLOSED: u8 = 1 << 0;
+/// A pool's state: returned blocks are fenced (device backends with queued work). Set when
+/// the pool is made, and never changes.
+const FENCED: u8 = 1 << 1;
 
 /// Where a block's memory came from, and so how it is freed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,11 +79,38 @@ pub(crate) enum Origin {
     Vec { align: usize },
 }
 
+/// A block's size class, or none for memory that is never pooled: a `u32` with a sentinel
+/// rather than an `Option`, so that a return's hit path compares it with one load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BlockClass(u32);
+
+impl BlockClass {
+    /// Never pooled.
+    pub(crate) const NONE: Self = BlockClass(u32::MAX);
+
+    /// Class `class`, or [`NONE`](Self::NONE) for none. (Every class is far below the
+    /// sentinel: see `size_class::MAX_COUNT`.)
+    fn new(class: Option<usize>) -> Self {
+        class.and_then(|c| u32::try_from(c).ok()).map_or(Self::NONE, BlockClass)
+    }
+
+    /// The class, if any.
+    pub(crate) fn get(self) -> Option<usize> {
+        (self != Self::NONE).then_some(self.0 as usize)
+    }
+
+    /// Whether it is class `class`.
+    #[inline(always)]
+    fn is(self, class: usize) -> bool {
+        self.0 as usize == class
+    }
+}
+
 /// One allocation, owned by a live buffer or by its pool.
 pub(crate) struct Block {
     pub(crate) mem: RawAllocation,
-    /// Size class, or `None` for memory that is never pooled.
-    pub(crate) class: Option<u32>,
+    /// Size class, or none for memory that is never pooled.
+    pub(crate) class: BlockClass,
     pub(crate) origin: Origin,
     /// The last device operation that used the memory; reuse waits for it.
     pub(crate) fence: Option<Fence>,
@@ -112,7 +145,7 @@ impl Block {
     #[cold]
     #[inline(never)]
     fn recycle_slow(mut self: Box<Self>, requested: usize) {
-        if self.pool.fenced && self.class.is_some() {
+        if self.pool.is_fenced() && self.class.get().is_some() {
             // Soundness rule 2: the next user of this memory waits for everything enqueued
             // so far, which includes this user's last device operation. Without a fence
             // (the marker failed) the block is freed instead of pooled.
@@ -120,7 +153,7 @@ impl Block {
                 Ok(fence) => self.fence = fence,
                 Err(_) => {
                     self.pool.counters.free_errors.fetch_add(1, Relaxed);
-                    self.class = None;
+                    self.class = BlockClass::NONE;
                 }
             }
         }
@@ -227,17 +260,17 @@ pub(crate) struct DevicePool {
     caches: ThreadSlots<CachePadded<Cache>>,
     /// Serialises threads taking blocks out of other threads' caches.
     steal_lock: StealLock,
-    /// Per class: returns wanted in the shared store (see the module documentation).
-    demand: Box<[AtomicU32]>,
+    /// Per class: returns wanted in the shared store (see the module documentation). Of
+    /// fixed length, in the pool itself, as a cache's `held` (see `cache::Body`).
+    demand: [AtomicU32; MAX_COUNT],
     /// Per class: blocks that did not fit in a cache.
     shared: Box<[Mutex<Store>]>,
     /// Per class: bytes of budget claimed by caches' credit and by the shared store.
     class_budget: Box<[AtomicU64]>,
     total_budget: AtomicU64,
-    /// Set when the manager is gone: returned blocks are freed, not stored.
-    closed: AtomicBool,
-    /// Whether returned blocks are fenced (device backends with queued work).
-    fenced: bool,
+    /// [`CLOSED`] and [`FENCED`]: one byte, so that a return's hit path checks both with one
+    /// load.
+    state: AtomicU8,
     /// Blocks to free once their fences complete (see [`Block::retire`]).
     #[allow(clippy::vec_box, reason = "blocks move in and out of buffers as boxes")]
     deferred: Mutex<Vec<Box<Block>>>,
@@ -356,14 +389,13 @@ impl DevicePool {
             backend,
             caches: ThreadSlots::new(),
             steal_lock: StealLock::default(),
-            demand: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            demand: [const { AtomicU32::new(0) }; MAX_COUNT],
             shared: (0..n).map(|_| Mutex::default()).collect(),
             class_budget: (0..n).map(|_| AtomicU64::new(0)).collect(),
             total_budget: AtomicU64::new(0),
             classes,
             limits,
-            closed: AtomicBool::new(false),
-            fenced,
+            state: AtomicU8::new(if fenced { FENCED } else { 0 }),
             deferred: Mutex::new(Vec::new()),
             counters: Counters::default(),
             engine,
@@ -374,6 +406,16 @@ impl DevicePool {
     /// while the pool lives).
     pub(crate) fn engine(&self) -> &crate::transfer::Engine {
         &self.engine
+    }
+
+    /// Whether the manager is gone (returned blocks are freed, not stored).
+    fn is_closed(&self) -> bool {
+        self.state.load(Relaxed) & CLOSED != 0
+    }
+
+    /// Whether returned blocks are fenced (device backends with queued work).
+    pub(crate) fn is_fenced(&self) -> bool {
+        self.state.load(Relaxed) & FENCED != 0
     }
 
     /// The calling thread's cache, if it has made one.
@@ -488,7 +530,7 @@ impl DevicePool {
             return self.ready(block, bytes);
         }
         // Classes are at most 1 GiB, so `class` fits in u32.
-        let block = self.fresh(cap, u32::try_from(class).ok(), bytes)?;
+        let block = self.fresh(cap, Some(class), bytes)?;
         self.counters.misses.fetch_add(1, Relaxed);
         Ok(block)
     }
@@ -512,7 +554,7 @@ impl DevicePool {
     fn fresh(
         self: &Arc<Self>,
         cap: usize,
-        class: Option<u32>,
+        class: Option<usize>,
         requested: usize,
     ) -> Result<Box<Block>, AcquireError> {
         if !self.reserve(to_u64(cap)) {
@@ -528,7 +570,7 @@ impl DevicePool {
                 self.count_requested(1, requested);
                 // A pooled block's capacity is its class's size, which the statistics count
                 // it as while it is pooled; memory of another size is not pooled.
-                let class = class.filter(|_| mem.bytes == cap);
+                let class = BlockClass::new(class.filter(|_| mem.bytes == cap));
                 Ok(Box::new(Block {
                     mem,
                     class,
@@ -562,7 +604,7 @@ impl DevicePool {
         self.count_requested(1, requested);
         Box::new(Block {
             mem,
-            class: None,
+            class: BlockClass::NONE,
             origin: Origin::Vec { align },
             fence: None,
             pool: Arc::clone(self),
@@ -606,7 +648,7 @@ impl DevicePool {
         }
         let block = {
             let mut deferred = lock(&self.deferred);
-            if !self.closed.load(Relaxed) {
+            if !self.is_closed() {
                 self.count_pending(&block, 1);
                 deferred.push(block);
                 return;
@@ -712,9 +754,6 @@ impl DevicePool {
         // SAFETY: `block` holds a strong reference to the pool; the pool is used only until
         // the block is published (the owner's release of its cache), as in `recycle_slow`.
         let pool = unsafe { &*Arc::as_ptr(&block.pool) };
-        if pool.fenced {
-            return Some(block);
-        }
         let Some(body) = pool.caches.current_cached().and_then(|cache| cache.body()) else {
             return Some(block);
         };
@@ -723,7 +762,7 @@ impl DevicePool {
         // dependent loads from one allocation to the next) before it reaches its slot.
         // Checking the block's own class is only a branch.
         let Some(class) = body.sizes.class_of(requested) else { return Some(block) };
-        if block.class != Some(class as u32) {
+        if !block.class.is(class) {
             return Some(block);
         }
         let mut block = Some(block);
@@ -762,10 +801,13 @@ impl DevicePool {
         requested: usize,
         grow: bool,
     ) -> bool {
-        // `closed` is read inside the owner's side of the handoff: `close` sets it before it
+        // `CLOSED` is read inside the owner's side of the handoff: `close` sets it before it
         // claims every cache to drain it, so a block kept here is either drained by `close`
-        // or not kept at all (the handoff orders the two; see `handoff`).
-        if self.closed.load(Relaxed) {
+        // or not kept at all (the handoff orders the two; see `handoff`). A fenced pool's
+        // returns are for the slow path (`grow`), which fences them first
+        // (`Block::recycle_slow`): the hit path's check of both is one load.
+        let state = self.state.load(Relaxed);
+        if state & CLOSED != 0 || (!grow && state & FENCED != 0) {
             return false;
         }
         // SAFETY: the caller's contract.
@@ -826,7 +868,7 @@ impl DevicePool {
     unsafe fn store(pool: *const DevicePool, block: Box<Block>, requested: usize) -> Option<Box<Block>> {
         // SAFETY: the caller guarantees that `pool` is valid for as long as we use it.
         let pool = unsafe { &*pool };
-        let Some(class) = block.class.map(|c| c as usize) else {
+        let Some(class) = block.class.get() else {
             pool.count_requested(-1, requested);
             return Some(block);
         };
@@ -897,7 +939,7 @@ impl DevicePool {
         // bounds have room for it (a burst of returns then claims once per allowance), else
         // one block's worth. Claimed under the store's lock: only the budgets' atomics.
         let mut store = lock(shared);
-        if self.closed.load(Relaxed) {
+        if self.is_closed() {
             return Some(block);
         }
         let Err(block) = store.push_credited(block) else {
@@ -913,7 +955,7 @@ impl DevicePool {
         // The bounds are reached: take back the credit held without blocks and try again.
         let claimed = self.reclaim_spare_credit(class) && self.claim_budget(class, 1);
         let mut store = lock(shared);
-        if self.closed.load(Relaxed) {
+        if self.is_closed() {
             drop(store);
             if claimed {
                 self.release_budget(class, 1);
@@ -1050,7 +1092,7 @@ impl DevicePool {
         }
         if let Some(shared) = self.shared.get(class) {
             let mut shared = lock(shared);
-            if !self.closed.load(Relaxed) {
+            if !self.is_closed() {
                 shared.append_paid(&mut blocks);
                 return;
             }
@@ -1139,7 +1181,7 @@ impl DevicePool {
         let mut left = take;
         // Every cache once the pool is closed (see `keep`); otherwise those that hold blocks
         // of the class or credit for it.
-        let closed = self.closed.load(Relaxed);
+        let closed = self.is_closed();
         let (cells, bodies) =
             self.all_caches(|body| closed || body.held(class) > 0 || body.has_spare_credit(class));
         self.steal_lock.steal(&cells, |n, stacks| {
@@ -1209,7 +1251,7 @@ impl DevicePool {
             // Under the lock that `defer_free` checks `closed` under: no block is deferred
             // into the list after this.
             let _deferred = lock(&self.deferred);
-            self.closed.store(true, Relaxed);
+            self.state.fetch_or(CLOSED, Relaxed);
         }
         self.trim_to(0);
         self.free_completed_or_wait(true);
@@ -1328,7 +1370,7 @@ impl ThreadExit for DevicePool {
                     Some(shared) if slot.len() > 0 => {
                         let mut shared = lock(shared);
                         slot.take_all(&mut taken);
-                        if !self.closed.load(Relaxed) {
+                        if !self.is_closed() {
                             shared.append_paid(&mut taken);
                         }
                     }

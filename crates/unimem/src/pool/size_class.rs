@@ -10,6 +10,12 @@ pub const MIN_CLASS_BYTES: usize = 1 << MIN_SHIFT;
 pub const MAX_CLASS_BYTES: usize = 1 << MAX_SHIFT;
 const MIN_SHIFT: u32 = 10;
 const MAX_SHIFT: u32 = 30;
+/// Most steps per power of two (see [`SizeClasses::new`]), as a shift.
+const MAX_DIV_SHIFT: u32 = 4;
+/// Most classes any table has ([`SizeClasses::count`] at 16 divisions): per-class arrays
+/// on hit paths have this fixed length, so that an index is checked against a constant,
+/// not a loaded length.
+pub(crate) const MAX_COUNT: usize = 1 + (((MAX_SHIFT - MIN_SHIFT) as usize) << MAX_DIV_SHIFT);
 
 /// The class table of one pool.
 ///
@@ -25,7 +31,7 @@ impl SizeClasses {
     /// Classes with `divisions` steps per power of two; `divisions` must be a power of two of
     /// at most 16 (the options check this; other values are rounded down to one).
     pub fn new(divisions: u32) -> Self {
-        let divisions = divisions.clamp(1, 16);
+        let divisions = divisions.clamp(1, 1 << MAX_DIV_SHIFT);
         SizeClasses { div_shift: divisions.ilog2() }
     }
 
@@ -81,6 +87,12 @@ mod tests {
         assert_eq!(classes.class_of(1025), Some(1));
         assert_eq!(classes.class_of(1 << 30), Some(20));
         assert_eq!(classes.class_of((1 << 30) + 1), None);
+    }
+
+    #[test]
+    fn max_count_bounds_every_table() {
+        assert_eq!(SizeClasses::new(16).count(), MAX_COUNT);
+        assert!((0..8).all(|d| SizeClasses::new(1 << d).count() <= MAX_COUNT));
     }
 
     #[test]
