@@ -12,8 +12,9 @@ use super::Block;
 use super::size_class::{MAX_COUNT, SizeClasses};
 use crate::handoff::Handoff;
 use std::ptr::NonNull;
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicI64, AtomicU8, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
+};
 
 /// Blocks one cache keeps per size class.
 pub(crate) const SLOTS: usize = 4;
@@ -237,7 +238,10 @@ impl CacheCounters {
     }
 }
 
-/// A cache's contents, made by its owner's first allocation.
+/// A cache's contents. Every thread's slot has one from the start, with no stacks (and so
+/// no allocation); the owner's first allocation from the pool makes them
+/// ([`Cache::body_or_make`]). A hit path reaches a body without asking whether it is made
+/// ([`Cache::contents`]): one not made has no class, so its lookup misses.
 pub(crate) struct Body {
     pub(crate) stacks: Handoff<Box<[CacheClass]>>,
     /// Per class, as in `stacks`: blocks held, the length of the class's stack (see
@@ -247,28 +251,56 @@ pub(crate) struct Body {
     /// against a constant (the classes past the pool's own stay 0).
     held: [AtomicU8; MAX_COUNT],
     /// Per class, as in `stacks`: credit, published the same way when it changes (off the
-    /// hit path), for threads looking for spare credit.
-    credit: Box<[AtomicU8]>,
+    /// hit path), for threads looking for spare credit. Of fixed length, as `held`.
+    credit: [AtomicU8; MAX_COUNT],
     pub(crate) counters: CacheCounters,
     /// The thread (`thread_slots::thread_id`) that asked to hear of its exit last: a slot
     /// passes to a new thread when its old one exits, and each must ask.
     pub(crate) hooked: AtomicU64,
-    /// The pool's size classes, copied here: a return finds its class from the buffer's
-    /// size with what the thread reaches anyway (see `DevicePool::keep_fast`).
-    pub(crate) sizes: SizeClasses,
+    /// Set (with release) once the owner has made the stacks. Other threads look only at
+    /// made caches; an acquire load of it sees the stacks made.
+    made: AtomicBool,
+}
+
+impl Default for Body {
+    fn default() -> Self {
+        Body {
+            // An empty boxed slice allocates nothing.
+            stacks: Handoff::new(Box::default()),
+            held: [const { AtomicU8::new(0) }; MAX_COUNT],
+            credit: [const { AtomicU8::new(0) }; MAX_COUNT],
+            counters: CacheCounters::default(),
+            hooked: AtomicU64::new(0),
+            made: AtomicBool::new(false),
+        }
+    }
 }
 
 impl Body {
-    fn new(sizes: &SizeClasses) -> Self {
-        let classes = sizes.count();
-        Body {
-            sizes: sizes.clone(),
-            stacks: Handoff::new((0..classes).map(|_| CacheClass::default()).collect()),
-            held: [const { AtomicU8::new(0) }; MAX_COUNT],
-            credit: (0..classes).map(|_| AtomicU8::new(0)).collect(),
-            counters: CacheCounters::default(),
-            hooked: AtomicU64::new(0),
+    /// Makes the stacks, one per class of `sizes`, unless made already; returns whether they
+    /// are made. It fails only while a stealer holds them, which no stealer of a cache not
+    /// yet made does (stealers look only at made caches).
+    ///
+    /// # Safety
+    /// Only the owner calls it (the contract of [`Handoff::owner`]).
+    unsafe fn make(&self, sizes: &SizeClasses) -> bool {
+        if self.made.load(Relaxed) {
+            return true;
         }
+        let classes = sizes.count().min(MAX_COUNT);
+        // SAFETY: the caller's contract; the closure does not re-enter the handoff.
+        let made = unsafe {
+            self.stacks.owner(|stacks| {
+                if stacks.is_empty() {
+                    *stacks = (0..classes).map(|_| CacheClass::default()).collect();
+                }
+            })
+        }
+        .is_some();
+        if made {
+            self.made.store(true, Release);
+        }
+        made
     }
 
     /// Class `class` of `stacks`, this cache's stacks, with its length: for whoever holds
@@ -378,7 +410,7 @@ impl Body {
 
     /// Whether the cache, as last published, has credit beyond its blocks in any class.
     pub(crate) fn has_any_spare_credit(&self) -> bool {
-        (0..self.credit.len()).any(|class| self.has_spare_credit(class))
+        (0..MAX_COUNT).any(|class| self.has_spare_credit(class))
     }
 }
 
@@ -397,18 +429,30 @@ impl Drop for Body {
 /// One thread's cache in one pool. Padded: neighbouring threads' caches share no line.
 #[derive(Default)]
 pub(crate) struct Cache {
-    body: OnceLock<Body>,
+    body: Body,
 }
 
 impl Cache {
     /// The contents, if the owner has made them.
-    #[inline(always)]
+    #[inline]
     pub(crate) fn body(&self) -> Option<&Body> {
-        self.body.get()
+        self.body.made.load(Acquire).then_some(&self.body)
     }
 
-    /// The contents, made now if needed (by the owner).
-    pub(crate) fn body_or_init(&self, sizes: &SizeClasses) -> &Body {
-        self.body.get_or_init(|| Body::new(sizes))
+    /// The contents, made or not, for a hit path: a lookup of a class misses in a cache not
+    /// made, which has no class. Costs no load, where a check of `made` would cost one.
+    #[inline(always)]
+    pub(crate) fn contents(&self) -> &Body {
+        &self.body
+    }
+
+    /// The contents, made now if needed, or `None` if they could not be (see
+    /// [`Body::make`]).
+    ///
+    /// # Safety
+    /// This is the calling thread's own cache (only the owner makes it).
+    pub(crate) unsafe fn body_or_make(&self, sizes: &SizeClasses) -> Option<&Body> {
+        // SAFETY: the caller's contract.
+        unsafe { self.body.make(sizes) }.then_some(&self.body)
     }
 }

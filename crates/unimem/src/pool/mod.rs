@@ -444,7 +444,7 @@ impl DevicePool {
             return None;
         }
         let class = self.classes.class_of(bytes)?;
-        let body = self.caches.current_cached()?.body()?;
+        let body = self.caches.current_cached()?.contents();
         // SAFETY: `current_cached` is the calling thread's own cache (`ThreadSlots` gives
         // each live thread its own slot), and hits only while the fence is expedited;
         // `pop_ready` does not re-enter the pool, and gets `body`'s own stacks.
@@ -754,14 +754,14 @@ impl DevicePool {
         // SAFETY: `block` holds a strong reference to the pool; the pool is used only until
         // the block is published (the owner's release of its cache), as in `recycle_slow`.
         let pool = unsafe { &*Arc::as_ptr(&block.pool) };
-        let Some(body) = pool.caches.current_cached().and_then(|cache| cache.body()) else {
+        let Some(body) = pool.caches.current_cached().map(|cache| cache.contents()) else {
             return Some(block);
         };
         // The class, from the buffer's size rather than from the block: a loop that frees
         // what it allocated then waits for no load through the block's pointer (a chain of
         // dependent loads from one allocation to the next) before it reaches its slot.
         // Checking the block's own class is only a branch.
-        let Some(class) = body.sizes.class_of(requested) else { return Some(block) };
+        let Some(class) = pool.classes.class_of(requested) else { return Some(block) };
         if !block.class.is(class) {
             return Some(block);
         }
@@ -980,7 +980,8 @@ impl DevicePool {
     /// Makes this thread's cache if it has none yet, and asks to hear when the thread exits.
     fn init_cache(self: &Arc<Self>) {
         let Some(cache) = self.caches.current() else { return };
-        let body = cache.body_or_init(&self.classes);
+        // SAFETY: `current` is the calling thread's own cache.
+        let Some(body) = (unsafe { cache.body_or_make(&self.classes) }) else { return };
         let me = crate::thread_slots::thread_id();
         // Only this slot's owner writes it (as for the cache itself).
         if body.hooked.load(Relaxed) != me {
@@ -1480,6 +1481,40 @@ mod tests {
             done.wait();
             assert_eq!((stats.total_pooled, stats.pool_overflows - overflows), (8 << 10, 0), "{stats:?}");
         });
+    }
+
+    /// A thread can reach its slot of a pool (remembered then for the hit paths) before its
+    /// cache there is made, which only an allocation or a return of a pooled block does:
+    /// both hit paths then look into a cache with no classes, miss, and change nothing;
+    /// the slow path of the return makes the cache.
+    #[test]
+    fn hit_paths_miss_in_a_cache_not_made() {
+        let manager = MemoryManager::new();
+        let pool = manager.pool(DeviceId::CPU, AllocationMode::Pooled).unwrap();
+        let class = pool.classes.class_of(1024).unwrap();
+        let Ok(block) = pool.acquire(1024, true) else { panic!("a 1 KiB block") };
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let cache = pool.caches.current().unwrap();
+                assert!(cache.body().is_none(), "reaching the slot makes no cache");
+                let remembered = pool.caches.current_cached().is_some();
+                assert!(remembered || !crate::sync::is_expedited(), "the hit paths reach the slot");
+                assert!(pool.acquire_fast(1024, true).is_none(), "the allocation's hit path misses");
+                let block = super::DevicePool::keep_fast(block, 1024).expect("the return's hit path misses");
+                assert!(cache.body().is_none());
+                assert!(cache.contents().held(class) == 0);
+                block.recycle(1024);
+                assert!(cache.body().is_some(), "the slow path makes the cache");
+                // (In the shared store: a thread that has not allocated the class keeps none.)
+                assert_eq!(super::lock(&pool.shared[class]).blocks.len(), 1);
+            });
+        });
+        let stats = manager.statistics();
+        assert_eq!(
+            (stats.total_allocated, stats.active_buffers, stats.total_pooled),
+            (0, 0, 1024),
+            "{stats:?}"
+        );
     }
 
     /// A manager whose 4 KiB class is bounded at four blocks, all four in the shared store
