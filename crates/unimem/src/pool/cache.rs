@@ -33,8 +33,10 @@ pub(crate) struct CacheClass {
     /// and no check of a slot that the length says is full. Only [`ClassMut`] touches
     /// them, and the cache's drop frees what they still own.
     slots: [NonNull<Block>; SLOTS],
-    /// Blocks' worth of the pool's budget this cache has claimed for the class; `len <= credit`.
-    pub(crate) credit: u8,
+    /// Blocks' worth of the pool's budget this cache has claimed for the class: at most
+    /// [`SLOTS`], which only this module's methods keep (see `ClassMut::pop_if`), and
+    /// `len <= credit`.
+    credit: u8,
     /// What the owner's allocations of the class say ([`RENTED`], [`RENTED_SINCE_KEPT`]):
     /// set by every allocation but written only when it changes, so that a hit stores
     /// nothing here.
@@ -116,6 +118,18 @@ impl CacheClass {
     pub(crate) fn can_grow(&self) -> bool {
         usize::from(self.credit) < SLOTS
     }
+
+    /// Blocks' worth of budget claimed for the class.
+    pub(crate) fn credit(&self) -> u8 {
+        self.credit
+    }
+
+    /// Adds one block of credit, claimed by the caller, who has checked
+    /// [`can_grow`](Self::can_grow) with the class held since: it never passes [`SLOTS`].
+    pub(crate) fn add_credit(&mut self) {
+        debug_assert!(self.can_grow());
+        self.credit = (self.credit + 1).min(SLOTS as u8);
+    }
 }
 
 /// One size class of a cache as the holder of its stacks (the owner, or a stealer) sees
@@ -158,7 +172,10 @@ impl ClassMut<'_> {
     #[inline(always)]
     pub(crate) fn pop_if(&mut self, take: impl FnOnce(&Block) -> bool) -> Option<Box<Block>> {
         let len = usize::from(self.len()).checked_sub(1)?;
-        let newest = *self.stack.slots.get(len)?;
+        // SAFETY: `len < SLOTS`: the length never passes the credit, nor the credit
+        // `SLOTS` (only `push_credited` raises the length, and only below the credit; only
+        // `add_credit` raises the credit, and never past `SLOTS`).
+        let newest = unsafe { *self.stack.slots.get_unchecked(len) };
         // SAFETY: slots below the length own live blocks (see `CacheClass::slots`), which
         // `&mut self` keeps in place while the reference lives.
         if !take(unsafe { newest.as_ref() }) {
@@ -178,15 +195,11 @@ impl ClassMut<'_> {
         if len >= self.stack.credit {
             return Err(block);
         }
-        match self.stack.slots.get_mut(usize::from(len)) {
-            // Slots from the length up own nothing: overwritten as they are.
-            Some(slot) => {
-                *slot = NonNull::from(Box::leak(block));
-                self.len.store(len + 1, Relaxed);
-                Ok(())
-            }
-            None => Err(block),
-        }
+        // SAFETY: `len < credit <= SLOTS` (see `CacheClass::credit`). Slots from the length
+        // up own nothing: overwritten as they are.
+        unsafe { *self.stack.slots.get_unchecked_mut(usize::from(len)) = NonNull::from(Box::leak(block)) };
+        self.len.store(len + 1, Relaxed);
+        Ok(())
     }
 
     /// For a return of the class under demand: whether it may stay here rather than answer
@@ -207,11 +220,17 @@ impl ClassMut<'_> {
         spare
     }
 
+    /// Pops the newest block with the credit that paid for it.
+    pub(crate) fn take_one(&mut self) -> Option<Box<Block>> {
+        let block = self.pop()?;
+        self.stack.credit -= 1;
+        Some(block)
+    }
+
     /// Takes every block, with the credit that paid for it.
     #[allow(clippy::vec_box, reason = "blocks move in and out of buffers as boxes")]
     pub(crate) fn take_all(&mut self, into: &mut Vec<Box<Block>>) {
-        while let Some(block) = self.pop() {
-            self.stack.credit -= 1;
+        while let Some(block) = self.take_one() {
             into.push(block);
         }
     }

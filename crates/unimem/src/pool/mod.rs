@@ -838,7 +838,7 @@ impl DevicePool {
             slot.withdrawn();
         }
         let Some(taken) = block.take() else { return false };
-        if grow && slot.len() == slot.credit {
+        if grow && slot.len() == slot.credit() {
             self.grow_credit(body, &mut slot, class);
         }
         match slot.push_credited(taken) {
@@ -915,7 +915,7 @@ impl DevicePool {
         if self.claim_budget(class, 1)
             || (slot.rented_since_kept() && self.shared.get(class).is_some_and(|s| lock(s).take_one_spare()))
         {
-            slot.credit += 1;
+            slot.add_credit();
             body.publish(class, slot);
         }
     }
@@ -1189,8 +1189,7 @@ impl DevicePool {
             // SAFETY: `cells` and `bodies` are pairs (`all_caches`).
             let Some(mut slot) = (unsafe { bodies[n].class_mut(stacks, class) }) else { return };
             while left > 0 {
-                let Some(block) = slot.pop() else { break };
-                slot.credit -= 1;
+                let Some(block) = slot.take_one() else { break };
                 self.release_budget(class, 1);
                 freed.push(block);
                 left -= 1;
