@@ -175,7 +175,14 @@ pub fn rows(
     });
     match hit {
         Ok(unimem) => {
-            let base = baselines(&raws, &mut notes, |raw| raw.time_pairs(sampling, hit_bytes));
+            let mut base = baselines(&raws, &mut notes, |raw| raw.time_pairs(sampling, hit_bytes));
+            if host {
+                // The same alignment as unimem's blocks, beside the allocators' default.
+                let aligned = raw::MimallocAligned;
+                base.extend(baselines(&[Box::new(aligned)], &mut notes, |raw| {
+                    raw.time_pairs(sampling, hit_bytes)
+                }));
+            }
             let row = Row::measured(
                 Table::Allocation,
                 id,
