@@ -172,9 +172,9 @@ impl ClassMut<'_> {
     #[inline(always)]
     pub(crate) fn pop_if(&mut self, take: impl FnOnce(&Block) -> bool) -> Option<Box<Block>> {
         let len = usize::from(self.len()).checked_sub(1)?;
-        // SAFETY: `len < SLOTS`: the length never passes the credit, nor the credit
-        // `SLOTS` (only `push_credited` raises the length, and only below the credit; only
-        // `add_credit` raises the credit, and never past `SLOTS`).
+        // SAFETY: `len < SLOTS`. Every `CacheClass` has `credit <= SLOTS` (only `add_credit`
+        // raises it, never past `SLOTS`), and only `push_credited` raises the length, only
+        // while it is below the credit: so the length never passes `SLOTS`.
         let newest = unsafe { *self.stack.slots.get_unchecked(len) };
         // SAFETY: slots below the length own live blocks (see `CacheClass::slots`), which
         // `&mut self` keeps in place while the reference lives.
@@ -215,6 +215,7 @@ impl ClassMut<'_> {
     /// Gives up the credit not used by a held block; returns how many blocks' worth.
     pub(crate) fn take_spare_credit(&mut self) -> u8 {
         let len = self.len();
+        debug_assert!(len <= self.stack.credit);
         let spare = self.stack.credit - len;
         self.stack.credit = len;
         spare
@@ -223,6 +224,8 @@ impl ClassMut<'_> {
     /// Pops the newest block with the credit that paid for it.
     pub(crate) fn take_one(&mut self) -> Option<Box<Block>> {
         let block = self.pop()?;
+        // The popped block was paid for: `len <= credit` before the pop.
+        debug_assert!(self.stack.credit > 0);
         self.stack.credit -= 1;
         Some(block)
     }
@@ -258,8 +261,8 @@ impl CacheCounters {
 }
 
 /// A cache's contents. Every thread's slot has one from the start, with no stacks (and so
-/// no allocation); the owner's first allocation from the pool makes them
-/// ([`Cache::body_or_make`]). A hit path reaches a body without asking whether it is made
+/// no allocation, though its per-class arrays take about 650 bytes in the slot); the
+/// owner's first pooled allocation or return makes them ([`Cache::body_or_make`]). A hit path reaches a body without asking whether it is made
 /// ([`Cache::contents`]): one not made has no class, so its lookup misses.
 pub(crate) struct Body {
     pub(crate) stacks: Handoff<Box<[CacheClass]>>,
@@ -318,6 +321,9 @@ impl Body {
         .is_some();
         if made {
             self.made.store(true, Release);
+            // Orders the store above before this thread's later reads of its pool's state:
+            // pairs with the heavy fence of `DevicePool::close` (see there).
+            crate::sync::light_fence();
         }
         made
     }
@@ -427,9 +433,10 @@ impl Body {
         self.credit.get(class).is_some_and(|credit| u64::from(credit.load(Relaxed)) > self.held(class))
     }
 
-    /// Whether the cache, as last published, has credit beyond its blocks in any class.
-    pub(crate) fn has_any_spare_credit(&self) -> bool {
-        (0..MAX_COUNT).any(|class| self.has_spare_credit(class))
+    /// Whether the cache, as last published, has credit beyond its blocks in any of the
+    /// pool's `classes` classes.
+    pub(crate) fn has_any_spare_credit(&self, classes: usize) -> bool {
+        (0..classes.min(MAX_COUNT)).any(|class| self.has_spare_credit(class))
     }
 }
 

@@ -529,7 +529,6 @@ impl DevicePool {
             }
             return self.ready(block, bytes);
         }
-        // Classes are at most 1 GiB, so `class` fits in u32.
         let block = self.fresh(cap, Some(class), bytes)?;
         self.counters.misses.fetch_add(1, Relaxed);
         Ok(block)
@@ -810,6 +809,8 @@ impl DevicePool {
         if state & CLOSED != 0 || (!grow && state & FENCED != 0) {
             return false;
         }
+        #[cfg(test)]
+        tests::fail_point::after_state_check();
         // SAFETY: the caller's contract.
         let Some(mut slot) = (unsafe { body.class_mut(stacks, class) }) else { return false };
         // A class this thread never allocates goes to the shared store, where the threads
@@ -1044,7 +1045,8 @@ impl DevicePool {
         let mut reclaimed = self.reclaim_store_credit();
         let size = to_u64(self.classes.size_of(class));
         let total = self.total_budget.load(Relaxed).saturating_add(size) > self.limits.total;
-        let mut spare = vec![0; self.classes.count()];
+        let count = self.classes.count();
+        let mut spare = vec![0; count];
         let mut take = |body: &Body, stacks: &mut [CacheClass]| {
             // SAFETY: both callers below pass a body with its own stacks (this thread's, or
             // the pairs of `other_caches`).
@@ -1062,7 +1064,7 @@ impl DevicePool {
             unsafe { body.stacks.owner(|stacks| take(body, stacks)) };
         }
         let wanted =
-            |body: &Body| if total { body.has_any_spare_credit() } else { body.has_spare_credit(class) };
+            |body: &Body| if total { body.has_any_spare_credit(count) } else { body.has_spare_credit(class) };
         let (cells, bodies) = self.other_caches(wanted);
         self.steal_lock.steal(&cells, |n, stacks| take(bodies[n], stacks));
         for (c, blocks) in spare.into_iter().enumerate() {
@@ -1248,12 +1250,26 @@ impl DevicePool {
     /// for the last device use of blocks whose frees were deferred.
     pub(crate) fn close(&self) {
         {
-            // Under the lock that `defer_free` checks `closed` under: no block is deferred
+            // Under the lock that `defer_free` checks `CLOSED` under: no block is deferred
             // into the list after this.
             let _deferred = lock(&self.deferred);
             self.state.fetch_or(CLOSED, Relaxed);
         }
-        self.trim_to(0);
+        // Pairs with the fence after a cache is made (`Body::make`): either this thread sees
+        // that cache made below (and claims it), or its owner sees `CLOSED` at its next
+        // return (and keeps nothing). Without it, a cache made as the pool closed could be
+        // missed by the drain and still keep a block read against a stale state.
+        crate::sync::heavy_fence();
+        // Every class, claiming every cache (see `take_class`), whatever the pool seems to
+        // hold: a return that read the state before `CLOSED` was set may keep its block in
+        // its cache after a count of pooled blocks read none there (`trim_to(0)` would then
+        // stop at once); the claim waits for it and drains the block (see `keep`).
+        let mut freed = Vec::new();
+        for class in 0..self.classes.count() {
+            self.take_class(class, u64::MAX, &mut freed);
+        }
+        self.reclaim_store_credit();
+        self.retire_trimmed(freed);
         self.free_completed_or_wait(true);
     }
 
@@ -1421,6 +1437,80 @@ fn free_vec(mem: &RawAllocation, align: usize) {
 mod tests {
     use crate::{AllocationMode, DeviceId, MemoryManager};
     use std::sync::atomic::Ordering::Relaxed;
+
+    /// A point inside the pool's code where a test can stop a thread.
+    pub(super) mod fail_point {
+        use std::cell::RefCell;
+
+        thread_local! {
+            static AFTER_STATE_CHECK: RefCell<Option<Box<dyn FnOnce()>>> = const { RefCell::new(None) };
+        }
+
+        /// Runs, once, what the calling thread armed: inside `keep`, in the owner's side of
+        /// the handoff, just after the pool's state was read.
+        pub(crate) fn after_state_check() {
+            if let Some(stop) = AFTER_STATE_CHECK.with(|armed| armed.borrow_mut().take()) {
+                stop();
+            }
+        }
+
+        /// Arms [`after_state_check`] for the calling thread.
+        pub(crate) fn arm(stop: impl FnOnce() + 'static) {
+            AFTER_STATE_CHECK.with(|armed| *armed.borrow_mut() = Some(Box::new(stop)));
+        }
+    }
+
+    /// `close` drains a block that a return keeps in its cache after reading the pool's
+    /// state just before `CLOSED` was set. Such a return is inside its owner's side of the
+    /// handoff, with the cache still empty: a close that trimmed by a count of pooled blocks
+    /// read none, returned at once, and the block stayed pooled in a closed pool (holding
+    /// its memory until the thread exits). `close` now claims every cache, which waits for
+    /// the return and drains its block.
+    #[test]
+    fn close_drains_a_block_kept_by_a_return_that_read_the_state_before_it() {
+        use std::sync::mpsc::channel;
+        use std::time::{Duration, Instant};
+        let manager = MemoryManager::new();
+        let pool = manager.pool(DeviceId::CPU, AllocationMode::Pooled).unwrap();
+        let allocate = || manager.allocate::<u8>(1024, AllocationMode::Pooled).unwrap();
+        let (inside, stopped) = channel();
+        let (go, resume) = channel::<()>();
+        // The owner stays alive until the check: an exiting thread hands its cache back.
+        let (returned, dropped) = channel();
+        let (exit, may_exit) = channel::<()>();
+        std::thread::scope(|scope| {
+            let owner = scope.spawn(move || {
+                // The cache gets credit for one block of the class, and the block is out.
+                drop(allocate());
+                let buffer = allocate();
+                fail_point::arm(move || {
+                    inside.send(()).unwrap();
+                    resume.recv().unwrap();
+                });
+                // Reads the state (open), then stops until the close has run or is waiting.
+                drop(buffer);
+                returned.send(()).unwrap();
+                may_exit.recv().unwrap();
+            });
+            stopped.recv().unwrap();
+            let closer = scope.spawn(|| pool.close());
+            let deadline = Instant::now() + Duration::from_millis(200);
+            while !closer.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            go.send(()).unwrap();
+            closer.join().unwrap();
+            dropped.recv().unwrap();
+            let stats = manager.statistics();
+            exit.send(()).unwrap();
+            owner.join().unwrap();
+            assert_eq!(
+                (stats.total_pooled, stats.total_reserved),
+                (0, 0),
+                "the closed pool keeps no block: {stats:?}"
+            );
+        });
+    }
 
     /// The credit a shared store keeps past its blocks (for a pipeline's crossings) never
     /// keeps another class from pooling under the total bound: a claim that fails takes
