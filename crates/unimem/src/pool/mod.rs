@@ -1413,9 +1413,15 @@ impl ThreadExit for DevicePool {
             }
             crate::sync::spin_wait(&mut round);
         }
-        // The pool was closed meanwhile: these are freed (and their budget given back).
+        // The pool was closed meanwhile: these are freed (and their budget given back), on
+        // the reaper thread: this runs in a thread-local destructor, where a backend's own
+        // thread-locals may be gone already (wgpu's, which freeing a buffer uses: a panic
+        // there aborts the process).
         for (class, taken) in closed {
-            self.keep_shared(class, taken);
+            self.release_budget(class, to_u64(taken.len()));
+            for block in taken {
+                block.retire_on_reaper();
+            }
         }
     }
 }
@@ -1604,6 +1610,55 @@ mod tests {
             (0, 0, 1024),
             "{stats:?}"
         );
+    }
+
+    /// A thread that exits after its pool was closed, with blocks still in its cache,
+    /// frees them on the reaper thread, not in its own thread-local destructor: a backend's
+    /// thread-locals may be gone by then (wgpu's were, in a CI run: a panic there, and the
+    /// process aborted). The reaper is held by an earlier job, so the exited thread's block
+    /// is seen waiting to be freed, then freed once the reaper runs.
+    #[test]
+    fn an_exiting_thread_of_a_closed_pool_frees_its_blocks_on_the_reaper() {
+        use std::sync::mpsc::channel;
+        use std::time::{Duration, Instant};
+        let manager = MemoryManager::new();
+        let pool = manager.pool(DeviceId::CPU, AllocationMode::Pooled).unwrap();
+        let (release, held) = channel::<()>();
+        let Ok(blocker) = pool.acquire(4096, false) else { panic!("a 4 KiB block") };
+        let blocker_bytes = super::to_u64(blocker.capacity());
+        blocker.give_up_after(4096, move |_| {
+            let _ = held.recv();
+        });
+        let (kept, to_close) = channel();
+        let (closed, may_exit) = channel::<()>();
+        std::thread::scope(|scope| {
+            let manager = &manager;
+            let owner = scope.spawn(move || {
+                drop(manager.allocate::<u8>(1024, AllocationMode::Pooled).unwrap());
+                kept.send(()).unwrap();
+                may_exit.recv().unwrap();
+            });
+            to_close.recv().unwrap();
+            // Closed as a manager's drop would mark it, without draining the caches: the
+            // state a thread finds when the pool closed as it exited.
+            pool.state.fetch_or(super::CLOSED, Relaxed);
+            closed.send(()).unwrap();
+            // An explicit join waits for the thread's thread-local destructors.
+            owner.join().unwrap();
+        });
+        let stats = pool.statistics();
+        assert_eq!(
+            stats.pending_free,
+            blocker_bytes + 1024,
+            "the exited thread's block waits for the reaper: {stats:?}"
+        );
+        release.send(()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pool.statistics().reserved > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let stats = pool.statistics();
+        assert_eq!((stats.reserved, stats.pending_free), (0, 0), "{stats:?}");
     }
 
     /// A manager whose 4 KiB class is bounded at four blocks, all four in the shared store

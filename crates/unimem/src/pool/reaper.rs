@@ -1,7 +1,8 @@
 //! Frees that wait for a device, done on a thread of their own (the reaper), so that no
 //! caller's `Drop` waits: blocks of pools whose manager is gone (nobody calls those pools
 //! any more to free their deferred blocks), and blocks whose last user's stream could not
-//! be ordered before unimem's.
+//! be ordered before unimem's. Also the frees of a thread that exits after its pool was
+//! closed, which must not reach the backend from a thread-local destructor.
 
 use super::Block;
 
@@ -38,6 +39,17 @@ impl Block {
     ) {
         self.pool.count_requested(-1, requested);
         self.free_after(wait);
+    }
+
+    /// [`retire`](Self::retire), on the reaper thread: for a caller that must not reach the
+    /// backend, a thread-local destructor (where the backend's own thread-locals, wgpu's
+    /// among them, may be gone already). Counted as waiting to be freed until then.
+    pub(crate) fn retire_on_reaper(self: Box<Self>) {
+        self.pool.count_pending(&self, 1);
+        reap(Box::new(move || {
+            self.pool.count_pending(&self, -1);
+            self.retire();
+        }));
     }
 
     /// Frees the block on the reaper thread once `wait` has returned there (`wait` blocks
