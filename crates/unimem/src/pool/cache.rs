@@ -262,8 +262,9 @@ impl CacheCounters {
 
 /// A cache's contents. Every thread's slot has one from the start, with no stacks (and so
 /// no allocation, though its per-class arrays take about 650 bytes in the slot); the
-/// owner's first pooled allocation or return makes them ([`Cache::body_or_make`]). A hit path reaches a body without asking whether it is made
-/// ([`Cache::contents`]): one not made has no class, so its lookup misses.
+/// owner's first pooled allocation or return makes them ([`Cache::body_or_make`]). A hit
+/// path reaches a body without asking whether it is made ([`Cache::contents`]): one not
+/// made has no class, so its lookup misses.
 pub(crate) struct Body {
     pub(crate) stacks: Handoff<Box<[CacheClass]>>,
     /// Per class, as in `stacks`: blocks held, the length of the class's stack (see
@@ -367,11 +368,7 @@ impl Body {
         requested: usize,
     ) -> Option<Box<Block>> {
         // SAFETY: the caller's contract.
-        let mut slot = unsafe { self.class_mut(stacks, class) }?;
-        let block = slot.pop()?;
-        slot.rent();
-        self.count_hit(requested);
-        Some(block)
+        unsafe { self.pop_if(stacks, class, requested, |_| true) }
     }
 
     /// Counts a return of a buffer of `requested` bytes whose block does not stay in this
@@ -401,8 +398,24 @@ impl Body {
         requested: usize,
     ) -> Option<Box<Block>> {
         // SAFETY: the caller's contract.
+        unsafe { self.pop_if(stacks, class, requested, |block| block.fence.is_none()) }
+    }
+
+    /// Pops the newest block of `class` if `take` accepts it, and counts the hit.
+    ///
+    /// # Safety
+    /// As for [`class_mut`](Self::class_mut).
+    #[inline(always)]
+    unsafe fn pop_if(
+        &self,
+        stacks: &mut [CacheClass],
+        class: usize,
+        requested: usize,
+        take: impl FnOnce(&Block) -> bool,
+    ) -> Option<Box<Block>> {
+        // SAFETY: the caller's contract.
         let mut slot = unsafe { self.class_mut(stacks, class) }?;
-        let block = slot.pop_if(|block| block.fence.is_none())?;
+        let block = slot.pop_if(take)?;
         slot.rent();
         self.count_hit(requested);
         Some(block)
